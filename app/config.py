@@ -1,0 +1,106 @@
+"""Typed application config: the ``args`` of ``serve_config.yaml``, validated when the app is built.
+
+Ray Serve validates the YAML ``args`` against :class:`AppArgs` (the builder's annotated argument), so a bad
+config fails at ``serve run`` / ``serve deploy`` time with pydantic's message naming the field.
+Per-deployment Ray options (replicas, autoscaling, ``max_ongoing_requests``, ``max_queued_requests``,
+``ray_actor_options``, ``user_config``) stay where Ray Serve puts them: the config's ``deployments:`` list,
+keyed by :attr:`ModelSpec.deployment_name`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Task = Literal["chat"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BatchingSpec(_Strict):
+    """Dynamic batching of one model deployment; also the schema of its ``user_config``.
+
+    Changing it in ``user_config`` at runtime calls the replica's ``reconfigure`` without a restart.
+    """
+
+    max_batch_size: int = Field(8, ge=1, le=512, description=(
+        "Most requests (choices, for n > 1) admitted into one prefill batch by @serve.batch; the "
+        "deployment's max_ongoing_requests must be at least this."))
+    batch_wait_timeout_s: float = Field(0.005, ge=0.0, le=10.0, description=(
+        "How long the first request of a batch waits for others to join before prefill starts."))
+    max_running_rows: int = Field(64, ge=1, le=4096, description=(
+        "Most sequences decoded together: batches admitted while others are still decoding join the "
+        "running batch (continuous batching) up to this many rows; further batches wait."))
+
+
+class GenerationLimits(_Strict):
+    """Bounds a request's generation settings may not exceed."""
+
+    default_max_tokens: int = Field(256, ge=1, description=(
+        "Completion length when a request sets neither max_tokens nor max_completion_tokens "
+        "(capped so prompt + completion fits the context)."))
+    max_tokens: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
+    max_n: int = Field(8, ge=1, le=128, description="Largest number of choices (n) per request.")
+    max_context_len: int | None = Field(None, ge=16, description=(
+        "Context length in tokens; default the model config's max_position_embeddings."))
+    max_stop_sequences: int = Field(4, ge=0, le=64, description="Most stop strings per request.")
+
+
+class ModelSpec(_Strict):
+    """One served model."""
+
+    id: str = Field(min_length=1, max_length=256, description=(
+        "The name clients send in the request's `model` field and see in /v1/models."))
+    source: str = Field(min_length=1, description=(
+        "Where the weights come from: a local directory, a Hugging Face hub id (read through the "
+        "normal cache; HF_HUB_OFFLINE=1 is honoured), or `demo:<name>` for a model this project builds "
+        "offline (demo:chat, demo:bench)."))
+    task: Task = Field("chat", description="What the model serves; selects the deployment class.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
+    dtype: DType = Field("auto", description=(
+        "Weight dtype. auto = bfloat16 on a GPU that supports it, else float32."))
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description=(
+        "auto = CUDA when the replica was given a GPU (ray_actor_options.num_gpus), else CPU."))
+    trust_remote_code: bool = Field(False, description="Allow model code shipped with the checkpoint.")
+    chat_template: str | None = Field(None, description=(
+        "Jinja chat template overriding the tokenizer's own (for checkpoints that ship none)."))
+    batching: BatchingSpec = Field(default_factory=BatchingSpec, description=(
+        "Initial batching settings; user_config in the deployments section overrides them at runtime."))
+    limits: GenerationLimits = Field(default_factory=GenerationLimits, description=(
+        "Per-request generation bounds."))
+
+    @property
+    def deployment_name(self) -> str:
+        """The Ray Serve deployment name: the id with characters other than [A-Za-z0-9._-] as '-'."""
+        return re.sub(r"[^A-Za-z0-9._-]", "-", self.id)
+
+
+class IngressSpec(_Strict):
+    """Settings of the HTTP-facing ingress deployment."""
+
+    max_ongoing_requests: int = Field(1024, ge=1, description=(
+        "Concurrent requests one ingress replica holds (streams included); Ray's default of 5 would "
+        "cap the whole server at 5 streams per ingress replica."))
+
+
+class AppArgs(_Strict):
+    """The ``args`` of the application in serve_config.yaml."""
+
+    models: list[ModelSpec] = Field(min_length=1, description="The models this application serves.")
+    ingress: IngressSpec = Field(default_factory=IngressSpec, description="Ingress settings.")
+
+    @model_validator(mode="after")
+    def _unique(self) -> "AppArgs":
+        for attr in ("id", "deployment_name"):
+            seen: set[str] = set()
+            for spec in self.models:
+                value = getattr(spec, attr)
+                if value in seen:
+                    raise ValueError(f"models: duplicate {attr} {value!r}")
+                seen.add(value)
+        return self

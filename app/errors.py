@@ -1,0 +1,203 @@
+"""The one error hierarchy of the server.
+
+Every failure anywhere in the request path is raised as a :class:`ServingError` subclass. Only
+:func:`error_response` (used by the ingress's exception handlers and the SSE error frame) turns one into
+the OpenAI error body ``{"error": {"message", "type", "param", "code"}}``; handlers never build error JSON.
+
+The classes import nothing but the standard library so that model deployments can raise them too: Ray
+carries an exception raised in a replica back to the caller, where ``isinstance`` still matches.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ServingError(Exception):
+    """Base of every error the server answers with. Subclasses fix the HTTP status and OpenAI type."""
+
+    status_code: int = 500
+    error_type: str = "server_error"
+    default_code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else self.default_code
+        self.headers = dict(headers or {})
+
+    def __reduce__(self):
+        # Keyword-only arguments do not survive Exception's default pickling; Ray pickles errors.
+        return (_rebuild, (type(self), self.message, self.param, self.code, self.headers))
+
+    def body(self) -> dict[str, Any]:
+        """The OpenAI ``ErrorResponse`` body for this error."""
+        return {"error": {"message": self.message, "type": self.error_type, "param": self.param,
+                          "code": self.code}}
+
+
+def _rebuild(cls, message, param, code, headers):
+    err = cls.__new__(cls)
+    ServingError.__init__(err, message, param=param, code=code, headers=headers)
+    return err
+
+
+class InvalidRequest(ServingError):
+    """The request is malformed or asks for something impossible (400)."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    """The prompt, or prompt plus the requested completion, does not fit the model's context (400)."""
+
+    default_code = "context_length_exceeded"
+
+
+class AuthenticationFailed(ServingError):
+    status_code = 401
+    error_type = "authentication_error"
+    default_code = "invalid_api_key"
+
+
+class NotFound(ServingError):
+    """An unknown route or resource (404)."""
+
+    status_code = 404
+    error_type = "invalid_request_error"
+    default_code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    """The ``model`` field names no model this server serves (404)."""
+
+    default_code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"The model '{model}' does not exist or is not served here.", param="model")
+
+
+class MethodNotAllowed(ServingError):
+    status_code = 405
+    error_type = "invalid_request_error"
+    default_code = "method_not_allowed"
+
+
+class RequestTooLarge(ServingError):
+    status_code = 413
+    error_type = "invalid_request_error"
+    default_code = "request_too_large"
+
+
+class Overloaded(ServingError):
+    """A model's queue is full; the client should retry after ``retry_after_s`` seconds (503)."""
+
+    status_code = 503
+    error_type = "server_overloaded"
+    default_code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1, **kwargs: Any) -> None:
+        headers = kwargs.pop("headers", None) or {"Retry-After": str(retry_after_s)}
+        super().__init__(message, headers=headers, **kwargs)
+
+
+class RequestTimedOut(ServingError):
+    status_code = 504
+    error_type = "timeout_error"
+    default_code = "timeout"
+
+
+class InternalError(ServingError):
+    """An unexpected failure; the message is generic, details go to the server log only (500)."""
+
+    status_code = 500
+    error_type = "server_error"
+    default_code = "internal_error"
+
+
+def as_serving_error(exc: BaseException) -> ServingError:
+    """Map any exception reaching the ingress to the ServingError the client sees.
+
+    Ray wraps a replica's exception in ``RayTaskError`` (whose ``cause`` is the original) and reports
+    backpressure and dead replicas with its own types; this is the one place that knows them.
+    """
+    from ray import exceptions as ray_exc
+    from ray.serve import exceptions as serve_exc
+
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, ServingError):
+        return cause
+    if isinstance(exc, ServingError):
+        return exc
+    if isinstance(exc, serve_exc.BackPressureError):
+        return Overloaded("The model is at capacity and its queue is full; retry shortly.")
+    if isinstance(exc, (ray_exc.ActorDiedError, ray_exc.ActorUnavailableError, ray_exc.RayActorError)):
+        return Overloaded("The model replica serving this request became unavailable; retry shortly.",
+                          code="replica_unavailable")
+    return InternalError("The server had an unexpected error while processing the request.")
+
+
+def install_error_handlers(app) -> None:
+    """Make every error answer of the FastAPI ``app`` an OpenAI ``ErrorResponse``."""
+    import logging
+
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
+
+    logger = logging.getLogger("app.errors")
+    by_status = {404: NotFound, 405: MethodNotAllowed, 413: RequestTooLarge}
+
+    def render(err: ServingError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status_code, headers=err.headers)
+
+    async def on_serving_error(request, exc: ServingError):
+        return render(exc)
+
+    async def on_validation_error(request, exc: RequestValidationError):
+        return render(validation_error(exc.errors()))
+
+    async def on_http_error(request, exc: HTTPException):
+        cls = by_status.get(exc.status_code, InvalidRequest if exc.status_code < 500 else InternalError)
+        err = cls(str(exc.detail) if exc.detail else "error")
+        err.status_code = exc.status_code
+        return render(err)
+
+    async def on_unexpected(request, exc: Exception):
+        err = as_serving_error(exc)
+        if isinstance(err, InternalError):
+            logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return render(err)
+
+    app.add_exception_handler(ServingError, on_serving_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(HTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_unexpected)
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "literal", "union"}
+
+
+def validation_error(errors: list[dict[str, Any]]) -> InvalidRequest:
+    """An InvalidRequest naming the first offending parameter of a pydantic/FastAPI error list."""
+    if not errors:
+        return InvalidRequest("Invalid request.")
+    first = errors[0]
+    loc = []
+    for part in first.get("loc", ())[1:] if first.get("loc", ("",))[0] == "body" else first.get("loc", ()):
+        if isinstance(part, str) and (part in _TYPE_TAGS or "[" in part or part.startswith("function-")):
+            break  # pydantic names union branches in the location; they are no parameter names
+        loc.append(part)
+    if first.get("type") == "json_invalid":
+        return InvalidRequest("We could not parse the JSON body of your request: "
+                              f"{first.get('ctx', {}).get('error', 'invalid JSON')}.", code="invalid_json")
+    param = ""
+    for part in loc:
+        param += f"[{part}]" if isinstance(part, int) else (f".{part}" if param else str(part))
+    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    if not param:
+        return InvalidRequest(f"Invalid request body: {msg}")
+    return InvalidRequest(f"Invalid value for '{param}': {msg}", param=param)

@@ -1,0 +1,67 @@
+"""Translate a wire ``ChatCompletionRequest`` into a :class:`GenerationRequest` for the engine.
+
+This is where OpenAI's parameter semantics meet the model: the chat template renders the messages,
+lengths are checked against the context, defaults are filled in. Errors are raised as
+:class:`InvalidRequest` / :class:`ContextLengthExceeded` naming the parameter.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.config import GenerationLimits
+from app.errors import ContextLengthExceeded, InvalidRequest
+from app.protocol.chat import ChatCompletionRequest
+from deployments.generation import GenerationRequest, SamplingParams
+
+
+def render_prompt(tokenizer: Any, request: ChatCompletionRequest) -> list[int]:
+    """Token ids of the messages rendered with the tokenizer's chat template, generation prompt added."""
+    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+                for m in request.messages]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # templates raise for unsupported roles/orders (jinja's raise_exception)
+        raise InvalidRequest(f"the messages cannot be rendered with this model's chat template: {exc}",
+                             param="messages") from None
+    # The template already wrote any BOS/special tokens; do not add them twice.
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def to_generation_request(request: ChatCompletionRequest, prompt_ids: list[int],
+                          limits: GenerationLimits, context_len: int) -> GenerationRequest:
+    """Validate lengths and counts against the model; fill OpenAI's defaults."""
+    if request.n > limits.max_n:
+        raise InvalidRequest(f"n must be at most {limits.max_n}, got {request.n}", param="n")
+    stops = request.stop_list
+    if len(stops) > limits.max_stop_sequences:
+        raise InvalidRequest(f"at most {limits.max_stop_sequences} stop sequences are allowed, got "
+                             f"{len(stops)}", param="stop")
+    prompt_len = len(prompt_ids)
+    room = context_len - prompt_len
+    if room < 1:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {context_len} tokens, but the messages use "
+            f"{prompt_len} tokens, leaving no room for a completion.", param="messages")
+    asked = request.requested_max_tokens
+    param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
+    if asked is not None and asked > limits.max_tokens:
+        raise InvalidRequest(f"{param} must be at most {limits.max_tokens}, got {asked}", param=param)
+    if asked is not None and asked > room:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {context_len} tokens. However, you requested "
+            f"{prompt_len + asked} tokens ({prompt_len} in the messages, {asked} in the completion). "
+            f"Please reduce the length of the messages or the completion.", param=param)
+    temperature = 1.0 if request.temperature is None else request.temperature
+    params = SamplingParams(
+        max_new_tokens=asked if asked is not None else min(limits.default_max_tokens, room),
+        temperature=temperature,
+        top_p=1.0 if request.top_p is None else request.top_p,
+        top_k=max(0, request.top_k or 0),
+        presence_penalty=request.presence_penalty or 0.0,
+        frequency_penalty=request.frequency_penalty or 0.0,
+        repetition_penalty=request.repetition_penalty or 1.0,
+        seed=request.seed,
+        stop=tuple(stops),
+    )
+    return GenerationRequest(prompt_ids=list(prompt_ids), params=params, n=request.n)

@@ -1,0 +1,144 @@
+"""Demo models this project builds itself, offline and deterministically, on first use.
+
+``demo:<name>`` in a model's ``source`` resolves to a directory under the demo cache holding an ordinary
+Hugging Face checkpoint (config, safetensors weights, tokenizer, generation config), so the rest of the
+server loads it exactly like a real one. Building is deterministic: a byte-level BPE tokenizer trained
+with ``tokenizers`` on a fixed in-repo corpus, and a random-init causal LM under a fixed seed. Two
+replicas building at once are safe: each builds into a private temporary directory and renames it in.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+# Bump when a builder's output changes, so stale caches are rebuilt rather than reused.
+BUILD_VERSION = 1
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+_CORPUS_SEED = """\
+The quick brown fox jumps over the lazy dog. A server answers requests; a model predicts the next token.
+Ray Serve runs deployments as replicas, and each replica holds one copy of the weights.
+Hello! How are you today? I am fine, thank you. What can I help you with? Tell me a story about a robot.
+Once upon a time there was a small robot who liked to count: one, two, three, four, five, six, seven.
+The weather is sunny and warm. Paris is the capital of France. Water boils at 100 degrees Celsius.
+def add(a, b):\n    return a + b\nprint(add(2, 3))\n{"role": "user", "content": "hi"}
+Batching groups requests so that the accelerator does more useful work per step.
+"""
+
+
+def demo_cache_root() -> Path:
+    """Where demo checkpoints live: $SERVE_TRANSFORMERS_CACHE, else ~/.cache/serve-transformers."""
+    root = os.environ.get("SERVE_TRANSFORMERS_CACHE") or Path.home() / ".cache" / "serve-transformers"
+    return Path(root) / "demo"
+
+
+def _corpus() -> list[str]:
+    words = sorted(set(_CORPUS_SEED.replace("\n", " ").split()))
+    lines = _CORPUS_SEED.splitlines()
+    # Deterministic extra text so the BPE vocabulary has common English pieces and numbers.
+    extra = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(12)) for i in range(200)]
+    numbers = [" ".join(str(i * k) for k in range(1, 10)) for i in range(50)]
+    return lines * 20 + extra + numbers
+
+
+def build_tokenizer(vocab_size: int):
+    """A ChatML byte-level BPE tokenizer trained locally; deterministic for a fixed corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", bos_token=None, unk_token=None,
+                                   chat_template=CHATML_TEMPLATE, model_max_length=2048)
+
+
+@dataclass(frozen=True)
+class CausalLMDemo:
+    """A random-init Qwen2-style causal LM with the demo tokenizer."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    vocab_size: int = 2048
+    max_positions: int = 2048
+    # Wider than the usual 0.02 so logits are peaked: greedy decoding of a random model then has clear
+    # winners, and batched == unbatched comparisons are not decided by float rounding between near-ties.
+    initializer_range: float = 0.2
+    seed: int = 0
+
+    def build(self, out: Path) -> None:
+        import torch
+        from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+        tokenizer = build_tokenizer(self.vocab_size)
+        ids = tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS)
+        config = Qwen2Config(
+            vocab_size=len(tokenizer), hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads,
+            max_position_embeddings=self.max_positions, initializer_range=self.initializer_range,
+            tie_word_embeddings=True, bos_token_id=None, eos_token_id=ids[2], pad_token_id=ids[0],
+            dtype="float32",
+        )
+        torch.manual_seed(self.seed)
+        model = Qwen2ForCausalLM(config).eval()
+        model.generation_config = GenerationConfig(eos_token_id=[ids[2], ids[0]], pad_token_id=ids[0],
+                                                   do_sample=False, max_new_tokens=64)
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+
+
+DEMO_MODELS: dict[str, CausalLMDemo] = {
+    # Tiny: starts in seconds; the default serve_config and the tests use it.
+    "chat": CausalLMDemo(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                         intermediate_size=176),
+    # Big enough (~30M parameters) that compute, not overhead, dominates on a CPU: for bench/.
+    "bench": CausalLMDemo(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4,
+                          intermediate_size=1408, initializer_range=0.05),
+}
+
+
+def demo_path(name: str, builders: dict[str, CausalLMDemo] | None = None) -> Path:
+    """Return the directory of demo model ``name``, building it first if it is not cached."""
+    builders = DEMO_MODELS if builders is None else builders
+    if name not in builders:
+        raise KeyError(f"unknown demo model {name!r}; known: {', '.join(sorted(builders))}")
+    target = demo_cache_root() / f"{name}-v{BUILD_VERSION}"
+    if (target / "config.json").exists():
+        return target
+    return _build_atomically(target, builders[name].build)
+
+
+def _build_atomically(target: Path, build: Callable[[Path], None]) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "config.json").exists():  # not a lost race: a real failure
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

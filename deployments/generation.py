@@ -1,0 +1,62 @@
+"""Plain data passed between the ingress, the model deployment and the engine.
+
+These are dataclasses, not FastAPI or pydantic objects, so they pickle cheaply across Ray and the engine
+can be tested without either.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-sequence generation settings, already validated and defaulted."""
+
+    max_new_tokens: int
+    temperature: float = 1.0  # 0 means greedy (argmax)
+    top_p: float = 1.0
+    top_k: int = 0  # 0 means no top-k cut
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+
+@dataclass
+class GenerationRequest:
+    """One request: a tokenized prompt and ``n`` choices to generate for it.
+
+    ``cancelled`` is set by the deployment when the caller goes away; the engine drops the request's
+    sequences at its next step.
+    """
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    n: int = 1
+    request_id: str = field(default_factory=lambda: secrets.token_hex(8))
+    cancelled: bool = False
+
+
+@dataclass
+class Delta:
+    """New output of one choice. The last delta of a choice has ``finish_reason`` set, and with it the
+    token counts for usage (``prompt_tokens`` is the request's, counted once per request by the
+    caller; ``completion_tokens`` is this choice's)."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0

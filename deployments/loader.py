@@ -1,0 +1,70 @@
+"""Load a chat model from a :class:`ModelSpec` into a :class:`GenerationEngine`.
+
+The default engine factory of :class:`deployments.llm.LLMDeployment`; tests inject others.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from app.config import ModelSpec
+from deployments.engine import GenerationEngine
+from deployments.sources import resolve_source
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(spec: ModelSpec) -> torch.device:
+    """CUDA when asked for or when this process was given a GPU, else CPU."""
+    if spec.device == "cuda" or (spec.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def pick_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype:
+    if spec.dtype != "auto":
+        return DTYPES[spec.dtype]
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_chat_engine(spec: ModelSpec) -> GenerationEngine:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_source(spec.source, spec.revision)
+    device = pick_device(spec)
+    dtype = pick_dtype(spec, device)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
+    if spec.chat_template:
+        tokenizer.chat_template = spec.chat_template
+    if not tokenizer.chat_template:
+        raise ValueError(f"model {spec.id!r}: the tokenizer at {path} has no chat template; set "
+                         "`chat_template` in the model's config")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
+                                                 trust_remote_code=spec.trust_remote_code)
+    model.to(device).eval()
+    eos = model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        eos_ids.add(tokenizer.eos_token_id)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids, default=0)
+    logger.info("loaded %s from %s on %s as %s", spec.id, path, device, dtype)
+    return GenerationEngine(model, tokenizer, device=device, eos_token_ids=eos_ids, pad_token_id=pad,
+                            max_running_rows=spec.batching.max_running_rows)
+
+
+def context_length(spec: ModelSpec, engine: GenerationEngine) -> int:
+    """The configured context length, else the model's max_position_embeddings, else the tokenizer's."""
+    if spec.limits.max_context_len is not None:
+        return spec.limits.max_context_len
+    config = engine.model.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, name, None) or getattr(config.get_text_config(), name, None)
+        if value:
+            return int(value)
+    return int(engine.tokenizer.model_max_length)
