@@ -1,0 +1,75 @@
+"""Shared fixtures. Integration tests share ONE local Ray Serve instance for the whole session."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# The app the integration tests serve: small replicas (fractional CPUs) so it fits 2 cores.
+TEST_APP_ARGS = {
+    "models": [
+        {"id": "demo-chat", "source": "demo:chat", "task": "chat",
+         "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.05, "max_running_rows": 32},
+         "limits": {"default_max_tokens": 16, "max_tokens": 512, "max_context_len": 256}},
+    ],
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def server():
+    """Start Ray (a private local instance) and the app; yield its base URL (http://127.0.0.1:PORT)."""
+    import ray
+    import requests
+    from ray import serve
+
+    from app.builder import build_app
+
+    port = int(os.environ.get("TEST_SERVE_PORT") or _free_port())
+    # address="local": never attach to another Ray instance that happens to run on this machine.
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(TEST_APP_ARGS), name="openai", route_prefix="/")
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if requests.get(f"{base}/health", timeout=5).status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    else:
+        raise RuntimeError("test server did not become healthy")
+    yield base
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    """The official OpenAI SDK pointed at the test server."""
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server}/v1", api_key="test", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def async_client(server):
+    from openai import AsyncOpenAI
+
+    return AsyncOpenAI(base_url=f"{server}/v1", api_key="test", max_retries=0, timeout=120)
