@@ -1,0 +1,124 @@
+"""The engine alone (no Ray, no HTTP): batching, continuous joins, sampling, stopping, cancellation."""
+
+import asyncio
+
+import pytest
+
+from deployments.generation import GenerationRequest, SamplingParams
+from tests.unit.conftest import collect, text_of
+
+PROMPTS = ["hi", "tell me a story about a robot who counts to ten", "one two", "Paris is the capital of",
+           "aaa", "What can I help you with? " * 6, "x", "def add(a, b):\n    return a + b"]
+
+
+@pytest.fixture
+def engine(demo_engine_factory):
+    return demo_engine_factory()
+
+
+def request(engine, prompt, **params):
+    params.setdefault("max_new_tokens", 24)
+    params.setdefault("temperature", 0.0)
+    n = params.pop("n", 1)
+    return GenerationRequest(engine.tokenizer(prompt)["input_ids"], SamplingParams(**params), n=n)
+
+
+async def test_batched_equals_unbatched_greedy(engine):
+    alone = [(await collect(engine, [request(engine, p)]))[0] for p in PROMPTS]
+    together = await collect(engine, [request(engine, p) for p in PROMPTS])
+    assert len({len(engine.tokenizer(p)["input_ids"]) for p in PROMPTS}) >= 6  # really mixed lengths
+    for a, b in zip(alone, together):
+        assert [t for d in a for t in d.token_ids] == [t for d in b for t in d.token_ids]
+        assert text_of(a) == text_of(b)
+
+
+async def test_requests_joining_a_running_batch_match_solo_output(engine):
+    alone = [text_of((await collect(engine, [request(engine, p)]))[0]) for p in PROMPTS]
+
+    async def join_later(i, prompt):
+        await asyncio.sleep(0.005 * i)
+        return text_of((await collect(engine, [request(engine, prompt)]))[0])
+
+    staggered = await asyncio.gather(*(join_later(i, p) for i, p in enumerate(PROMPTS)))
+    assert staggered == alone
+    assert engine.running_rows == 0
+
+
+async def test_seeded_sampling_is_reproducible_whatever_the_neighbours(engine):
+    def seeded():
+        return request(engine, "tell me a story", temperature=1.0, top_p=0.9, seed=1234)
+
+    alone = text_of((await collect(engine, [seeded()]))[0])
+    crowd = [request(engine, p, temperature=1.3) for p in PROMPTS[:5]]
+    together = await collect(engine, [*crowd[:2], seeded(), *crowd[2:]])
+    assert text_of(together[2]) == alone
+    other_seed = text_of((await collect(engine, [request(engine, "tell me a story", temperature=1.0,
+                                                          top_p=0.9, seed=99)]))[0])
+    assert other_seed != alone
+
+
+async def test_max_tokens_gives_length_and_exact_counts(engine):
+    deltas = (await collect(engine, [request(engine, "hi", max_new_tokens=7)]))[0]
+    last = deltas[-1]
+    assert last.finish_reason == "length"
+    assert last.completion_tokens == 7
+    assert last.prompt_tokens == len(engine.tokenizer("hi")["input_ids"])
+    assert sum(len(d.token_ids) for d in deltas) <= 7
+
+
+async def test_stop_string_truncates_and_never_appears(engine):
+    full = text_of((await collect(engine, [request(engine, PROMPTS[1], max_new_tokens=30)]))[0])
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    assert stop.strip(), full
+    deltas = (await collect(engine, [request(engine, PROMPTS[1], max_new_tokens=30, stop=(stop,))]))[0]
+    text = text_of(deltas)
+    assert text == full[: full.index(stop)]
+    assert deltas[-1].finish_reason == "stop"
+
+
+async def test_n_choices_are_independent_and_complete(engine):
+    deltas = (await collect(engine, [request(engine, "hi", n=3, temperature=1.0, seed=7,
+                                             max_new_tokens=10)]))[0]
+    finals = [d for d in deltas if d.finish_reason]
+    assert sorted(d.index for d in finals) == [0, 1, 2]
+    texts = {text_of(deltas, i) for i in range(3)}
+    assert len(texts) > 1  # distinct random streams per choice
+
+
+async def test_cancelled_request_stops_consuming_steps(engine):
+    long = request(engine, "hi", max_new_tokens=200)
+    short = request(engine, "one two", max_new_tokens=40)
+    seen = 0
+    results = {}
+
+    async def consume_short():
+        results["short"] = await collect(engine, [short])
+
+    task = asyncio.create_task(consume_short())
+    async for step in engine.generate([long]):
+        seen += len(step[0] or [])
+        if seen >= 3:
+            break  # the caller walks away
+    tokens_at_cancel = engine.tokens_generated
+    await task
+    # The long request was dropped: the engine produced about the short request's tokens only.
+    assert engine.tokens_generated - tokens_at_cancel <= 40 + 2
+    assert results["short"][0][-1].finish_reason == "length"
+    assert results["short"][0][-1].completion_tokens == 40
+    assert engine.running_rows == 0
+
+
+async def test_failing_request_fails_alone(engine, monkeypatch):
+    bad = request(engine, "hi", max_new_tokens=8)
+    good = request(engine, "one two", max_new_tokens=8)
+    original = engine._append
+
+    def flaky(seq, token):
+        if seq.request is bad:
+            raise RuntimeError("boom")
+        return original(seq, token)
+
+    monkeypatch.setattr(engine, "_append", flaky)
+    out = await collect(engine, [bad, good])
+    assert isinstance(out[0], Exception) and getattr(out[0], "status_code", None) == 500
+    assert out[1][-1].finish_reason == "length" and out[1][-1].completion_tokens == 8

@@ -1,0 +1,38 @@
+"""Per-row token selection."""
+
+import torch
+
+from deployments.generation import SamplingParams
+from deployments.sampling import apply_penalties, filter_top_k_top_p, make_generator, select_tokens
+
+
+class Row:
+    def __init__(self, params, seed=None, output_ids=()):
+        self.params = params
+        self.generator = None if params.greedy else make_generator(seed, 0)
+        self.output_ids = list(output_ids)
+
+
+def test_top_k_and_top_p_masks():
+    logits = torch.tensor([4.0, 3.0, 2.0, 1.0])
+    assert torch.isinf(filter_top_k_top_p(logits, 2, 1.0)).tolist() == [False, False, True, True]
+    probs = torch.softmax(logits, -1)  # ~[.64, .24, .09, .03]
+    kept = ~torch.isinf(filter_top_k_top_p(logits, 0, 0.8))
+    assert kept.tolist() == [True, True, False, False] and probs[0] < 0.8
+
+
+def test_penalties_follow_openai_definition():
+    logits = torch.zeros(5)
+    params = SamplingParams(max_new_tokens=1, presence_penalty=0.5, frequency_penalty=0.25)
+    out = apply_penalties(logits, params, [1, 1, 3])
+    assert out.tolist() == [0.0, -1.0, 0.0, -0.75, 0.0]
+
+
+def test_greedy_rows_take_argmax_and_seeded_rows_repeat():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    greedy = Row(SamplingParams(max_new_tokens=1, temperature=0.0))
+    sampled = SamplingParams(max_new_tokens=1, temperature=1.0, seed=5)
+    first = select_tokens(logits, [greedy, Row(sampled, 5), Row(sampled, 5)])
+    assert first[0] == int(torch.argmax(logits[0]))
+    again = select_tokens(logits[[2, 1, 0]], [Row(sampled, 5), Row(sampled, 5), greedy])
+    assert again[1] == first[1]  # same row content + same seed -> same draw, wherever it sits
