@@ -38,18 +38,25 @@ class TextStream:
     def push(self, token_id: int) -> str:
         """Add one token; return the text that can be released now (may be '')."""
         self._ids.append(token_id)
-        decode = self._tokenizer.decode
-        prefix = decode(self._ids[self._prefix_offset:self._read_offset], skip_special_tokens=True)
-        full = decode(self._ids[self._prefix_offset:], skip_special_tokens=True)
-        if len(full) > len(prefix) and not full.endswith(_REPLACEMENT):
-            self._text += full[len(prefix):]
-            self._prefix_offset = self._read_offset
-            self._read_offset = len(self._ids)
+        self._decode(partial_ok=False)
         return self._release(final=False)
 
     def finish(self) -> str:
-        """No more tokens will come: release whatever was held back (unless a stop string ended it)."""
-        return "" if self.stopped else self._release(final=True)
+        """No more tokens will come: release whatever was held back (unless a stop string ended it),
+        an incomplete final character included, as a one-shot decode of all tokens would."""
+        if self.stopped:
+            return ""
+        self._decode(partial_ok=True)
+        return self._release(final=True)
+
+    def _decode(self, partial_ok: bool) -> None:
+        decode = self._tokenizer.decode
+        prefix = decode(self._ids[self._prefix_offset:self._read_offset], skip_special_tokens=True)
+        full = decode(self._ids[self._prefix_offset:], skip_special_tokens=True)
+        if len(full) > len(prefix) and (partial_ok or not full.endswith(_REPLACEMENT)):
+            self._text += full[len(prefix):]
+            self._prefix_offset = self._read_offset
+            self._read_offset = len(self._ids)
 
     def _release(self, final: bool) -> str:
         if self.stopped:

@@ -68,8 +68,10 @@ def client(server):
     return OpenAI(base_url=f"{server}/v1", api_key="test", max_retries=0, timeout=120)
 
 
-@pytest.fixture(scope="session")
-def async_client(server):
+@pytest.fixture
+async def async_client(server):
+    """An async SDK client; per test, since each async test runs its own event loop."""
     from openai import AsyncOpenAI
 
-    return AsyncOpenAI(base_url=f"{server}/v1", api_key="test", max_retries=0, timeout=120)
+    async with AsyncOpenAI(base_url=f"{server}/v1", api_key="test", max_retries=0, timeout=120) as c:
+        yield c
