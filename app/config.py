@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Task = Literal["chat"]
+Task = Literal["chat", "transcription"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
@@ -29,7 +29,7 @@ class BatchingSpec(_Strict):
     """
 
     max_batch_size: int = Field(8, ge=1, le=512, description=(
-        "Most requests (choices, for n > 1) admitted into one prefill batch by @serve.batch; the "
+        "Most requests admitted together into one prefill batch by @serve.batch; the "
         "deployment's max_ongoing_requests must be at least this."))
     batch_wait_timeout_s: float = Field(0.005, ge=0.0, le=10.0, description=(
         "How long the first request of a batch waits for others to join before prefill starts."))
@@ -51,6 +51,21 @@ class GenerationLimits(_Strict):
     max_stop_sequences: int = Field(4, ge=0, le=64, description="Most stop strings per request.")
 
 
+class AudioSpec(_Strict):
+    """Limits of a speech-to-text model (``task: transcription``); ignored by other tasks."""
+
+    max_upload_bytes: int = Field(25 * 1024 * 1024, ge=1, description=(
+        "Largest audio upload accepted, in bytes; a bigger file is refused with 413 (OpenAI: 25 MB)."))
+    max_duration_s: float = Field(3600.0, gt=0, description=(
+        "Longest decoded audio accepted, in seconds; longer audio is refused with 400. Bounds the work "
+        "one request can cause, since a small compressed file can decode to hours."))
+    max_new_tokens_per_window: int | None = Field(None, ge=1, le=448, description=(
+        "Most tokens generated per 30 s window; default the checkpoint's generation_config."
+        "max_new_tokens, else what fits Whisper's 448-token decoder context."))
+    max_windows_per_batch: int = Field(32, ge=1, le=1024, description=(
+        "Most 30 s windows decoded in one generate() call; a batch with more runs in several calls."))
+
+
 class ModelSpec(_Strict):
     """One served model."""
 
@@ -59,7 +74,7 @@ class ModelSpec(_Strict):
     source: str = Field(min_length=1, description=(
         "Where the weights come from: a local directory, a Hugging Face hub id (read through the "
         "normal cache; HF_HUB_OFFLINE=1 is honoured), or `demo:<name>` for a model this project builds "
-        "offline (demo:chat, demo:bench)."))
+        "offline (demo:chat, demo:bench, demo:whisper)."))
     task: Task = Field("chat", description="What the model serves; selects the deployment class.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
     dtype: DType = Field("auto", description=(
@@ -73,6 +88,8 @@ class ModelSpec(_Strict):
         "Initial batching settings; user_config in the deployments section overrides them at runtime."))
     limits: GenerationLimits = Field(default_factory=GenerationLimits, description=(
         "Per-request generation bounds."))
+    audio: AudioSpec = Field(default_factory=AudioSpec, description=(
+        "Upload and decoding limits of a transcription model (task: transcription)."))
 
     @property
     def deployment_name(self) -> str:
