@@ -103,6 +103,14 @@ class IngressSpec(_Strict):
     max_ongoing_requests: int = Field(1024, ge=1, description=(
         "Concurrent requests one ingress replica holds (streams included); Ray's default of 5 would "
         "cap the whole server at 5 streams per ingress replica."))
+    request_timeout_s: float = Field(300.0, gt=0, description=(
+        "Deadline of one request, queueing included; past it the client gets a 504 (or a timeout "
+        "error frame in a stream already started) and its generation is stopped."))
+    max_request_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description=(
+        "Largest request body accepted by any route; a bigger one is refused with 413."))
+    overload_status: Literal[503, 429] = Field(503, description=(
+        "HTTP status of the answer when a model's queue is full (both carry Retry-After)."))
+    retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with overload answers.")
 
 
 class AppArgs(_Strict):

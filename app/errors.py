@@ -140,42 +140,70 @@ def as_serving_error(exc: BaseException) -> ServingError:
     return InternalError("The server had an unexpected error while processing the request.")
 
 
+def render(err: ServingError, settings: Any = None):
+    """The HTTP response for ``err``: the OpenAI error body, its status and headers.
+
+    ``settings`` (the ingress's IngressSpec) chooses the status and Retry-After of overload answers.
+    """
+    from fastapi.responses import JSONResponse
+
+    status, headers = err.status_code, dict(err.headers)
+    if isinstance(err, Overloaded) and settings is not None:
+        status, headers["Retry-After"] = settings.overload_status, str(settings.retry_after_s)
+    return JSONResponse(err.body(), status_code=status, headers=headers)
+
+
 def install_error_handlers(app) -> None:
-    """Make every error answer of the FastAPI ``app`` an OpenAI ``ErrorResponse``."""
+    """Make every error answer of the FastAPI ``app`` an OpenAI ``ErrorResponse``.
+
+    ``app.state.settings`` (an IngressSpec), when set, shapes overload answers (see :func:`render`).
+    """
     import logging
 
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException
 
     logger = logging.getLogger("app.errors")
     by_status = {404: NotFound, 405: MethodNotAllowed, 413: RequestTooLarge}
 
-    def render(err: ServingError) -> JSONResponse:
-        return JSONResponse(err.body(), status_code=err.status_code, headers=err.headers)
+    def answer(request, err: ServingError):
+        return render(err, getattr(request.app.state, "settings", None))
 
     async def on_serving_error(request, exc: ServingError):
-        return render(exc)
+        return answer(request, exc)
 
     async def on_validation_error(request, exc: RequestValidationError):
-        return render(validation_error(exc.errors()))
+        return answer(request, validation_error(exc.errors()))
 
     async def on_http_error(request, exc: HTTPException):
         cls = by_status.get(exc.status_code, InvalidRequest if exc.status_code < 500 else InternalError)
         err = cls(str(exc.detail) if exc.detail else "error")
         err.status_code = exc.status_code
-        return render(err)
+        return answer(request, err)
 
     async def on_unexpected(request, exc: Exception):
         err = as_serving_error(exc)
         if isinstance(err, InternalError):
-            logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        return render(err)
+            request_id = current_request_id()
+            logger.error("unhandled error on %s %s (request id %s)", request.method, request.url.path,
+                         request_id, exc_info=exc)
+            err = InternalError(f"{err.message} The error was logged with request id {request_id}.")
+        return answer(request, err)
 
     app.add_exception_handler(ServingError, on_serving_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(HTTPException, on_http_error)
     app.add_exception_handler(Exception, on_unexpected)
+
+
+def current_request_id() -> str:
+    """The id Ray Serve gave this request (also sent to the client as the x-request-id header)."""
+    try:
+        from ray.serve.context import _get_serve_request_context
+
+        return _get_serve_request_context().request_id or "unknown"
+    except Exception:
+        return "unknown"
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "literal", "union"}

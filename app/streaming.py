@@ -8,6 +8,7 @@ still get their proper HTTP status; a failure after that becomes an error frame 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
@@ -15,7 +16,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
-from app.errors import InternalError, as_serving_error
+from app.errors import InternalError, RequestTimedOut, as_serving_error
 
 logger = logging.getLogger(__name__)
 
@@ -24,8 +25,15 @@ Chunk = TypeVar("Chunk", bound=BaseModel)
 
 async def respond(chunks: AsyncIterator[Chunk], *, stream: bool,
                   collect: Callable[[AsyncIterator[Chunk]], Awaitable[BaseModel]],
-                  dump: Callable[[Chunk], dict[str, Any]] = lambda c: c.model_dump()) -> Any:
-    """Answer with ``collect(chunks)`` as JSON, or with ``chunks`` as SSE (``dump`` renders each)."""
+                  dump: Callable[[Chunk], dict[str, Any]] = lambda c: c.model_dump(),
+                  timeout_s: float | None = None) -> Any:
+    """Answer with ``collect(chunks)`` as JSON, or with ``chunks`` as SSE (``dump`` renders each).
+
+    Past ``timeout_s`` (from now) the answer is a 504, or a timeout error frame once streaming began,
+    and ``chunks`` is closed, which cancels the upstream work.
+    """
+    if timeout_s is not None:
+        chunks = with_deadline(chunks, asyncio.get_running_loop().time() + timeout_s, timeout_s)
     try:
         if not stream:
             return JSONResponse((await collect(chunks)).model_dump())
@@ -36,6 +44,40 @@ async def respond(chunks: AsyncIterator[Chunk], *, stream: bool,
         raise as_serving_error(exc) from exc
     return StreamingResponse(_sse(first, chunks, dump), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def upstream(response: Any) -> AsyncIterator[Any]:
+    """Iterate a Ray streaming handle response; cancel it when the consumer stops early.
+
+    A client that disconnects or times out closes this generator; cancelling the handle call then
+    cancels the request in the model replica, which frees its batch slot.
+    """
+    finished = False
+    try:
+        async for item in response:
+            yield item
+        finished = True
+    finally:
+        if not finished:
+            response.cancel()
+
+
+async def with_deadline(chunks: AsyncIterator[Chunk], deadline: float, timeout_s: float
+                        ) -> AsyncIterator[Chunk]:
+    """``chunks`` until the loop time ``deadline``; then close them and raise RequestTimedOut."""
+    loop = asyncio.get_running_loop()
+    try:
+        while True:
+            try:
+                async with asyncio.timeout(max(0.0, deadline - loop.time())):
+                    chunk = await anext(chunks)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise RequestTimedOut(f"The request did not complete within {timeout_s:g} s.") from None
+            yield chunk
+    finally:
+        await chunks.aclose()
 
 
 def sse_data(payload: dict[str, Any] | str) -> str:

@@ -19,7 +19,18 @@ TEST_APP_ARGS = {
         {"id": "demo-chat", "source": "demo:chat", "task": "chat",
          "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.05, "max_running_rows": 32},
          "limits": {"default_max_tokens": 16, "max_tokens": 512, "max_context_len": 256}},
+        {"id": "demo-whisper", "source": "demo:whisper", "task": "transcription",
+         "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.1},
+         "audio": {"max_upload_bytes": 4 * 1024 * 1024}},
     ],
+}
+
+
+# Ray options per deployment, as a serve_config.yaml `deployments:` section would give them. The chat
+# model's queue is small on purpose: the flood test overloads it with a few dozen requests.
+TEST_DEPLOYMENT_OPTIONS = {
+    "demo-chat": {"max_ongoing_requests": 16, "max_queued_requests": 16,
+                  "ray_actor_options": {"num_cpus": 1}},
 }
 
 
@@ -36,14 +47,14 @@ def server():
     import requests
     from ray import serve
 
-    from app.builder import build_app
+    from app.builder import compose_app
 
     port = int(os.environ.get("TEST_SERVE_PORT") or _free_port())
     # address="local": never attach to another Ray instance that happens to run on this machine.
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(TEST_APP_ARGS), name="openai", route_prefix="/")
+    serve.run(compose_app(TEST_APP_ARGS, TEST_DEPLOYMENT_OPTIONS), name="openai", route_prefix="/")
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
