@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from deployments.whisper_demo import WHISPER_DEMO
+
 # Bump when a builder's output changes, so stale caches are rebuilt rather than reused.
 BUILD_VERSION = 1
 
@@ -115,6 +117,7 @@ DEMO_MODELS: dict[str, CausalLMDemo] = {
     # Big enough (~30M parameters) that compute, not overhead, dominates on a CPU: for bench/.
     "bench": CausalLMDemo(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4,
                           intermediate_size=1408, initializer_range=0.05),
+    "whisper": WHISPER_DEMO,  # speech-to-text: deployments/whisper_demo.py
 }
 
 
