@@ -8,10 +8,11 @@ from app.errors import RequestTooLarge, render
 
 
 class BodySizeLimit:
-    """Refuse request bodies over ``limit()`` bytes with 413, before the route reads them.
+    """Refuse request bodies over ``limit()`` bytes with 413 before any route sees them.
 
-    A declared Content-Length is checked up front; a chunked body is counted as it is read, and the
-    route fails with RequestTooLarge (rendered by the error handlers) once it passes the limit.
+    A declared Content-Length is checked up front. A body without one (chunked) is read here first,
+    counting, and replayed to the app only if it stays within the limit: the framework would otherwise
+    turn an error raised while it parses the body into a generic 400.
     """
 
     def __init__(self, app, limit: Callable[[], int]) -> None:
@@ -23,20 +24,26 @@ class BodySizeLimit:
             return await self.app(scope, receive, send)
         limit = self.limit()
         declared = dict(scope.get("headers") or ()).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            return await render(_too_large(limit))(scope, receive, send)
-        seen = 0
-
-        async def counting_receive():
-            nonlocal seen
+        if declared is not None:
+            if declared.isdigit() and int(declared) > limit:
+                return await render(_too_large(limit))(scope, receive, send)
+            return await self.app(scope, receive, send)
+        messages, size = [], 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise _too_large(limit)
-            return message
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > limit:
+                return await render(_too_large(limit))(scope, receive, send)
+            if not message.get("more_body", False):
+                break
 
-        return await self.app(scope, counting_receive, send)
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        return await self.app(scope, replay, send)
 
 
 def _too_large(limit: int) -> RequestTooLarge:

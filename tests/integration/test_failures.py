@@ -1,0 +1,131 @@
+"""How the chat path fails: deadlines, disconnects, body limits, isolation — observed, not slept on."""
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+import requests
+from ray import serve
+
+from tests.integration.test_chat_api import MODEL, msgs, sse_events
+from tests.openapi_schema import assert_valid
+
+# A second application in the same Serve instance, with a short deadline and a small body limit.
+SHORT_APP = {
+    "models": [{"id": "slow-chat", "source": "demo:chat", "task": "chat",
+                "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.0},
+                "limits": {"max_tokens": 1900}}],
+    "ingress": {"request_timeout_s": 1.5, "max_request_body_bytes": 4096},
+}
+
+
+@pytest.fixture(scope="module")
+def short_app(server):
+    from app.builder import compose_app
+
+    serve.run(compose_app(SHORT_APP, {"slow-chat": {"ray_actor_options": {"num_cpus": 0.25}},
+                                      "OpenAIIngress": {"ray_actor_options": {"num_cpus": 0.1}}}),
+              name="short", route_prefix="/short")
+    yield f"{server}/short"
+    serve.delete("short")
+
+
+def stats(deployment, app="openai"):
+    return serve.get_deployment_handle(deployment, app_name=app).stats.remote().result()
+
+
+def wait_idle(deployment, app="openai", timeout=30.0):
+    """Wait until the engine runs no rows; return its stats then."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        current = stats(deployment, app)
+        if current["running_rows"] == 0:
+            return current
+        time.sleep(0.05)
+    raise AssertionError(f"{deployment} still busy: {current}")
+
+
+def test_deadline_gives_504_and_stops_generation(short_app):
+    before = wait_idle("slow-chat", "short")["tokens_generated"]
+    started = time.time()
+    resp = requests.post(f"{short_app}/v1/chat/completions", timeout=60, json={
+        "model": "slow-chat", "messages": msgs("hi"), "max_tokens": 1900, "temperature": 0})
+    assert resp.status_code == 504, resp.text
+    assert_valid(resp.json(), "ErrorResponse")
+    assert resp.json()["error"]["code"] == "timeout"
+    assert time.time() - started < 10
+    after = wait_idle("slow-chat", "short")["tokens_generated"]
+    time.sleep(0.5)
+    assert stats("slow-chat", "short")["tokens_generated"] == after  # nothing runs on
+    assert after - before < 1900
+
+
+def test_deadline_mid_stream_ends_with_error_frame(short_app):
+    with requests.post(f"{short_app}/v1/chat/completions", stream=True, timeout=60, json={
+            "model": "slow-chat", "messages": msgs("hi"), "max_tokens": 1900, "stream": True}) as r:
+        assert r.status_code == 200
+        events, done = sse_events(r)
+    assert done and events[-1]["error"]["code"] == "timeout"
+    assert_valid(events[-1], "ErrorResponse")
+    assert wait_idle("slow-chat", "short")["running_rows"] == 0
+
+
+def test_body_over_the_limit_is_413(short_app):
+    body = json.dumps({"model": "slow-chat", "messages": msgs("x" * 5000)})
+    resp = requests.post(f"{short_app}/v1/chat/completions", data=body, timeout=30,
+                         headers={"content-type": "application/json"})
+    assert resp.status_code == 413
+    assert_valid(resp.json(), "ErrorResponse")
+
+
+async def test_disconnect_mid_stream_stops_generation_and_spares_neighbours(server, async_client):
+    neighbour_alone = (await async_client.chat.completions.create(
+        model=MODEL, messages=msgs("one two"), max_tokens=40, temperature=0)).choices[0].message.content
+    before = (await asyncio.to_thread(wait_idle, "demo-chat"))["tokens_generated"]
+
+    async def neighbour():
+        r = await async_client.chat.completions.create(model=MODEL, messages=msgs("one two"),
+                                                       max_tokens=40, temperature=0)
+        return r.choices[0].message.content
+
+    async def quitter():
+        async with httpx.AsyncClient(timeout=60) as http:
+            async with http.stream("POST", f"{server}/v1/chat/completions", json={
+                    "model": MODEL, "messages": msgs("hi"), "max_tokens": 220, "temperature": 0,
+                    "stream": True}) as r:
+                seen = 0
+                async for line in r.aiter_lines():
+                    seen += line.startswith("data: ")
+                    if seen >= 3:
+                        return  # leaving the block closes the connection mid-stream
+
+    results = await asyncio.gather(neighbour(), quitter())
+    assert results[0] == neighbour_alone
+    after = await asyncio.to_thread(wait_idle, "demo-chat")
+    # Had the stream run on, the engine would have made >= 220 + 40 tokens.
+    assert after["tokens_generated"] - before < 150, after
+
+
+async def test_failing_request_fails_alone_in_a_crowd(async_client):
+    import openai
+
+    async def ask(text, max_tokens):
+        return await async_client.chat.completions.create(model=MODEL, messages=msgs(text),
+                                                          max_tokens=max_tokens, temperature=0)
+
+    results = await asyncio.gather(ask("hi", 10), ask("x " * 300, 10), ask("one two", 10),
+                                   ask("hi", 5000), ask("aaa", 10), return_exceptions=True)
+    assert isinstance(results[1], openai.BadRequestError)
+    assert isinstance(results[3], openai.BadRequestError)
+    for ok in (results[0], results[2], results[4]):
+        assert ok.choices[0].finish_reason in ("stop", "length") and ok.usage.completion_tokens >= 1
+
+
+def test_every_response_carries_a_request_id(server):
+    for resp in (requests.get(f"{server}/v1/models", timeout=30),
+                 requests.get(f"{server}/v1/missing", timeout=30),
+                 requests.post(f"{server}/v1/chat/completions", json={"model": "nope", "messages": []},
+                               timeout=30)):
+        assert resp.headers.get("x-request-id"), resp.headers
