@@ -1,0 +1,80 @@
+"""The bench config (``bench/config.yaml``), validated with pydantic; the CLI overrides its fields."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")
+RESULTS_DIR = Path(__file__).with_name("results")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PromptSpec(_Strict):
+    """How the reproducible prompt set is drawn (see bench/prompts.py)."""
+
+    seed: int = Field(0, description="Seed of the prompt generator: same seed, same prompts.")
+    # (share, min words, max words) per length bucket: mostly short chats, some long contexts.
+    buckets: list[tuple[float, int, int]] = Field(
+        default=[(0.6, 8, 32), (0.3, 64, 160), (0.1, 256, 400)],
+        description="Length mix: (share of requests, min words, max words) per bucket.")
+    system_share: float = Field(0.5, ge=0, le=1, description="Share of requests with a system message.")
+
+
+class OursSpec(_Strict):
+    """How contenders (a) and (b), this server, are started (bench/serve_ours.py)."""
+
+    ray_num_cpus: int = Field(4, ge=1, description="Logical CPUs of the private Ray instance.")
+    batching: dict[str, Any] = Field(
+        default={"max_batch_size": 8, "batch_wait_timeout_s": 0.005, "max_running_rows": 64},
+        description="BatchingSpec of contender (a).")
+    batching_bs1: dict[str, Any] = Field(
+        default={"max_batch_size": 1, "batch_wait_timeout_s": 0.0, "max_running_rows": 1},
+        description="BatchingSpec of contender (b): one request at a time.")
+    model_id: str = Field("bench", description="The model id clients send.")
+
+
+class BenchConfig(_Strict):
+    model: str = Field("demo:bench", description="demo:<name> or a local checkpoint directory.")
+    levels: list[int] = Field(default=[1, 4, 16, 32, 64], min_length=1,
+                              description="Concurrent streaming clients, one measured level each.")
+    requests_per_level: int = Field(16, ge=1, description="At least this many requests per level.")
+    rounds_per_client: int = Field(2, ge=1, description="At least this many requests per client.")
+    max_tokens: int = Field(64, ge=1, description="max_tokens of every request (greedy).")
+    max_level_seconds: float = Field(180, ge=0, description=(
+        "Stop issuing new requests after this long in one level (0 = never); the level then reports the "
+        "requests it finished, a prefix of the same prompt list."))
+    warmup_requests: int = Field(2, ge=0, description="Unmeasured requests sent before the first level.")
+    prompts: PromptSpec = Field(default_factory=PromptSpec)
+    contenders: list[str] = Field(
+        default=["ours", "ours-bs1", "tf-serve", "tf-serve-cb", "naive", "offline"], min_length=1)
+    ours: OursSpec = Field(default_factory=OursSpec)
+    startup_timeout_s: float = Field(300, description="How long a contender may take to become healthy.")
+
+    def requests_at(self, level: int) -> int:
+        return max(self.requests_per_level, self.rounds_per_client * level)
+
+
+def load_config(path: Path | str = DEFAULT_CONFIG, **overrides: Any) -> BenchConfig:
+    """Read the YAML config and apply ``overrides`` (fields left as None are not overridden)."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return BenchConfig.model_validate(data)
+
+
+def model_dir(source: str) -> Path:
+    """The checkpoint directory of ``source`` (building a demo model offline on first use)."""
+    if source.startswith("demo:"):
+        from deployments.demo import demo_path
+
+        return demo_path(source.split(":", 1)[1])
+    path = Path(source)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{source}: not a demo model or a local checkpoint directory")
+    return path

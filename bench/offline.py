@@ -1,0 +1,83 @@
+"""Contender (e): the offline ceiling — the same requests through batched ``model.generate``, in-process.
+
+At concurrency ``c`` the level's requests are taken ``c`` at a time, in order, and each group runs as one
+left-padded greedy ``model.generate`` (static batching: no HTTP, no streaming, no scheduling). A stopping
+criterion timestamps every decode step, so per request: TTFT = group start to first token, ITL = step gaps
+(one token per step), end-to-end = group start to the step of the request's last token. Output tokens are
+counted up to and including the first end token, as the server counts them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
+
+from bench.load import LevelStats, RequestRecord, summarize
+
+
+class _StepClock(StoppingCriteria):
+    """Records the time of every generated step; never stops generation."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+class OfflineDriver:
+    def __init__(self, model_dir: Path | str) -> None:
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer.padding_side = "left"
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        eos = self.model.generation_config.eos_token_id
+        self.eos = set(eos if isinstance(eos, list) else [eos])
+        if self.tokenizer.eos_token_id is not None:
+            self.eos.add(self.tokenizer.eos_token_id)
+
+    def _texts(self, prompts: list[list[dict[str, str]]]) -> list[str]:
+        return [self.tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
+                for m in prompts]
+
+    def _group(self, texts: list[str], first_index: int, max_tokens: int) -> list[RequestRecord]:
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        clock = _StepClock()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.generate(**enc, max_new_tokens=max_tokens, do_sample=False,
+                                      stopping_criteria=StoppingCriteriaList([clock]))
+        steps = [t - start for t in clock.times]
+        records = []
+        for row, new in enumerate(out[:, enc["input_ids"].shape[1]:].tolist()):
+            count = next((i + 1 for i, t in enumerate(new) if t in self.eos), len(new))
+            times = steps[:count]
+            records.append(RequestRecord(first_index + row, ttft=times[0] if times else None,
+                                         chunk_times=times, e2e=times[-1] if times else None,
+                                         output_tokens=count, tokens_from_usage=True))
+        return records
+
+    def _run(self, prompts: list[list[dict[str, str]]], concurrency: int, max_tokens: int,
+             deadline_s: float) -> LevelStats:
+        texts = self._texts(prompts)
+        records: list[RequestRecord] = []
+        start = time.perf_counter()
+        for first in range(0, len(texts), concurrency):
+            if deadline_s and time.perf_counter() - start > deadline_s:
+                break
+            records += self._group(texts[first:first + concurrency], first, max_tokens)
+        return summarize(records, concurrency, len(prompts), time.perf_counter() - start,
+                         tokens_counted="generate")
+
+    async def warmup(self, prompts: list[list[dict[str, str]]], max_tokens: int) -> None:
+        if prompts:
+            await asyncio.to_thread(self._run, prompts, 1, max_tokens, 0)
+
+    async def run_level(self, prompts: list[list[dict[str, str]]], concurrency: int, max_tokens: int,
+                        deadline_s: float = 0) -> LevelStats:
+        return await asyncio.to_thread(self._run, prompts, concurrency, max_tokens, deadline_s)

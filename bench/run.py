@@ -1,0 +1,179 @@
+"""One command for the whole comparison:
+
+    python -m bench.run --levels 1,4,16,32 --max-tokens 64
+
+Starts every contender of the config in turn (see bench/contenders.py), warms it up, drives it at each
+concurrency level with the same prompt list, stops it, and writes bench/results/latest.{md,json,png}
+(rewritten after every contender, so an interrupted run still leaves a report). A contender that cannot
+start or fails is reported with its error, never silently omitted.
+
+``--profile ours:32`` also records py-spy profiles (speedscope JSON) of contender ``ours``'s Ray processes
+(replica, ingress, proxy) during its 32-client level, into bench/results/profiles/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import json
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Iterator
+
+import psutil
+
+from bench.config import DEFAULT_CONFIG, RESULTS_DIR, BenchConfig, load_config, model_dir
+from bench.contenders import CONTENDERS, RunContext
+from bench.prompts import make_prompts
+from bench.report import write_report
+
+
+def machine_info(config: BenchConfig) -> dict[str, Any]:
+    import ray
+    import torch
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {"cpu": cpu, "cpus": psutil.cpu_count(), "memory_gib": psutil.virtual_memory().total / 2**30,
+            "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "ray": ray.__version__,
+            "gpu": torch.cuda.is_available(), "model_params": _param_count(model_dir(config.model))}
+
+
+def _param_count(path: Path) -> str:
+    from safetensors import safe_open
+
+    total = 0
+    for file in path.glob("*.safetensors"):
+        with safe_open(file, "pt") as f:
+            for name in f.keys():
+                n = 1
+                for d in f.get_slice(name).get_shape():
+                    n *= d
+                total += n
+    return f"{total / 1e6:.1f}M"
+
+
+@contextlib.contextmanager
+def profiled(driver: Any, out_dir: Path, tag: str) -> Iterator[None]:
+    """py-spy record every Ray process under the contender's server (SIGINT makes py-spy write out)."""
+    pid = getattr(driver, "server_pid", None)
+    procs = []
+    if pid is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for child in psutil.Process(pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                title = " ".join(child.cmdline())
+                for role in ("ServeReplica", "ProxyActor"):
+                    if role in title:
+                        name = title.split()[0].replace("ray::", "").replace(":", "_")
+                        out = out_dir / f"{tag}-{name}-{child.pid}.speedscope.json"
+                        procs.append(subprocess.Popen(
+                            ["py-spy", "record", "--pid", str(child.pid), "--rate", "100", "--idle",
+                             "--format", "speedscope", "-o", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGINT)
+        for p in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(60)
+
+
+async def run_contender(key: str, config: BenchConfig, prompts: list, ctx: RunContext,
+                        profile: set[tuple[str, int]], log=print) -> dict[str, Any]:
+    contender = CONTENDERS[key]
+    entry: dict[str, Any] = {"label": contender.label, "description": contender.description,
+                             "status": "ok", "error": None, "levels": []}
+    started = time.perf_counter()
+    try:
+        with contender.start(config, ctx) as driver:
+            log(f"[{key}] up after {time.perf_counter() - started:.0f}s; warming up")
+            await driver.warmup(prompts[-config.warmup_requests:] if config.warmup_requests else [],
+                                config.max_tokens)
+            for level in config.levels:
+                n = config.requests_at(level)
+                with (profiled(driver, ctx.log_dir.parent / "profiles", f"{key}-c{level}")
+                      if (key, level) in profile else contextlib.nullcontext()):
+                    stats = await driver.run_level(prompts[:n], level, config.max_tokens,
+                                                   config.max_level_seconds)
+                entry["levels"].append(stats.to_dict())
+                log(f"[{key}] clients={level} done={stats.requests}/{n} err={stats.errors} "
+                    f"tok/s={stats.tokens_per_s:.1f} ttft_p50={_ms(stats.ttft_p50)} "
+                    f"itl_p50={_ms(stats.itl_p50)} e2e_p50={stats.e2e_p50 or 0:.2f}s")
+    except Exception as exc:  # noqa: BLE001 - reported, never silently omitted
+        entry["error"] = f"{type(exc).__name__}: {exc}"
+        entry["status"] = "ok" if entry["levels"] else "failed"
+        log(f"[{key}] FAILED: {entry['error']}\n{traceback.format_exc(limit=3)}")
+    return entry
+
+
+def _ms(value: float | None) -> str:
+    return "–" if value is None else f"{value * 1e3:.0f}ms"
+
+
+async def run_bench(config: BenchConfig, out_dir: Path, command: str, stem: str = "latest",
+                    profile: set[tuple[str, int]] = frozenset(), log=print) -> dict[str, Any]:
+    unknown = [k for k in config.contenders if k not in CONTENDERS]
+    if unknown:
+        raise SystemExit(f"unknown contenders {unknown}; known: {', '.join(CONTENDERS)}")
+    prompts = make_prompts(max(config.requests_at(level) for level in config.levels), config.prompts)
+    ctx = RunContext(log_dir=out_dir / "logs")
+    results: dict[str, Any] = {
+        "command": command, "started": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine_info(config), "config": config.model_dump(), "contenders": {}}
+    for key in config.contenders:
+        results["contenders"][key] = await run_contender(key, config, prompts, ctx, profile, log)
+        write_report(results, out_dir, stem)
+    return results
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(DEFAULT_CONFIG))
+    p.add_argument("--levels", type=ints, help="comma-separated client counts, e.g. 1,4,16,32,64")
+    p.add_argument("--requests-per-level", type=int)
+    p.add_argument("--rounds-per-client", type=int)
+    p.add_argument("--max-tokens", type=int)
+    p.add_argument("--max-level-seconds", type=float)
+    p.add_argument("--warmup-requests", type=int)
+    p.add_argument("--contenders", type=lambda s: s.split(","), help=f"subset of {','.join(CONTENDERS)}")
+    p.add_argument("--out-dir", default=str(RESULTS_DIR))
+    p.add_argument("--stem", default="latest", help="output file names: <stem>.md/.json/.png")
+    p.add_argument("--profile", action="append", default=[], metavar="KEY:CLIENTS",
+                   help="py-spy profile a server contender's Ray processes during one level")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    config = load_config(args.config, levels=args.levels, requests_per_level=args.requests_per_level,
+                         rounds_per_client=args.rounds_per_client, max_tokens=args.max_tokens,
+                         max_level_seconds=args.max_level_seconds, warmup_requests=args.warmup_requests,
+                         contenders=args.contenders)
+    profile = {(k, int(c)) for k, c in (p.split(":") for p in args.profile)}
+    command = "python -m bench.run " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
+    results = asyncio.run(run_bench(config, Path(args.out_dir), command.strip(), args.stem, profile))
+    print(json.dumps({k: e["status"] for k, e in results["contenders"].items()}))
+    print(f"wrote {Path(args.out_dir) / args.stem}.md/.json/.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
