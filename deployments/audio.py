@@ -38,7 +38,9 @@ def decode_audio(data: bytes, *, sample_rate: int = SAMPLE_RATE, max_duration_s:
                 raise InvalidRequest("The uploaded file contains no audio stream.", param=param,
                                      code="invalid_audio")
             stream = container.streams.audio[0]
-            resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+            # Keep the channels and average them below: ffmpeg's own downmix scales by -3 dB per channel,
+            # librosa (what Whisper checkpoints were evaluated with) takes the mean.
+            resampler = av.AudioResampler(format="fltp", rate=sample_rate)
             for frame in container.decode(stream):
                 for out in resampler.resample(frame):
                     total += _append(pieces, out)
@@ -62,7 +64,8 @@ def decode_audio(data: bytes, *, sample_rate: int = SAMPLE_RATE, max_duration_s:
 
 
 def _append(pieces: list[np.ndarray], frame) -> int:
-    samples = frame.to_ndarray().reshape(-1)  # packed mono float: shape (1, n)
+    planes = frame.to_ndarray()  # planar float: (channels, n)
+    samples = planes.mean(axis=0) if planes.shape[0] > 1 else planes.reshape(-1)
     if samples.size:
         pieces.append(samples)
     return int(samples.size)
