@@ -38,6 +38,10 @@ class OursSpec(_Strict):
         default={"max_batch_size": 1, "batch_wait_timeout_s": 0.0, "max_running_rows": 1},
         description="BatchingSpec of contender (b): one request at a time.")
     model_id: str = Field("bench", description="The model id clients send.")
+    tuned_env: dict[str, str] = Field(default={"OMP_NUM_THREADS": "2"}, description=(
+        "Env vars of the Ray workers for the diagnostic contender ours-env (same batching as (a)): Ray "
+        "sets OMP_NUM_THREADS to the actor's num_cpus (1 for the model replica), so torch in the "
+        "replica computes on one thread unless this overrides it."))
 
 
 class BenchConfig(_Strict):

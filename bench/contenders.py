@@ -116,7 +116,8 @@ def managed_server(cmd: list[str], health_url: str, log_path: Path, timeout_s: f
         stop_process_tree(proc)
 
 
-def _ours(batching_field: str) -> Callable[[BenchConfig, RunContext], ContextManager[Driver]]:
+def _ours(batching_field: str, tuned_env: bool = False
+          ) -> Callable[[BenchConfig, RunContext], ContextManager[Driver]]:
     @contextlib.contextmanager
     def start(config: BenchConfig, ctx: RunContext) -> Iterator[Driver]:
         ours = config.ours
@@ -126,8 +127,8 @@ def _ours(batching_field: str) -> Callable[[BenchConfig, RunContext], ContextMan
                             "limits": {"default_max_tokens": config.max_tokens, "max_tokens": 4096}}]}
         port = free_port()
         cmd = [sys.executable, "-m", "bench.serve_ours", "--port", str(port), "--args", json.dumps(args),
-               "--num-cpus", str(ours.ray_num_cpus)]
-        log = ctx.log_dir / f"ours-{batching_field}.log"
+               "--num-cpus", str(ours.ray_num_cpus), "--env", json.dumps(ours.tuned_env if tuned_env else {})]
+        log = ctx.log_dir / f"ours-{batching_field}{'-env' if tuned_env else ''}.log"
         with managed_server(cmd, f"http://127.0.0.1:{port}/health", log, config.startup_timeout_s) as proc:
             yield HttpDriver(f"http://127.0.0.1:{port}", ours.model_id, server_pid=proc.pid)
 
@@ -174,6 +175,9 @@ CONTENDERS: dict[str, Contender] = {c.key: c for c in [
               _ours("batching")),
     Contender("ours-bs1", "(b) ours bs=1", "this server, max_batch_size=1 and max_running_rows=1 "
               "(one request at a time)", _ours("batching_bs1")),
+    # Diagnostic, not in the default list: (a) with ours.tuned_env (2 torch threads in the replica).
+    Contender("ours-env", "(a*) ours + env", "(a) with the Ray workers' env from `ours.tuned_env` "
+              "(OMP_NUM_THREADS=2: the replica's torch uses both cores)", _ours("batching", tuned_env=True)),
     Contender("tf-serve", "(c) transformers serve", "`transformers serve` (no continuous batching)",
               _transformers_serve(False)),
     Contender("tf-serve-cb", "(c) transformers serve --cb", "`transformers serve --continuous-batching`",

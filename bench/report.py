@@ -134,6 +134,40 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def readme_section(results: dict[str, Any], results_dir: str = "bench/results") -> str:
+    """The README's ``## Benchmarks`` section: command, machine, headline tables, plot, full table link."""
+    m, cfg = results["machine"], results["config"]
+    body = markdown(results).split("## Output tokens/s", 1)[1].split("## Contenders", 1)[0]
+    body = body.replace("\n## ", "\n### ")
+    return "\n".join([
+        "## Benchmarks", "",
+        "`bench/` starts every contender in turn on the same model and prompts, drives its streaming chat "
+        "endpoint at fixed client counts, stops it, and writes a table, JSON and a plot. Reproduce (about "
+        "20 minutes; needs the `bench` extra, `pip install -e .[bench]`):", "",
+        f"```bash\n{results['command']}\n```", "",
+        f"Machine: {m['cpu']}, {m['cpus']} CPUs, {m['memory_gib']:.0f} GiB, no GPU (shared with other "
+        f"work while it ran, so figures are noisy); torch {m['torch']}, transformers {m['transformers']}, "
+        f"Ray {m['ray']}; run {results['started']}. Model `{cfg['model']}` ({m.get('model_params', '?')} "
+        f"parameters, Qwen2-style, hidden 512, 8 layers), max_tokens {cfg['max_tokens']}, greedy.", "",
+        f"![tokens/s and TTFT p50 vs concurrency]({results_dir}/latest.png)", "",
+        "### Output tokens/s" + body.rstrip(), "",
+        "Contenders: " + "; ".join(f"**{e['label']}** = {e['description']}"
+                                   for e in results["contenders"].values()) + ".", "",
+        f"Full report with notes: [{results_dir}/latest.md]({results_dir}/latest.md).", ""])
+
+
+def update_readme(readme: Path, section: str) -> None:
+    """Replace the ``## Benchmarks`` section of ``readme`` (up to the next ``## `` heading) with ``section``."""
+    text = readme.read_text()
+    start = text.find("\n## Benchmarks\n")
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = text.find("\n## ", start + 1)
+        text = text[:start + 1] + section + ("" if end < 0 else "\n" + text[end + 1:])
+    readme.write_text(text.rstrip("\n") + "\n")
+
+
 def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib
 

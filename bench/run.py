@@ -33,7 +33,7 @@ import psutil
 from bench.config import DEFAULT_CONFIG, RESULTS_DIR, BenchConfig, load_config, model_dir
 from bench.contenders import CONTENDERS, RunContext
 from bench.prompts import make_prompts
-from bench.report import write_report
+from bench.report import readme_section, update_readme, write_report
 
 
 def machine_info(config: BenchConfig) -> dict[str, Any]:
@@ -156,6 +156,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--contenders", type=lambda s: s.split(","), help=f"subset of {','.join(CONTENDERS)}")
     p.add_argument("--out-dir", default=str(RESULTS_DIR))
     p.add_argument("--stem", default="latest", help="output file names: <stem>.md/.json/.png")
+    p.add_argument("--readme", metavar="PATH", help="also rewrite the `## Benchmarks` section of this README")
     p.add_argument("--profile", action="append", default=[], metavar="KEY:CLIENTS",
                    help="py-spy profile a server contender's Ray processes during one level")
     return p.parse_args(argv)
@@ -171,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m bench.run " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
     results = asyncio.run(run_bench(config, Path(args.out_dir), command.strip(), args.stem, profile))
     print(json.dumps({k: e["status"] for k, e in results["contenders"].items()}))
+    if args.readme:
+        update_readme(Path(args.readme), readme_section(results))
+        print(f"updated the Benchmarks section of {args.readme}")
     print(f"wrote {Path(args.out_dir) / args.stem}.md/.json/.png")
     return 0
 

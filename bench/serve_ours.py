@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--args", required=True, help="build_app args (AppArgs) as JSON")
     parser.add_argument("--num-cpus", type=int, default=4)
+    parser.add_argument("--env", default="{}", help="extra env vars of the Ray workers, as JSON")
     opts = parser.parse_args(argv)
 
     stop = threading.Event()
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     ray.init(address="local", num_cpus=opts.num_cpus, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+             runtime_env={"env_vars": {"PYTHONPATH": pythonpath, **json.loads(opts.env)}})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": opts.port})
         serve.run(build_app(json.loads(opts.args)), name="openai", route_prefix="/")

@@ -87,3 +87,19 @@ def test_report_writes_table_json_and_png(tmp_path):
     assert "![tokens/s and TTFT p50 vs concurrency](latest.png)" in md
     assert json.loads(paths["json"].read_text())["contenders"]["ours"]["levels"][1]["tokens_per_s"] == 800
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_readme_section_replaces_only_the_benchmarks_section(tmp_path):
+    from bench.report import readme_section, update_readme
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n## Tests\n\nkeep me\n\n## Benchmarks\n\nold\n\n## Later\n\nkeep too\n")
+    update_readme(readme, readme_section(_results()))
+    text = readme.read_text()
+    assert "keep me" in text and "keep too" in text and "old" not in text
+    assert text.count("## Benchmarks") == 1 and "python -m bench.run --levels 1,32" in text
+    assert "bench/results/latest.png" in text and "| (a) ours | 50 | 800 |" in text
+    assert text.index("## Benchmarks") < text.index("## Later")
+    readme.write_text("# y\n")
+    update_readme(readme, readme_section(_results()))
+    assert readme.read_text().startswith("# y\n\n## Benchmarks\n")
