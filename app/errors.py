@@ -104,6 +104,17 @@ class Overloaded(ServingError):
         super().__init__(message, headers=headers, **kwargs)
 
 
+class ReplicaUnavailable(ServingError):
+    """The model replica handling the request died or cannot be reached (503, always: not a rate limit)."""
+
+    status_code = 503
+    error_type = "server_error"
+    default_code = "replica_unavailable"
+
+    def __init__(self, message: str, **kwargs: Any) -> None:
+        super().__init__(message, headers=kwargs.pop("headers", None) or {"Retry-After": "1"}, **kwargs)
+
+
 class RequestTimedOut(ServingError):
     status_code = 504
     error_type = "timeout_error"
@@ -135,8 +146,8 @@ def as_serving_error(exc: BaseException) -> ServingError:
     if isinstance(exc, serve_exc.BackPressureError):
         return Overloaded("The model is at capacity and its queue is full; retry shortly.")
     if isinstance(exc, (ray_exc.ActorDiedError, ray_exc.ActorUnavailableError, ray_exc.RayActorError)):
-        return Overloaded("The model replica serving this request became unavailable; retry shortly.",
-                          code="replica_unavailable")
+        return ReplicaUnavailable("The model replica serving this request became unavailable; retry "
+                                  "shortly.")
     return InternalError("The server had an unexpected error while processing the request.")
 
 
