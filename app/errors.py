@@ -181,7 +181,7 @@ def install_error_handlers(app) -> None:
         return render(err, getattr(request.app.state, "settings", None))
 
     async def on_serving_error(request, exc: ServingError):
-        return answer(request, exc)
+        return answer(request, for_client(exc))
 
     async def on_validation_error(request, exc: RequestValidationError):
         return answer(request, validation_error(exc.errors()))
@@ -195,16 +195,21 @@ def install_error_handlers(app) -> None:
     async def on_unexpected(request, exc: Exception):
         err = as_serving_error(exc)
         if isinstance(err, InternalError):
-            request_id = current_request_id()
             logger.error("unhandled error on %s %s (request id %s)", request.method, request.url.path,
-                         request_id, exc_info=exc)
-            err = InternalError(f"{err.message} The error was logged with request id {request_id}.")
-        return answer(request, err)
+                         current_request_id(), exc_info=exc)
+        return answer(request, for_client(err))
 
     app.add_exception_handler(ServingError, on_serving_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(HTTPException, on_http_error)
     app.add_exception_handler(Exception, on_unexpected)
+
+
+def for_client(err: ServingError) -> ServingError:
+    """What the client sees of ``err``: a 500 also names the request id, to find it in the logs."""
+    if isinstance(err, InternalError) and "request id" not in err.message:
+        return InternalError(f"{err.message} (request id {current_request_id()})")
+    return err
 
 
 def current_request_id() -> str:

@@ -16,7 +16,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from app.config import IngressSpec, ModelSpec
-from app.errors import InvalidRequest, ModelNotFound, Overloaded, install_error_handlers
+from app.errors import InvalidRequest, ModelNotFound, ReplicaUnavailable, install_error_handlers
 from app.middleware import BodySizeLimit
 from app.protocol.chat import ChatCompletionRequest
 from app.protocol.models import ModelCard, ModelList
@@ -70,7 +70,7 @@ class OpenAIIngress:
         try:
             await asyncio.wait_for(asyncio.gather(*probes), timeout=10)
         except Exception as exc:
-            raise Overloaded(f"not ready: {type(exc).__name__}", code="not_ready") from exc
+            raise ReplicaUnavailable(f"not ready: {type(exc).__name__}", code="not_ready") from exc
         return JSONResponse({"status": "ok", "models": list(self._specs)})
 
     @api.post("/v1/chat/completions")

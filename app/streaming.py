@@ -16,7 +16,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
-from app.errors import InternalError, RequestTimedOut, as_serving_error
+from app.errors import InternalError, RequestTimedOut, as_serving_error, for_client
 
 logger = logging.getLogger(__name__)
 
@@ -98,5 +98,5 @@ async def _sse(first: Chunk | None, rest: AsyncIterator[Chunk],
         err = as_serving_error(exc)
         if isinstance(err, InternalError):
             logger.exception("stream failed", exc_info=exc)
-        yield sse_data(err.body())
+        yield sse_data(for_client(err).body())
     yield sse_data("[DONE]")

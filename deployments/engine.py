@@ -196,10 +196,14 @@ class GenerationEngine:
     def _advance(self, batch: Batch, logits: torch.Tensor) -> None:
         """Choose each row's next token and turn it into output."""
         self.steps += 1
-        tokens = select_tokens(logits, batch.rows)
+        tokens, failed = select_tokens(logits, batch.rows)
         batch.set_next(tokens)
         self.tokens_generated += len(tokens)
-        for seq, token in zip(batch.rows, tokens):
+        for i, (seq, token) in enumerate(zip(batch.rows, tokens)):
+            if i in failed:
+                logger.error("request %s: sampling failed: %r", seq.request.request_id, failed[i])
+                seq.error = InternalError("sampling failed for this request's settings")
+                continue
             try:
                 self._append(seq, token)
             except Exception:  # isolate: this sequence fails, its neighbours carry on

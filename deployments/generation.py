@@ -10,12 +10,15 @@ import secrets
 from dataclasses import dataclass, field
 
 
+GREEDY_BELOW = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-sequence generation settings, already validated and defaulted."""
 
     max_new_tokens: int
-    temperature: float = 1.0  # 0 means greedy (argmax)
+    temperature: float = 1.0  # below GREEDY_BELOW (0 included) means greedy (argmax)
     top_p: float = 1.0
     top_k: int = 0  # 0 means no top-k cut
     presence_penalty: float = 0.0
@@ -26,7 +29,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below this, dividing logits by the temperature overflows float32; the limit is argmax anyway.
+        return self.temperature < GREEDY_BELOW
 
     @property
     def penalized(self) -> bool:

@@ -56,24 +56,38 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
         cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
         # Keep a token if the mass before it is < top_p (so the first token always stays).
         drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= top_p
+        drop_sorted[0] = False  # a top_p that rounds to 0 in float32 must still keep the likeliest
         drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
 
 
-def select_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[int]:
-    """Choose the next token of every row. ``logits`` is [rows, vocab] for the last position."""
+def select_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]
+                  ) -> tuple[list[int], dict[int, Exception]]:
+    """Choose the next token of every row. ``logits`` is [rows, vocab] for the last position.
+
+    Returns the tokens and, by row index, the errors of rows that could not be sampled (their token is
+    the argmax, to be discarded): one row's bad settings never fail its neighbours.
+    """
     logits = logits.float()
     chosen = torch.argmax(logits, dim=-1).tolist()  # one vectorised pass serves every greedy row
+    failed: dict[int, Exception] = {}
     for i, row in enumerate(rows):
         params = row.params
         if params.greedy and not params.penalized:
             continue
-        row_logits = apply_penalties(logits[i], params, row.output_ids)
-        if params.greedy:
-            chosen[i] = int(torch.argmax(row_logits))
-            continue
-        row_logits = filter_top_k_top_p(row_logits / params.temperature, params.top_k, params.top_p)
-        probs = torch.softmax(row_logits, dim=-1).cpu()
-        chosen[i] = int(torch.multinomial(probs, 1, generator=row.generator))
-    return chosen
+        try:
+            chosen[i] = _sample_row(logits[i], row)
+        except Exception as exc:  # e.g. settings that make every probability NaN
+            failed[i] = exc
+    return chosen, failed
+
+
+def _sample_row(logits: torch.Tensor, row: SamplingRow) -> int:
+    params = row.params
+    logits = apply_penalties(logits, params, row.output_ids)
+    if params.greedy:
+        return int(torch.argmax(logits))
+    logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
+    probs = torch.softmax(logits, dim=-1).cpu()
+    return int(torch.multinomial(probs, 1, generator=row.generator))

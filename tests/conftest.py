@@ -31,6 +31,7 @@ TEST_APP_ARGS = {
 TEST_DEPLOYMENT_OPTIONS = {
     "demo-chat": {"max_ongoing_requests": 16, "max_queued_requests": 16,
                   "ray_actor_options": {"num_cpus": 1}},
+    "demo-whisper": {"ray_actor_options": {"num_cpus": 0.5}},
 }
 
 

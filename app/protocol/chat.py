@@ -61,7 +61,7 @@ class ChatCompletionRequest(WireModel):
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0, description="Extra (HF-style).")
+    repetition_penalty: float | None = Field(None, ge=0.01, le=10.0, description="Extra (HF-style).")
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None

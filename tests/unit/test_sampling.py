@@ -32,7 +32,20 @@ def test_greedy_rows_take_argmax_and_seeded_rows_repeat():
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
     greedy = Row(SamplingParams(max_new_tokens=1, temperature=0.0))
     sampled = SamplingParams(max_new_tokens=1, temperature=1.0, seed=5)
-    first = select_tokens(logits, [greedy, Row(sampled, 5), Row(sampled, 5)])
+    first, failed = select_tokens(logits, [greedy, Row(sampled, 5), Row(sampled, 5)])
+    assert not failed
     assert first[0] == int(torch.argmax(logits[0]))
-    again = select_tokens(logits[[2, 1, 0]], [Row(sampled, 5), Row(sampled, 5), greedy])
+    again, _ = select_tokens(logits[[2, 1, 0]], [Row(sampled, 5), Row(sampled, 5), greedy])
     assert again[1] == first[1]  # same row content + same seed -> same draw, wherever it sits
+
+
+def test_extreme_settings_degrade_or_fail_one_row_only():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
+    tiny_temperature = Row(SamplingParams(max_new_tokens=1, temperature=1e-40))
+    tiny_top_p = Row(SamplingParams(max_new_tokens=1, temperature=1.0, top_p=1e-46), seed=1)
+    assert tiny_temperature.params.greedy  # treated as argmax instead of overflowing
+    broken = Row(SamplingParams(max_new_tokens=1, temperature=1.0), seed=2)
+    broken.generator = "not a generator"  # sampling this row raises
+    tokens, failed = select_tokens(logits, [tiny_temperature, tiny_top_p, broken])
+    assert tokens[0] == int(torch.argmax(logits[0])) and tokens[1] == int(torch.argmax(logits[1]))
+    assert list(failed) == [2]
