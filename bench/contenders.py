@@ -127,9 +127,12 @@ def _ours(batching_field: str, tuned_env: bool = False
                             "limits": {"default_max_tokens": config.max_tokens, "max_tokens": 4096}}]}
         port = free_port()
         cmd = [sys.executable, "-m", "bench.serve_ours", "--port", str(port), "--args", json.dumps(args),
-               "--num-cpus", str(ours.ray_num_cpus), "--env", json.dumps(ours.tuned_env if tuned_env else {})]
+               "--num-cpus", str(ours.ray_num_cpus)]
+        env = {**ours.env, **(ours.tuned_env if tuned_env else {})}
+        cmd += ["--env", json.dumps(env)]  # for the workers; the raylet reads RAY_* from its own env
         log = ctx.log_dir / f"ours-{batching_field}{'-env' if tuned_env else ''}.log"
-        with managed_server(cmd, f"http://127.0.0.1:{port}/health", log, config.startup_timeout_s) as proc:
+        with managed_server(cmd, f"http://127.0.0.1:{port}/health", log, config.startup_timeout_s,
+                            env) as proc:
             yield HttpDriver(f"http://127.0.0.1:{port}", ours.model_id, server_pid=proc.pid)
 
     return start
