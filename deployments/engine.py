@@ -1,13 +1,15 @@
 """The generation engine: continuous batching over one model, no Ray, no HTTP.
 
-Contract: ``generate(requests)`` admits a group of requests and is an async iterator that, after every
-engine step touching the group, yields one entry per request: the list of :class:`Delta` produced for it
-since the last yield (possibly empty), a :class:`ServingError` if that request failed (alone), or None
-once the request has finished. A choice's last delta carries ``finish_reason`` and its token counts.
+Contract: ``submit(requests)`` admits a group of requests (prefilled together at the next step boundary)
+and returns one :class:`RequestStream` per request. A stream is an async iterator of ``list[Delta]``:
+each item holds everything the request produced since the consumer last asked (so a slow consumer gets
+several tokens in one item, and a fast one gets each step's token at once). A choice's last delta carries
+``finish_reason`` and its token counts; the stream ends when every choice finished, or raises the
+:class:`ServingError` that failed this request alone.
 
-Groups admitted while others are decoding are prefilled and concatenated into the running batch at the
-next step boundary (up to ``max_running_rows``), so a new request does not wait for a long one. All model
-work runs on one dedicated thread; the event loop only schedules and hands out deltas.
+Groups submitted while others decode are prefilled and concatenated into the running batch at the next
+step (up to ``max_running_rows``), so a new request does not wait for a long one. All model work runs on
+one dedicated thread; the event loop only schedules and hands out deltas.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import logging
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any
 
 import torch
 
@@ -30,16 +32,54 @@ from deployments.sampling import make_generator, select_tokens
 logger = logging.getLogger(__name__)
 
 
+class RequestStream:
+    """The output of one request (all its choices). Filled on the event loop by the engine."""
+
+    def __init__(self, request: GenerationRequest) -> None:
+        self.request = request
+        self._pending: list[Delta] = []
+        self._ready = asyncio.Event()
+        self._unfinished = request.n
+        self._error: ServingError | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._unfinished == 0 or self._error is not None
+
+    def _put(self, deltas: list[Delta], error: ServingError | None) -> None:
+        if self.done:
+            return
+        self._pending.extend(deltas)
+        self._unfinished -= sum(d.finish_reason is not None for d in deltas)
+        self._error = error
+        self._ready.set()
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> list[Delta]:
+        while not self._pending and not self.done:
+            await self._ready.wait()
+            self._ready.clear()
+        if self._pending:
+            out, self._pending = self._pending, []
+            return out
+        if self._error is not None:
+            raise self._error
+        raise StopAsyncIteration
+
+
 @dataclass(eq=False)
 class _Sequence:
     """One choice being generated."""
 
     request: GenerationRequest
     index: int
-    stream: TextStream
+    out: RequestStream
+    text: TextStream
     generator: torch.Generator | None
     output_ids: list[int] = field(default_factory=list)
-    pending: list[Delta] = field(default_factory=list)
+    pending: list[Delta] = field(default_factory=list)  # written on the model thread, moved by _publish
     finished: bool = False
     error: ServingError | None = None
 
@@ -47,37 +87,9 @@ class _Sequence:
     def params(self) -> SamplingParams:
         return self.request.params
 
-
-@dataclass(eq=False)
-class _Group:
-    requests: list[GenerationRequest]
-    seqs: list[_Sequence]
-    ready: asyncio.Event = field(default_factory=asyncio.Event)
-    reported: set[int] = field(default_factory=set)  # requests whose end was yielded already
-
-    def outputs(self) -> list[list[Delta] | ServingError | None]:
-        """Per request: new deltas, its error, or None once its end was reported."""
-        out: list[list[Delta] | ServingError | None] = []
-        for i, request in enumerate(self.requests):
-            seqs = [s for s in self.seqs if s.request is request]
-            error = next((s.error for s in seqs if s.error is not None), None)
-            if i in self.reported:
-                out.append(None)
-            elif error is not None or request.cancelled:
-                self.reported.add(i)
-                out.append(error)
-            else:
-                deltas = [d for s in seqs for d in s.pending]
-                if all(s.finished for s in seqs):
-                    self.reported.add(i)
-                out.append(deltas)
-            for s in seqs:
-                s.pending = []
-        return out
-
     @property
-    def done(self) -> bool:
-        return len(self.reported) == len(self.requests)
+    def live(self) -> bool:
+        return not (self.finished or self.error is not None or self.request.cancelled)
 
 
 class GenerationEngine:
@@ -93,8 +105,8 @@ class GenerationEngine:
         self.max_running_rows = max_running_rows
         self.can_concatenate = supports_concatenation(model)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
-        self._waiting: deque[_Group] = deque()
-        self._groups: list[_Group] = []
+        self._waiting: deque[list[_Sequence]] = deque()
+        self._admitted: list[_Sequence] = []  # sequences whose output may still need publishing
         self._running: Batch | None = None
         self._loop_task: asyncio.Task | None = None
         # Counters for metrics and tests (e.g. that a cancelled request stopped consuming steps).
@@ -105,33 +117,22 @@ class GenerationEngine:
     def running_rows(self) -> int:
         return len(self._running) if self._running is not None else 0
 
-    async def generate(self, requests: list[GenerationRequest]
-                       ) -> AsyncIterator[list[list[Delta] | ServingError | None]]:
-        seqs = [_Sequence(r, i, TextStream(self.tokenizer, r.params.stop, r.prompt_ids),
-                          None if r.params.greedy else make_generator(r.params.seed, i))
-                for r in requests for i in range(r.n)]
-        group = _Group(requests, seqs)
-        self._waiting.append(group)
-        self._groups.append(group)
-        self._ensure_loop()
-        try:
-            while not group.done:
-                await group.ready.wait()
-                group.ready.clear()
-                yield group.outputs()
-        finally:
-            # Whoever stops listening (the caller went away, or the batch ended) frees the rows.
-            for request in requests:
-                request.cancelled = True
-
-    def _ensure_loop(self) -> None:
+    def submit(self, requests: list[GenerationRequest]) -> list[RequestStream]:
+        """Admit ``requests`` as one prefill group; must be called on the engine's event loop."""
+        streams = [RequestStream(r) for r in requests]
+        self._waiting.append([
+            _Sequence(r, i, out, TextStream(self.tokenizer, r.params.stop, r.prompt_ids),
+                      None if r.params.greedy else make_generator(r.params.seed, i))
+            for r, out in zip(requests, streams) for i in range(r.n)])
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.get_running_loop().create_task(self._run())
+        return streams
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while self._waiting or self._running is not None:
             admitted = self._admissible()
+            self._admitted += admitted
             try:
                 if admitted:
                     await loop.run_in_executor(self._executor, self._prefill, admitted)
@@ -139,41 +140,41 @@ class GenerationEngine:
                     await loop.run_in_executor(self._executor, self._decode)
             except Exception:  # a bug or a device failure: fail what is in flight, keep serving
                 logger.exception("engine step failed")
-                for seq in [*(self._running.rows if self._running else []),
-                            *(s for g in admitted for s in g.seqs)]:
+                for seq in [*(self._running.rows if self._running else []), *admitted]:
                     seq.error = seq.error or InternalError("generation failed")
                 self._running = None
-            self._notify()
-        self._notify()
+            self._publish()
 
-    def _admissible(self) -> list[_Group]:
-        """Waiting groups that fit next to the running batch, in arrival order."""
-        admitted: list[_Group] = []
+    def _admissible(self) -> list[_Sequence]:
+        """Sequences of waiting groups that fit next to the running batch, in arrival order."""
+        admitted: list[_Sequence] = []
         if self._running is not None and not self.can_concatenate:
             return admitted
         rows = self.running_rows
         while self._waiting:
-            group = self._waiting[0]
-            live = sum(not s.request.cancelled for s in group.seqs)
-            if rows > 0 and rows + live > self.max_running_rows:
+            live = [s for s in self._waiting[0] if s.live]
+            if rows > 0 and rows + len(live) > self.max_running_rows:
                 break
             self._waiting.popleft()
-            rows += live
-            admitted.append(group)
+            rows += len(live)
+            admitted += live
         return admitted
 
-    def _notify(self) -> None:
-        """Wake the admitted groups (waiting ones have nothing new) and forget finished ones."""
-        waiting = set(map(id, self._waiting))
-        for group in self._groups:
-            if id(group) not in waiting:
-                group.ready.set()
-        self._groups = [g for g in self._groups if not g.done]
+    def _publish(self) -> None:
+        """Hand each admitted sequence's new deltas (or error) to its request's stream."""
+        still = []
+        for seq in self._admitted:
+            deltas, seq.pending = seq.pending, []
+            if deltas or seq.error is not None:
+                seq.out._put(deltas, seq.error)
+            if seq.live:
+                still.append(seq)
+        self._admitted = still
 
     # --- model thread ---------------------------------------------------------------------------
 
-    def _prefill(self, groups: list[_Group]) -> None:
-        seqs = [s for g in groups for s in g.seqs if not s.request.cancelled]
+    def _prefill(self, seqs: list[_Sequence]) -> None:
+        seqs = [s for s in seqs if s.live]
         if not seqs:
             return
         with torch.inference_mode():
@@ -214,13 +215,13 @@ class GenerationEngine:
         seq.output_ids.append(token)
         finish = None
         if token in self.eos_token_ids:
-            text, finish = seq.stream.finish(), "stop"
+            text, finish = seq.text.finish(), "stop"
         else:
-            text = seq.stream.push(token)
-            if seq.stream.stopped:
+            text = seq.text.push(token)
+            if seq.text.stopped:
                 finish = "stop"
             elif len(seq.output_ids) >= seq.params.max_new_tokens:
-                text, finish = text + seq.stream.finish(), "length"
+                text, finish = text + seq.text.finish(), "length"
         if finish is None:
             if text:
                 seq.pending.append(Delta(seq.index, text, [token]))
@@ -231,6 +232,4 @@ class GenerationEngine:
 
     @staticmethod
     def _keep_live(batch: Batch) -> Batch | None:
-        keep = [i for i, s in enumerate(batch.rows)
-                if not (s.finished or s.error is not None or s.request.cancelled)]
-        return batch.filter(keep)
+        return batch.filter([i for i, s in enumerate(batch.rows) if s.live])

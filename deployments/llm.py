@@ -2,8 +2,10 @@
 
 ``chat(request)`` is a streaming method (call it with ``handle.options(stream=True)``): it yields lists
 of :class:`Delta` for that request. Requests arriving within ``batch_wait_timeout_s`` of each other (up to
-``max_batch_size``) are admitted to the engine together and prefilled as one batch; the engine decodes
-all admitted requests together (continuous batching), so several @serve.batch batches run at once.
+``max_batch_size``) are admitted to the engine together by ``@serve.batch`` and prefilled as one batch;
+the engine decodes all admitted requests together (continuous batching). Each request then streams from
+its own engine stream: one Ray message carries every token produced since the previous one, so a busy
+ingress gets fewer, fuller messages instead of falling behind one message per token.
 """
 
 from __future__ import annotations
@@ -16,25 +18,11 @@ from ray import serve
 from app.config import BatchingSpec, ModelSpec
 from app.protocol.chat import ChatCompletionRequest
 from deployments.chat_params import render_prompt, to_generation_request
-from deployments.engine import GenerationEngine
+from deployments.engine import GenerationEngine, RequestStream
 from deployments.generation import Delta, GenerationRequest
 from deployments.loader import context_length, load_chat_engine
 
 logger = logging.getLogger(__name__)
-
-# @serve.batch's concurrency cap is fixed when the class is defined; the engine's max_running_rows is the
-# real bound on concurrent sequences, so allow many admitted batches at once.
-MAX_CONCURRENT_BATCHES = 64
-
-
-class _BatchSizeWarningFilter(logging.Filter):
-    # Ray warns when max_ongoing_requests < max_batch_size * max_concurrent_batches; with continuous
-    # batching that product is not a meaningful bound (the engine caps rows), so the warning misleads.
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "max_concurrent_batches" not in record.getMessage()
-
-
-logging.getLogger("ray.serve").addFilter(_BatchSizeWarningFilter())
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1})
@@ -60,8 +48,8 @@ class LLMDeployment:
 
     def _apply(self, batching: BatchingSpec) -> None:
         self.batching = batching
-        self._generate_batch.set_max_batch_size(batching.max_batch_size)
-        self._generate_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+        self._admit.set_max_batch_size(batching.max_batch_size)
+        self._admit.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
         self.engine.max_running_rows = batching.max_running_rows
 
     async def chat(self, request: ChatCompletionRequest) -> AsyncIterator[list[Delta]]:
@@ -72,25 +60,18 @@ class LLMDeployment:
             yield deltas
 
     async def _generate(self, generation: GenerationRequest) -> AsyncIterator[list[Delta]]:
-        unfinished = generation.n
         try:
-            async for item in self._generate_batch(generation):
-                if isinstance(item, BaseException):
-                    raise item
-                if item:
-                    yield item
-                    unfinished -= sum(d.finish_reason is not None for d in item)
-                    if unfinished == 0:
-                        return  # do not wait for the batch's next step to learn we are done
+            stream = await self._admit(generation)
+            async for deltas in stream:
+                yield deltas
         finally:
             generation.cancelled = True  # the caller left (or we finished): free the engine rows
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005,
-                 max_concurrent_batches=MAX_CONCURRENT_BATCHES)
-    async def _generate_batch(self, requests: list[GenerationRequest]) -> AsyncIterator[list[Any]]:
-        async for outputs in self.engine.generate(requests):
-            # None marks a request the engine finished earlier; Ray ends that caller's stream on it.
-            yield [StopIteration if out is None else out for out in outputs]
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def _admit(self, requests: list[GenerationRequest]) -> list[RequestStream]:
+        """Admission: the requests of one @serve.batch batch are prefilled together. Returns at once
+        (the streams are in-process objects), so the next batch can form while these decode."""
+        return self.engine.submit(requests)
 
     def stats(self) -> dict[str, Any]:
         """Engine counters and the live batching settings (for tests and operators)."""

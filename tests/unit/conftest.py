@@ -24,15 +24,17 @@ def demo_engine_factory():
 
 
 async def collect(engine, requests):
-    """Run requests through engine.generate as one group; return per request its list of deltas."""
-    out = [[] for _ in requests]
-    async for step in engine.generate(requests):
-        for i, item in enumerate(step):
-            if isinstance(item, BaseException):
-                out[i] = item
-            elif item and isinstance(out[i], list):
-                out[i].extend(item)
-    return out
+    """Submit requests as one group; return per request its list of deltas, or the error it raised."""
+    async def drain(stream):
+        deltas = []
+        try:
+            async for items in stream:
+                deltas.extend(items)
+        except Exception as exc:
+            return exc
+        return deltas
+
+    return list(await asyncio.gather(*(drain(s) for s in engine.submit(requests))))
 
 
 def text_of(deltas, index=0):

@@ -95,10 +95,11 @@ async def test_cancelled_request_stops_consuming_steps(engine):
         results["short"] = await collect(engine, [short])
 
     task = asyncio.create_task(consume_short())
-    async for step in engine.generate([long]):
-        seen += len(step[0] or [])
+    async for deltas in engine.submit([long])[0]:
+        seen += len(deltas)
         if seen >= 3:
-            break  # the caller walks away
+            long.cancelled = True  # the caller walks away (the deployment sets this when it does)
+            break
     tokens_at_cancel = engine.tokens_generated
     await task
     # The long request was dropped: the engine produced about the short request's tokens only.
