@@ -78,7 +78,7 @@ class OpenAIIngress:
         handle = self._handle(body.model, "chat")
         deltas = upstream(handle.options(stream=True).chat.remote(body))
         include_usage = body.include_usage or not body.stream
-        chunks = chat_chunks(deltas, model=body.model, n=body.n, include_usage=include_usage)
+        chunks = chat_chunks(deltas, model=body.model, include_usage=include_usage)
         return await respond(chunks, stream=body.stream, collect=collect_chat,
                              dump=dump_chunk(body.include_usage), timeout_s=self.settings.request_timeout_s)
 

@@ -12,7 +12,7 @@ from app.protocol.chat import (AssistantMessage, ChatCompletionChunk, ChatComple
 from app.protocol.common import Usage
 
 
-async def chat_chunks(deltas: AsyncIterator[list[Any]], *, model: str, n: int,
+async def chat_chunks(deltas: AsyncIterator[list[Any]], *, model: str,
                       include_usage: bool) -> AsyncIterator[ChatCompletionChunk]:
     """Turn the deployment's stream of delta lists into OpenAI chunks.
 

@@ -22,7 +22,6 @@ import statistics
 import time
 
 import httpx
-import pytest
 
 from tests.conftest import TEST_DEPLOYMENT_OPTIONS
 from tests.openapi_schema import assert_valid

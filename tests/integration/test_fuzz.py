@@ -16,7 +16,6 @@ whole test stays within about a minute on 2 CPUs; invalid values go through unto
 
 from __future__ import annotations
 
-import asyncio
 import json
 import zlib
 
