@@ -89,17 +89,23 @@ def test_report_writes_table_json_and_png(tmp_path):
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_readme_section_replaces_only_the_benchmarks_section(tmp_path):
+def test_readme_block_is_replaced_between_markers_only(tmp_path):
     from bench.report import readme_section, update_readme
 
     readme = tmp_path / "README.md"
-    readme.write_text("# x\n\n## Tests\n\nkeep me\n\n## Benchmarks\n\nold\n\n## Later\n\nkeep too\n")
+    original = "# x\n\n## Tests\n\nkeep me\n\n## Benchmarks\n\nintro\n\n### Other\n\nkeep too\n\n## Later\n"
+    readme.write_text(original)
     update_readme(readme, readme_section(_results()))
     text = readme.read_text()
-    assert "keep me" in text and "keep too" in text and "old" not in text
+    for kept in ("keep me", "intro", "### Other\n\nkeep too", "## Later"):
+        assert kept in text
     assert text.count("## Benchmarks") == 1 and "python -m bench.run --levels 1,32" in text
     assert "bench/results/latest.png" in text and "| (a) ours | 50 | 800 |" in text
-    assert text.index("## Benchmarks") < text.index("## Later")
+    assert text.index("## Benchmarks") < text.index("python -m bench.run") < text.index("### Other")
+    update_readme(readme, readme_section(_results()).replace("800", "900"))  # idempotent replacement
+    again = readme.read_text()
+    assert again.count("python -m bench.run --levels 1,32") == 1 and "| (a) ours | 50 | 900 |" in again
+    assert again.count("<!-- bench.run: begin") == 1 and "### Other\n\nkeep too" in again
     readme.write_text("# y\n")
     update_readme(readme, readme_section(_results()))
-    assert readme.read_text().startswith("# y\n\n## Benchmarks\n")
+    assert readme.read_text().startswith("# y\n\n## Benchmarks\n\n<!-- bench.run: begin")
