@@ -108,6 +108,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"Command: `{results['command']}`  ",
         f"Machine: {m['cpu']} ({m['cpus']} CPUs, {m['memory_gib']:.0f} GiB, no GPU); Python {m['python']}, "
         f"torch {m['torch']}, transformers {m['transformers']}, Ray {m['ray']}; {results['started']}  ",
+        f"Server code: {m.get('code', 'unknown')}  ",
         f"Model: `{cfg['model']}` ({m.get('model_params', '?')} parameters); max_tokens {cfg['max_tokens']}, "
         f"greedy, streaming, prompts seed {cfg['prompts']['seed']} (mixed lengths); requests per level = "
         f"max({cfg['requests_per_level']}, {cfg['rounds_per_client']} × clients), capped at "
@@ -147,7 +148,7 @@ def readme_section(results: dict[str, Any], results_dir: str = "bench/results") 
         f"```bash\n{results['command']}\n```", "",
         f"Machine: {m['cpu']}, {m['cpus']} CPUs, {m['memory_gib']:.0f} GiB, no GPU (shared with other "
         f"work while it ran, so figures are noisy); torch {m['torch']}, transformers {m['transformers']}, "
-        f"Ray {m['ray']}; run {results['started']}. Model `{cfg['model']}` ({m.get('model_params', '?')} "
+        f"Ray {m['ray']}; run {results['started']} at commit {m.get('code', 'unknown')}. Model `{cfg['model']}` ({m.get('model_params', '?')} "
         f"parameters, Qwen2-style, hidden 512, 8 layers), max_tokens {cfg['max_tokens']}, greedy.", "",
         f"![tokens/s and TTFT p50 vs concurrency]({results_dir}/latest.png)", "",
         "### Output tokens/s" + body.rstrip(), "",

@@ -50,7 +50,22 @@ def machine_info(config: BenchConfig) -> dict[str, Any]:
     return {"cpu": cpu, "cpus": psutil.cpu_count(), "memory_gib": psutil.virtual_memory().total / 2**30,
             "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "ray": ray.__version__,
-            "gpu": torch.cuda.is_available(), "model_params": _param_count(model_dir(config.model))}
+            "gpu": torch.cuda.is_available(), "model_params": _param_count(model_dir(config.model)),
+            "code": _code_version()}
+
+
+def _code_version() -> str:
+    """The commit the server code was measured at, and the server files that differed from it."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "app", "deployments"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.split("\n")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    changed = [line[3:] for line in dirty if line.strip()]
+    return head + (f" + uncommitted changes to {', '.join(changed)}" if changed else "")
 
 
 def _param_count(path: Path) -> str:
