@@ -54,7 +54,7 @@ class WhisperDeployment:
         yield await self._transcribe_batch(job)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
-    async def _transcribe_batch(self, jobs: list[AudioJob]) -> list[WhisperOutput | BaseException]:
+    async def _transcribe_batch(self, jobs: list[AudioJob]) -> list[WhisperOutput]:
         self.batches += 1
         # One worker thread per batch; @serve.batch runs one batch at a time, so the model is never
         # used by two threads at once.
