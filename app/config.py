@@ -31,8 +31,13 @@ class BatchingSpec(_Strict):
     max_batch_size: int = Field(8, ge=1, le=512, description=(
         "Most requests admitted together into one prefill batch by @serve.batch; the "
         "deployment's max_ongoing_requests must be at least this."))
-    batch_wait_timeout_s: float = Field(0.005, ge=0.0, le=10.0, description=(
-        "How long the first request of a batch waits for others to join before prefill starts."))
+    batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=10.0, description=(
+        "How long the first request of a batch waits for others to join before prefill starts. The "
+        "engine already prefills together whatever arrives while it computes a step, so waiting mostly "
+        "adds latency; raise it only to trade latency for fuller prefill batches."))
+    max_prefill_tokens: int = Field(4096, ge=1, description=(
+        "Most prompt tokens prefilled between two decode steps (at least one request): bounds how long "
+        "a burst of new requests stalls the running streams."))
     max_running_rows: int = Field(64, ge=1, le=4096, description=(
         "Most sequences decoded together: batches admitted while others are still decoding join the "
         "running batch (continuous batching) up to this many rows; further batches wait."))
@@ -82,6 +87,10 @@ class ModelSpec(_Strict):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description=(
         "auto = CUDA when the replica was given a GPU (ray_actor_options.num_gpus), else CPU."))
     trust_remote_code: bool = Field(False, description="Allow model code shipped with the checkpoint.")
+    prefill_threads: int | None = Field(None, ge=1, le=256, description=(
+        "CPU only: torch threads for prefill (decoding keeps Ray's choice, OMP_NUM_THREADS = the "
+        "replica's num_cpus). Prefill is large matrix work that scales with cores while decoding "
+        "competes with the proxy and ingress for them, so a 1-CPU replica may prefill on 2."))
     chat_template: str | None = Field(None, description=(
         "Jinja chat template overriding the tokenizer's own (for checkpoints that ship none)."))
     batching: BatchingSpec = Field(default_factory=BatchingSpec, description=(

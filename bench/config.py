@@ -32,8 +32,10 @@ class OursSpec(_Strict):
 
     ray_num_cpus: int = Field(4, ge=1, description="Logical CPUs of the private Ray instance.")
     batching: dict[str, Any] = Field(
-        default={"max_batch_size": 8, "batch_wait_timeout_s": 0.005, "max_running_rows": 64},
+        default={"max_batch_size": 8, "batch_wait_timeout_s": 0.0, "max_running_rows": 64},
         description="BatchingSpec of contender (a).")
+    prefill_threads: int | None = Field(2, ge=1, description=(
+        "ModelSpec.prefill_threads of (a) and (b), as serve_config.yaml's demo-chat model."))
     batching_bs1: dict[str, Any] = Field(
         default={"max_batch_size": 1, "batch_wait_timeout_s": 0.0, "max_running_rows": 1},
         description="BatchingSpec of contender (b): one request at a time.")

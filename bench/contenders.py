@@ -123,7 +123,7 @@ def _ours(batching_field: str, tuned_env: bool = False
         ours = config.ours
         batching = getattr(ours, batching_field)
         args = {"models": [{"id": ours.model_id, "source": config.model, "task": "chat",
-                            "batching": batching,
+                            "batching": batching, "prefill_threads": ours.prefill_threads,
                             "limits": {"default_max_tokens": config.max_tokens, "max_tokens": 4096}}]}
         port = free_port()
         cmd = [sys.executable, "-m", "bench.serve_ours", "--port", str(port), "--args", json.dumps(args),

@@ -96,13 +96,17 @@ class GenerationEngine:
     """Owns one model and tokenizer; see the module docstring for the contract."""
 
     def __init__(self, model: Any, tokenizer: Any, *, device: torch.device, eos_token_ids: set[int],
-                 pad_token_id: int, max_running_rows: int = 64) -> None:
+                 pad_token_id: int, max_running_rows: int = 64, max_prefill_tokens: int = 4096,
+                 prefill_threads: int | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
         self.eos_token_ids = set(eos_token_ids)
         self.pad_token_id = pad_token_id
         self.max_running_rows = max_running_rows
+        self.max_prefill_tokens = max_prefill_tokens
+        self.prefill_threads = prefill_threads
+        self.decode_threads = torch.get_num_threads()
         self.can_concatenate = supports_concatenation(model)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._waiting: deque[list[_Sequence]] = deque()
@@ -136,6 +140,7 @@ class GenerationEngine:
             try:
                 if admitted:
                     await loop.run_in_executor(self._executor, self._prefill, admitted)
+                    self._publish()  # first tokens go out before the next decode step
                 if self._running is not None:
                     await loop.run_in_executor(self._executor, self._decode)
             except Exception:  # a bug or a device failure: fail what is in flight, keep serving
@@ -146,17 +151,20 @@ class GenerationEngine:
             self._publish()
 
     def _admissible(self) -> list[_Sequence]:
-        """Sequences of waiting groups that fit next to the running batch, in arrival order."""
+        """Sequences of waiting groups that fit next to the running batch, in arrival order, up to
+        ``max_prefill_tokens`` prompt tokens (at least one group), so that a burst of arrivals delays
+        the running streams' next token by a bounded prefill."""
         admitted: list[_Sequence] = []
         if self._running is not None and not self.can_concatenate:
             return admitted
-        rows = self.running_rows
+        rows, budget = self.running_rows, self.max_prefill_tokens
         while self._waiting:
             live = [s for s in self._waiting[0] if s.live]
-            if rows > 0 and rows + len(live) > self.max_running_rows:
+            tokens = sum(len(r.prompt_ids) for r in {id(s.request): s.request for s in live}.values())
+            if admitted and tokens > budget or rows > 0 and rows + len(live) > self.max_running_rows:
                 break
             self._waiting.popleft()
-            rows += len(live)
+            rows, budget = rows + len(live), budget - tokens
             admitted += live
         return admitted
 
@@ -174,15 +182,20 @@ class GenerationEngine:
     # --- model thread ---------------------------------------------------------------------------
 
     def _prefill(self, seqs: list[_Sequence]) -> None:
-        seqs = [s for s in seqs if s.live]
-        if not seqs:
-            return
-        with torch.inference_mode():
-            batch, logits = Batch.prefill(self.model, seqs, [s.request.prompt_ids for s in seqs],
-                                          self.pad_token_id, self.device)
-            self._advance(batch, logits)
-            if batch is not None and (batch := self._keep_live(batch)) is not None:
-                self._running = batch if self._running is None else self._running.concatenate(batch)
+        threads = self.prefill_threads if self.device.type == "cpu" else None
+        if threads:
+            torch.set_num_threads(threads)  # this thread is the process's only torch user
+        try:
+            with torch.inference_mode():
+                for group in _length_groups([s for s in seqs if s.live]):
+                    batch, logits = Batch.prefill(self.model, group, [s.request.prompt_ids for s in group],
+                                                  self.pad_token_id, self.device)
+                    self._advance(batch, logits)
+                    if (batch := self._keep_live(batch)) is not None:
+                        self._running = batch if self._running is None else self._running.concatenate(batch)
+        finally:
+            if threads:
+                torch.set_num_threads(self.decode_threads)
 
     def _decode(self) -> None:
         batch = self._keep_live(self._running)
@@ -233,3 +246,26 @@ class GenerationEngine:
     @staticmethod
     def _keep_live(batch: Batch) -> Batch | None:
         return batch.filter([i for i, s in enumerate(batch.rows) if s.live])
+
+
+# Prompts prefilled together are left-padded to the longest; allow at most this much padding overall.
+_PADDING_SLACK = 1.25
+
+
+def _length_groups(seqs: list[_Sequence]) -> list[list[_Sequence]]:
+    """Split ``seqs`` into prefill groups of similar prompt length (a request's choices stay together),
+    so padding stays within ``_PADDING_SLACK`` of the real prompt tokens of each group."""
+    groups: list[list[_Sequence]] = []
+    lengths: list[int] = []  # prompt length of each request in the current group
+    previous = None
+    for seq in sorted(seqs, key=lambda s: (len(s.request.prompt_ids), id(s.request), s.index)):
+        length = len(seq.request.prompt_ids)
+        if seq.request is not previous:
+            if lengths and length * (len(lengths) + 1) > _PADDING_SLACK * (sum(lengths) + length):
+                lengths = []
+            if not lengths:
+                groups.append([])
+            lengths.append(length)
+            previous = seq.request
+        groups[-1].append(seq)
+    return groups

@@ -51,6 +51,7 @@ class LLMDeployment:
         self._admit.set_max_batch_size(batching.max_batch_size)
         self._admit.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
         self.engine.max_running_rows = batching.max_running_rows
+        self.engine.max_prefill_tokens = batching.max_prefill_tokens
 
     async def chat(self, request: ChatCompletionRequest) -> AsyncIterator[list[Delta]]:
         """Stream the deltas of one chat request; raises ServingError subclasses for bad input."""

@@ -55,7 +55,9 @@ def load_chat_engine(spec: ModelSpec) -> GenerationEngine:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids, default=0)
     logger.info("loaded %s from %s on %s as %s", spec.id, path, device, dtype)
     return GenerationEngine(model, tokenizer, device=device, eos_token_ids=eos_ids, pad_token_id=pad,
-                            max_running_rows=spec.batching.max_running_rows)
+                            max_running_rows=spec.batching.max_running_rows,
+                            max_prefill_tokens=spec.batching.max_prefill_tokens,
+                            prefill_threads=spec.prefill_threads)
 
 
 def context_length(spec: ModelSpec, engine: GenerationEngine) -> int:

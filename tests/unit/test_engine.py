@@ -123,3 +123,35 @@ async def test_failing_request_fails_alone(engine, monkeypatch):
     out = await collect(engine, [bad, good])
     assert isinstance(out[0], Exception) and getattr(out[0], "status_code", None) == 500
     assert out[1][-1].finish_reason == "length" and out[1][-1].completion_tokens == 8
+
+
+def test_length_groups_bound_padding_and_keep_choices_together(engine):
+    from deployments.engine import _length_groups
+
+    reqs = [request(engine, "x" * k, n=2 if k == 40 else 1) for k in (1, 2, 3, 40, 41, 300)]
+    seqs = [type("S", (), {"request": r, "index": i})() for r in reqs for i in range(r.n)]
+    groups = _length_groups(seqs)
+    assert sorted(len(s.request.prompt_ids) for g in groups for s in g) == sorted(
+        len(s.request.prompt_ids) for s in seqs)
+    for group in groups:
+        lengths = {id(s.request): len(s.request.prompt_ids) for s in group}
+        assert max(lengths.values()) * len(lengths) <= 1.25 * sum(lengths.values())
+        for s in group:  # a request's choices are prefilled together
+            assert all(t in group for t in seqs if t.request is s.request)
+
+
+async def test_n_choices_share_one_prefill_and_greedy_choices_agree(engine):
+    deltas = (await collect(engine, [request(engine, PROMPTS[1], n=3, max_new_tokens=12)]))[0]
+    assert text_of(deltas, 0) == text_of(deltas, 1) == text_of(deltas, 2)
+    solo = (await collect(engine, [request(engine, PROMPTS[1], max_new_tokens=12)]))[0]
+    assert text_of(deltas, 0) == text_of(solo)
+
+
+async def test_small_prefill_budget_still_gives_identical_output(demo_engine_factory):
+    engine = demo_engine_factory(max_prefill_tokens=8)  # one request admitted per engine step
+    alone = [text_of((await collect(engine, [request(engine, p)]))[0]) for p in PROMPTS]
+    steps = engine.steps
+    together = await asyncio.gather(*(collect(engine, [request(engine, p)]) for p in PROMPTS))
+    assert [text_of(d[0]) for d in together] == alone
+    # admitted one by one, interleaved with decode steps: 8 prefills + 24 decode steps or more
+    assert engine.steps - steps >= len(PROMPTS) + 24
