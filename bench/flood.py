@@ -18,7 +18,6 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import sys
 import time
 from collections import Counter
@@ -29,18 +28,8 @@ MODEL = "demo-chat"
 PROMPTS = ["hi", "Paris is the capital of", "one two three", "def add(a, b):"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(max_ongoing: int, max_queued: int, num_cpus: int) -> str:
-    import ray
-    import requests
-    from ray import serve
-
-    from app.builder import compose_app
+    from app.local import serve_locally
 
     args = {"models": [{"id": MODEL, "source": "demo:chat", "task": "chat",
                         "batching": {"max_batch_size": min(8, max_ongoing), "batch_wait_timeout_s": 0.05,
@@ -48,22 +37,7 @@ def start_server(max_ongoing: int, max_queued: int, num_cpus: int) -> str:
                         "limits": {"default_max_tokens": 16, "max_tokens": 512, "max_context_len": 256}}]}
     options = {MODEL: {"max_ongoing_requests": max_ongoing, "max_queued_requests": max_queued,
                        "ray_actor_options": {"num_cpus": 1}}}
-    port = _free_port()
-    pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(compose_app(args, options), name="openai", route_prefix="/")
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if requests.get(f"{base}/health", timeout=5).status_code == 200:
-                return base
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError("server did not become healthy")
+    return serve_locally(args, options, num_cpus=num_cpus)
 
 
 def stop_server() -> None:

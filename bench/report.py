@@ -146,8 +146,8 @@ def readme_section(results: dict[str, Any], results_dir: str = "bench/results") 
         "endpoint at fixed client counts, stops it, and writes a table, JSON and a plot. Reproduce (about "
         "20 minutes; needs the `bench` extra, `pip install -e .[bench]`):", "",
         f"```bash\n{results['command']}\n```", "",
-        f"Machine: {m['cpu']}, {m['cpus']} CPUs, {m['memory_gib']:.0f} GiB, no GPU (shared with other "
-        f"work while it ran, so figures are noisy); torch {m['torch']}, transformers {m['transformers']}, "
+        f"Machine: {m['cpu']}, {m['cpus']} CPUs, {m['memory_gib']:.0f} GiB, no GPU (a small machine "
+        f"whose timings vary run to run: compare contenders within one run); torch {m['torch']}, transformers {m['transformers']}, "
         f"Ray {m['ray']}; run {results['started']} at commit {m.get('code', 'unknown')}. Model `{cfg['model']}` ({m.get('model_params', '?')} "
         f"parameters, Qwen2-style, hidden 512, 8 layers), max_tokens {cfg['max_tokens']}, greedy.", "",
         f"![tokens/s and TTFT p50 vs concurrency]({results_dir}/latest.png)", "",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 import threading
@@ -34,14 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from app.builder import build_app
+    from app.local import serve_locally
 
-    pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    ray.init(address="local", num_cpus=opts.num_cpus, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": pythonpath, **json.loads(opts.env)}})
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": opts.port})
-        serve.run(build_app(json.loads(opts.args)), name="openai", route_prefix="/")
+        serve_locally(json.loads(opts.args), port=opts.port, num_cpus=opts.num_cpus,
+                      env=json.loads(opts.env), timeout_s=600)
         print(f"serve_ours: ready on 127.0.0.1:{opts.port}", flush=True)
         while not stop.wait(0.5):
             pass

@@ -2,8 +2,8 @@
 
 ``chat(request)`` is a streaming method (call it with ``handle.options(stream=True)``): it yields lists
 of :class:`Delta` for that request. Requests arriving within ``batch_wait_timeout_s`` of each other (up to
-``max_batch_size``) are admitted to the engine together by ``@serve.batch`` and prefilled as one batch;
-the engine decodes all admitted requests together (continuous batching). Each request then streams from
+``max_batch_size``) are admitted to the engine together by ``@serve.batch``; the engine prefills what
+was admitted during a step together and decodes all admitted requests together (continuous batching). Each request then streams from
 its own engine stream: one Ray message carries every token produced since the previous one, so a busy
 ingress gets fewer, fuller messages instead of falling behind one message per token.
 """
@@ -17,6 +17,7 @@ from ray import serve
 
 from app.config import BatchingSpec, ModelSpec
 from app.protocol.chat import ChatCompletionRequest
+from deployments.batching import batching_from_user_config
 from deployments.chat_params import render_prompt, to_generation_request
 from deployments.engine import GenerationEngine, RequestStream
 from deployments.generation import Delta, GenerationRequest
@@ -37,14 +38,7 @@ class LLMDeployment:
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Apply ``user_config`` (a partial :class:`BatchingSpec`) without restarting the replica."""
-        batching = BatchingSpec.model_validate({**self.spec.batching.model_dump(), **(user_config or {})})
-        max_ongoing = _replica_max_ongoing_requests()
-        if max_ongoing is not None and max_ongoing < batching.max_batch_size:
-            raise ValueError(
-                f"deployment {self.spec.deployment_name!r}: max_ongoing_requests ({max_ongoing}) must be "
-                f">= max_batch_size ({batching.max_batch_size}), or batches can never fill; raise "
-                "max_ongoing_requests or lower user_config.max_batch_size")
-        self._apply(batching)
+        self._apply(batching_from_user_config(self.spec, user_config))
 
     def _apply(self, batching: BatchingSpec) -> None:
         self.batching = batching
@@ -68,7 +62,7 @@ class LLMDeployment:
         finally:
             generation.cancelled = True  # the caller left (or we finished): free the engine rows
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def _admit(self, requests: list[GenerationRequest]) -> list[RequestStream]:
         """Admission: the requests of one @serve.batch batch are prefilled together. Returns at once
         (the streams are in-process objects), so the next batch can form while these decode."""
@@ -81,11 +75,5 @@ class LLMDeployment:
                 "batching": self.batching.model_dump()}
 
     async def check_health(self) -> None:
-        """Ray Serve's replica health check; a dead engine loop would surface here."""
+        """Ray Serve's replica health check (and /health's probe): answering proves the event loop runs."""
 
-
-def _replica_max_ongoing_requests() -> int | None:
-    try:
-        return serve.get_replica_context()._deployment_config.max_ongoing_requests
-    except Exception:  # not inside a replica (unit tests) or Ray moved the private field
-        return None

@@ -17,6 +17,7 @@ from typing import Any, AsyncIterator, Callable
 from ray import serve
 
 from app.config import BatchingSpec, ModelSpec
+from deployments.batching import batching_from_user_config
 from app.protocol.audio import TranscriptionRequest
 from deployments.audio import SAMPLE_RATE, decode_audio
 from deployments.whisper_engine import (AudioJob, WhisperEngine, WhisperOutput, load_whisper_engine,
@@ -37,7 +38,7 @@ class WhisperDeployment:
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Apply ``user_config`` (a partial :class:`BatchingSpec`; max_running_rows is unused here)."""
-        self._apply(BatchingSpec.model_validate({**self.spec.batching.model_dump(), **(user_config or {})}))
+        self._apply(batching_from_user_config(self.spec, user_config))
 
     def _apply(self, batching: BatchingSpec) -> None:
         self.batching = batching

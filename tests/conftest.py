@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -35,38 +33,16 @@ TEST_DEPLOYMENT_OPTIONS = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def server():
     """Start Ray (a private local instance) and the app; yield its base URL (http://127.0.0.1:PORT)."""
     import ray
-    import requests
     from ray import serve
 
-    from app.builder import compose_app
+    from app.local import serve_locally
 
-    port = int(os.environ.get("TEST_SERVE_PORT") or _free_port())
-    # address="local": never attach to another Ray instance that happens to run on this machine.
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(compose_app(TEST_APP_ARGS, TEST_DEPLOYMENT_OPTIONS), name="openai", route_prefix="/")
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if requests.get(f"{base}/health", timeout=5).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    else:
-        raise RuntimeError("test server did not become healthy")
+    port = int(os.environ.get("TEST_SERVE_PORT") or 0) or None
+    base = serve_locally(TEST_APP_ARGS, TEST_DEPLOYMENT_OPTIONS, port=port)
     yield base
     serve.shutdown()
     ray.shutdown()

@@ -185,3 +185,23 @@ def test_errors_are_openai_shaped(server, client):
                  requests.get(f"{server}/v1/nothing", timeout=30)]:
         assert resp.status_code in (400, 404, 405), resp.text
         assert_valid(resp.json(), "ErrorResponse")
+
+
+def test_reconfigure_changes_batching_of_the_live_replica(client):
+    from ray import serve
+
+    handle = serve.get_deployment_handle(MODEL, app_name="openai")
+    before = handle.stats.remote().result()
+    try:
+        handle.reconfigure.remote({"max_batch_size": 4, "batch_wait_timeout_s": 0.01}).result()
+        after = handle.stats.remote().result()
+        assert after["batching"]["max_batch_size"] == 4
+        assert after["batching"]["batch_wait_timeout_s"] == 0.01
+        assert after["tokens_generated"] >= before["tokens_generated"]  # same replica, no restart
+        reply = client.chat.completions.create(model=MODEL, messages=msgs("hi"), max_tokens=4)
+        assert reply.choices[0].finish_reason in ("stop", "length")
+        with pytest.raises(Exception, match="max_ongoing_requests"):  # 16 in the test deployment
+            handle.reconfigure.remote({"max_batch_size": 17}).result()
+    finally:
+        handle.reconfigure.remote(before["batching"]).result()
+    assert handle.stats.remote().result()["batching"] == before["batching"]

@@ -37,3 +37,16 @@ def test_builder_sizes_max_ongoing_with_the_batch():
     assert options.max_ongoing_requests >= 32
     assert options.user_config["max_batch_size"] == 32
     assert build_app({"models": [{"id": "m", "source": "demo:chat"}]}) is not None
+
+
+def test_user_config_is_validated_against_max_ongoing(monkeypatch):
+    import deployments.batching as batching
+
+    spec = ModelSpec(id="m", source="demo:chat", batching={"max_batch_size": 4, "max_running_rows": 16})
+    monkeypatch.setattr(batching, "replica_max_ongoing_requests", lambda: 8)
+    merged = batching.batching_from_user_config(spec, {"max_batch_size": 8})
+    assert merged.max_batch_size == 8 and merged.max_running_rows == 16  # partial update keeps the rest
+    with pytest.raises(ValueError, match=r"max_ongoing_requests \(8\) must be >= max_batch_size \(9\)"):
+        batching.batching_from_user_config(spec, {"max_batch_size": 9})
+    with pytest.raises(ValidationError, match="batch_wait_timeout_s"):
+        batching.batching_from_user_config(spec, {"batch_wait_timeout_s": -1})
