@@ -33,7 +33,6 @@ class LLMDeployment:
         self.spec = spec
         self.engine = engine_factory(spec)
         self.context_len = context_length(spec, self.engine)
-        self.batching = spec.batching
         self._apply(spec.batching)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:

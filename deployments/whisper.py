@@ -32,7 +32,6 @@ class WhisperDeployment:
                  engine_factory: Callable[[ModelSpec], WhisperEngine] = load_whisper_engine) -> None:
         self.spec = spec
         self.engine = engine_factory(spec)
-        self.batching = spec.batching
         self.batches = 0  # generate batches run, for stats()
         self._apply(spec.batching)
 
