@@ -19,7 +19,9 @@ def replica_actors(deployment: str):
 
 
 async def test_killed_replica_fails_in_flight_requests_cleanly_and_is_replaced(server):
-    body = {"model": MODEL, "messages": msgs("hi"), "max_tokens": 220, "temperature": 0}
+    # n=4 makes each request 4 rows, so generation is still running when the replica dies.
+    body = {"model": MODEL, "messages": msgs("hi"), "max_tokens": 220, "n": 4, "temperature": 0}
+    streaming = asyncio.Event()
 
     async def non_streamed(http):
         r = await http.post(f"{server}/v1/chat/completions", json=body)
@@ -33,12 +35,13 @@ async def test_killed_replica_fails_in_flight_requests_cleanly_and_is_replaced(s
             async for line in r.aiter_lines():
                 if line.startswith("data: ") and line != "data: [DONE]":
                     last = line
+                    streaming.set()
             return ("sse", r.status_code, last)
 
     [victim] = replica_actors(MODEL)
     async with httpx.AsyncClient(timeout=60) as http:
         in_flight = [asyncio.create_task(f(http)) for f in (non_streamed, streamed, non_streamed, streamed)]
-        await asyncio.sleep(0.5)  # let them start generating
+        await asyncio.wait_for(streaming.wait(), timeout=60)  # generation is under way
         ray.kill(victim, no_restart=True)
         outcomes = await asyncio.wait_for(asyncio.gather(*in_flight), timeout=60)  # none hangs
 
@@ -53,7 +56,7 @@ async def test_killed_replica_fails_in_flight_requests_cleanly_and_is_replaced(s
             if "error" in event:
                 assert_valid(event, "ErrorResponse")
             else:
-                assert event["choices"] and event["choices"][0]["finish_reason"] == "length"
+                assert event["choices"] and event["choices"][0]["finish_reason"] is not None
     assert any(status != 200 or "error" in (payload or "") for _, status, payload in outcomes)
 
     deadline = time.time() + 90
