@@ -8,6 +8,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.config import BatchingSpec
+
 DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")
 RESULTS_DIR = Path(__file__).with_name("results")
 
@@ -31,13 +33,13 @@ class OursSpec(_Strict):
     """How contenders (a) and (b), this server, are started (bench/serve_ours.py)."""
 
     ray_num_cpus: int = Field(4, ge=1, description="Logical CPUs of the private Ray instance.")
-    batching: dict[str, Any] = Field(
-        default={"max_batch_size": 8, "batch_wait_timeout_s": 0.0, "max_running_rows": 64},
+    batching: BatchingSpec = Field(
+        default=BatchingSpec(max_batch_size=8, batch_wait_timeout_s=0.0, max_running_rows=64),
         description="BatchingSpec of contender (a).")
     prefill_threads: int | None = Field(2, ge=1, description=(
         "ModelSpec.prefill_threads of (a) and (b), as serve_config.yaml's demo-chat model."))
-    batching_bs1: dict[str, Any] = Field(
-        default={"max_batch_size": 1, "batch_wait_timeout_s": 0.0, "max_running_rows": 1},
+    batching_bs1: BatchingSpec = Field(
+        default=BatchingSpec(max_batch_size=1, batch_wait_timeout_s=0.0, max_running_rows=1),
         description="BatchingSpec of contender (b): one request at a time.")
     model_id: str = Field("bench", description="The model id clients send.")
     env: dict[str, str] = Field(default={"RAY_worker_niceness": "0"}, description=(

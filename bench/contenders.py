@@ -121,7 +121,7 @@ def _ours(batching_field: str, tuned_env: bool = False
     @contextlib.contextmanager
     def start(config: BenchConfig, ctx: RunContext) -> Iterator[Driver]:
         ours = config.ours
-        batching = getattr(ours, batching_field)
+        batching = getattr(ours, batching_field).model_dump()
         args = {"models": [{"id": ours.model_id, "source": config.model, "task": "chat",
                             "batching": batching, "prefill_threads": ours.prefill_threads,
                             "limits": {"default_max_tokens": config.max_tokens, "max_tokens": 4096}}]}
