@@ -10,17 +10,16 @@ not streamed, :func:`collect_transcript` folds the same chunks into a :class:`Tr
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any, AsyncIterator, Callable
 
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ValidationError
 
-from app.errors import RequestTooLarge, as_serving_error, validation_error
+from app.errors import RequestTooLarge, validation_error
 from app.protocol.audio import (DurationUsage, InputTokenDetails, TokenUsage, TranscriptionRequest,
                                 TranscriptionResponse, TranscriptionSegment, TranscriptionVerboseResponse,
                                 TranscriptionWord, TranscriptTextDelta, TranscriptTextDone)
-from app.streaming import respond, with_deadline
+from app.streaming import respond
 
 
 class TranscriptChunk(BaseModel):
@@ -177,13 +176,5 @@ async def respond_transcript(chunks: AsyncIterator[TranscriptChunk], request: Tr
 
     Past ``timeout_s`` the answer is a 504 (or a timeout error frame once streaming began).
     """
-    if request.stream:
-        return await respond(chunks, stream=True, collect=collect_transcript(request), dump=dump_event,
-                             timeout_s=timeout_s)
-    if timeout_s is not None:
-        chunks = with_deadline(chunks, asyncio.get_running_loop().time() + timeout_s, timeout_s)
-    try:
-        transcript = await collect_transcript(request)(chunks)
-    except Exception as exc:  # as in respond(): Ray wraps the replica's ServingError
-        raise as_serving_error(exc) from exc
-    return FORMATTERS[request.response_format](transcript)
+    return await respond(chunks, stream=request.stream, collect=collect_transcript(request),
+                         dump=dump_event, render=FORMATTERS[request.response_format], timeout_s=timeout_s)

@@ -13,7 +13,7 @@ import json
 import logging
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
 from app.errors import InternalError, RequestTimedOut, as_serving_error, for_client
@@ -23,20 +23,26 @@ logger = logging.getLogger(__name__)
 Chunk = TypeVar("Chunk", bound=BaseModel)
 
 
+def _json(body: BaseModel) -> Response:
+    return JSONResponse(body.model_dump())
+
+
 async def respond(chunks: AsyncIterator[Chunk], *, stream: bool,
-                  collect: Callable[[AsyncIterator[Chunk]], Awaitable[BaseModel]],
+                  collect: Callable[[AsyncIterator[Chunk]], Awaitable[Any]],
                   dump: Callable[[Chunk], dict[str, Any]] = lambda c: c.model_dump(),
-                  timeout_s: float | None = None) -> Any:
-    """Answer with ``collect(chunks)`` as JSON, or with ``chunks`` as SSE (``dump`` renders each).
+                  render: Callable[[Any], Response] = _json,
+                  timeout_s: float | None = None) -> Response:
+    """Answer with ``render(collect(chunks))`` (JSON by default), or with ``chunks`` as SSE (``dump``
+    renders each).
 
     Past ``timeout_s`` (from now) the answer is a 504, or a timeout error frame once streaming began,
     and ``chunks`` is closed, which cancels the upstream work.
     """
     if timeout_s is not None:
-        chunks = with_deadline(chunks, asyncio.get_running_loop().time() + timeout_s, timeout_s)
+        chunks = with_deadline(chunks, timeout_s)
     try:
         if not stream:
-            return JSONResponse((await collect(chunks)).model_dump())
+            return render(await collect(chunks))
         first = await anext(chunks)
     except StopAsyncIteration:
         first = None
@@ -62,10 +68,11 @@ async def upstream(response: Any) -> AsyncIterator[Any]:
             response.cancel()
 
 
-async def with_deadline(chunks: AsyncIterator[Chunk], deadline: float, timeout_s: float
-                        ) -> AsyncIterator[Chunk]:
-    """``chunks`` until the loop time ``deadline``; then close them and raise RequestTimedOut."""
+async def with_deadline(chunks: AsyncIterator[Chunk], timeout_s: float) -> AsyncIterator[Chunk]:
+    """``chunks`` for ``timeout_s`` from the first request for one; then close them and raise
+    RequestTimedOut."""
     loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
     try:
         while True:
             try:
