@@ -1,8 +1,9 @@
 """``build_app``: the application builder named by serve_config.yaml's ``import_path``.
 
-One deployment per configured model (named :attr:`ModelSpec.deployment_name`, class chosen by task),
-all bound into one :class:`OpenAIIngress`. Options given here are defaults; the ``deployments:`` section
-of the Serve config overrides them the Ray Serve way.
+Each pinned model gets its own deployment (named :attr:`deployment_name`; class by task, from
+:data:`TASKS`), all bound into one :class:`OpenAIIngress`. Options given here are defaults; the
+``deployments:`` section of the Serve config overrides them the Ray Serve way. Importing this module
+loads no torch: deployment modules import their engines only inside the replicas.
 """
 
 from __future__ import annotations
@@ -11,28 +12,32 @@ from typing import Any, Mapping
 
 from ray.serve import Application
 
-from app.config import AppArgs, ModelSpec
+from app.config import AppArgs
 from app.ingress import OpenAIIngress
 from deployments.llm import LLMDeployment
 from deployments.whisper import WhisperDeployment
 
 # Which deployment class serves a task.
 TASKS = {"chat": LLMDeployment, "transcription": WhisperDeployment}
+INGRESS_NAME = "OpenAIIngress"
 
 
-def model_deployment(spec: ModelSpec, **ray_options: Any) -> Application:
-    """Bind the deployment of one model with defaults sized to its batching; ``ray_options``
-    (Ray Serve deployment options) override them."""
+def deployment_defaults(spec: Any) -> dict[str, Any]:
+    """Ray options of a model's deployment before the config's ``deployments:`` section applies."""
     batching = spec.batching
-    options = {
+    return {
         "name": spec.deployment_name,
-        # Room for a full batch being prefilled while others decode; must be >= max_batch_size.
-        "max_ongoing_requests": max(2 * batching.max_batch_size, batching.max_running_rows),
+        # Room for a full batch being admitted while others run; must be >= max_batch_size.
+        "max_ongoing_requests": max(2 * batching.max_batch_size, getattr(batching, "max_running_rows", 0)),
         "max_queued_requests": 256,
         "user_config": batching.model_dump(),
-        **ray_options,
     }
-    return TASKS[spec.task].options(**options).bind(spec)
+
+
+def model_deployment(spec: Any, **ray_options: Any) -> Application:
+    """Bind the deployment of one model; ``ray_options`` (Ray Serve deployment options) override the
+    defaults of :func:`deployment_defaults`."""
+    return TASKS[spec.task].options(**{**deployment_defaults(spec), **ray_options}).bind(spec)
 
 
 def build_app(args: AppArgs) -> Application:
@@ -49,7 +54,7 @@ def compose_app(args: AppArgs | Mapping[str, Any],
     extra = dict(deployment_options or {})
     handles = {spec.id: model_deployment(spec, **extra.pop(spec.deployment_name, {}))
                for spec in args.models}
-    ingress = {"max_ongoing_requests": args.ingress.max_ongoing_requests, **extra.pop("OpenAIIngress", {})}
+    ingress = {"max_ongoing_requests": args.ingress.max_ongoing_requests, **extra.pop(INGRESS_NAME, {})}
     if extra:
         raise ValueError(f"deployment_options name unknown deployments: {sorted(extra)}")
     return OpenAIIngress.options(**ingress).bind(list(args.models), handles, args.ingress)

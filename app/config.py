@@ -10,11 +10,10 @@ keyed by :attr:`ModelSpec.deployment_name`.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, model_validator
 
-Task = Literal["chat", "transcription"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
@@ -23,18 +22,21 @@ class _Strict(BaseModel):
 
 
 class BatchingSpec(_Strict):
-    """Dynamic batching of one model deployment; also the schema of its ``user_config``.
-
-    Changing it in ``user_config`` at runtime calls the replica's ``reconfigure`` without a restart.
-    """
+    """Dynamic batching of a model deployment (@serve.batch admission); also the schema of the
+    deployment's ``user_config``, which ``reconfigure`` applies at runtime without a restart."""
 
     max_batch_size: int = Field(8, ge=1, le=512, description=(
-        "Most requests admitted together into one prefill batch by @serve.batch; the "
-        "deployment's max_ongoing_requests must be at least this."))
+        "Most requests admitted together by one @serve.batch call; the deployment's "
+        "max_ongoing_requests must be at least this."))
     batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=10.0, description=(
-        "How long the first request of a batch waits for others to join before prefill starts. The "
-        "engine already prefills together whatever arrives while it computes a step, so waiting mostly "
-        "adds latency; raise it only to trade latency for fuller prefill batches."))
+        "How long the first request of a batch waits for others to join before it is admitted. The "
+        "engines already batch together whatever arrives while they compute, so waiting mostly adds "
+        "latency; raise it only to trade latency for fuller batches."))
+
+
+class ChatBatchingSpec(BatchingSpec):
+    """Batching of a chat model: admission plus the continuous-batching engine's bounds."""
+
     max_prefill_tokens: int = Field(4096, ge=1, description=(
         "Most prompt tokens prefilled between two decode steps (at least one request): bounds how long "
         "a burst of new requests stalls the running streams."))
@@ -57,7 +59,7 @@ class GenerationLimits(_Strict):
 
 
 class AudioSpec(_Strict):
-    """Limits of a speech-to-text model (``task: transcription``); ignored by other tasks."""
+    """Limits of a speech-to-text model (``task: transcription``)."""
 
     max_upload_bytes: int = Field(25 * 1024 * 1024, ge=1, description=(
         "Largest audio upload accepted, in bytes; a bigger file is refused with 413 (OpenAI: 25 MB)."))
@@ -71,8 +73,8 @@ class AudioSpec(_Strict):
         "Most 30 s windows decoded in one generate() call; a batch with more runs in several calls."))
 
 
-class ModelSpec(_Strict):
-    """One served model."""
+class _ModelSpecBase(_Strict):
+    """Fields every served model has, whatever its task."""
 
     id: str = Field(min_length=1, max_length=256, description=(
         "The name clients send in the request's `model` field and see in /v1/models."))
@@ -80,30 +82,66 @@ class ModelSpec(_Strict):
         "Where the weights come from: a local directory, a Hugging Face hub id (read through the "
         "normal cache; HF_HUB_OFFLINE=1 is honoured), or `demo:<name>` for a model this project builds "
         "offline (demo:chat, demo:bench, demo:whisper)."))
-    task: Task = Field("chat", description="What the model serves; selects the deployment class.")
+    deployment: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]{1,128}$", description=(
+        "The Ray Serve deployment that serves this model: a pinned model has its own, named by this "
+        "field; default the id with characters other than [A-Za-z0-9._-] as '-'. Its replicas, "
+        "resources and user_config go under this name in the config's `deployments:` section."))
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
     dtype: DType = Field("auto", description=(
         "Weight dtype. auto = bfloat16 on a GPU that supports it, else float32."))
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description=(
         "auto = CUDA when the replica was given a GPU (ray_actor_options.num_gpus), else CPU."))
     trust_remote_code: bool = Field(False, description="Allow model code shipped with the checkpoint.")
+
+    @property
+    def deployment_name(self) -> str:
+        """The Ray Serve deployment name (see :attr:`deployment`)."""
+        return self.deployment or re.sub(r"[^A-Za-z0-9._-]", "-", self.id)
+
+
+class ChatModelSpec(_ModelSpecBase):
+    """A text-generation model served by ``/v1/chat/completions`` (``task: chat``, the default)."""
+
+    task: Literal["chat"] = Field("chat", description="What the model serves; selects the deployment class.")
     prefill_threads: int | None = Field(None, ge=1, le=256, description=(
         "CPU only: torch threads for prefill (decoding keeps Ray's choice, OMP_NUM_THREADS = the "
         "replica's num_cpus). Prefill is large matrix work that scales with cores while decoding "
         "competes with the proxy and ingress for them, so a 1-CPU replica may prefill on 2."))
     chat_template: str | None = Field(None, description=(
         "Jinja chat template overriding the tokenizer's own (for checkpoints that ship none)."))
-    batching: BatchingSpec = Field(default_factory=BatchingSpec, description=(
+    batching: ChatBatchingSpec = Field(default_factory=ChatBatchingSpec, description=(
         "Initial batching settings; user_config in the deployments section overrides them at runtime."))
     limits: GenerationLimits = Field(default_factory=GenerationLimits, description=(
         "Per-request generation bounds."))
-    audio: AudioSpec = Field(default_factory=AudioSpec, description=(
-        "Upload and decoding limits of a transcription model (task: transcription)."))
 
-    @property
-    def deployment_name(self) -> str:
-        """The Ray Serve deployment name: the id with characters other than [A-Za-z0-9._-] as '-'."""
-        return re.sub(r"[^A-Za-z0-9._-]", "-", self.id)
+
+class TranscriptionModelSpec(_ModelSpecBase):
+    """A Whisper speech-to-text model served by ``/v1/audio/*`` (``task: transcription``)."""
+
+    task: Literal["transcription"] = Field(description="What the model serves; selects the deployment class.")
+    batching: BatchingSpec = Field(default_factory=BatchingSpec, description=(
+        "Initial batching settings; user_config in the deployments section overrides them at runtime."))
+    audio: AudioSpec = Field(default_factory=AudioSpec, description="Upload and decoding limits.")
+
+
+def _task_of(value: Any) -> str:
+    task = value.get("task", "chat") if isinstance(value, dict) else getattr(value, "task", "chat")
+    return task if isinstance(task, str) else "chat"
+
+
+# One served model: a discriminated union on `task` (default chat), so a field that the task does not
+# use (e.g. `audio` on a chat model) is a validation error naming it, not silently ignored.
+ModelSpec = Annotated[
+    Union[Annotated[ChatModelSpec, Tag("chat")], Annotated[TranscriptionModelSpec, Tag("transcription")]],
+    Discriminator(_task_of, custom_error_type="invalid_task",
+                  custom_error_message="task must be 'chat' or 'transcription'"),
+]
+TASKS: tuple[str, ...] = ("chat", "transcription")
+
+
+def parse_model_spec(data: dict[str, Any]) -> ChatModelSpec | TranscriptionModelSpec:
+    """Validate one model entry (as found in ``args.models``) into its task's spec class."""
+    return TypeAdapter(ModelSpec).validate_python(data)
 
 
 class IngressSpec(_Strict):

@@ -80,6 +80,17 @@ class ModelNotFound(NotFound):
         super().__init__(f"The model '{model}' does not exist or is not served here.", param="model")
 
 
+class ModelTaskMismatch(NotFound):
+    """The model exists but serves another task than the endpoint's (404, as OpenAI answers "This is
+    not a chat model...")."""
+
+    default_code = "model_task_mismatch"
+
+    def __init__(self, model: str, serves: str, needed: str) -> None:
+        super().__init__(f"The model '{model}' is a {serves} model and cannot serve this endpoint, which "
+                         f"needs a {needed} model.", param="model")
+
+
 class MethodNotAllowed(ServingError):
     status_code = 405
     error_type = "invalid_request_error"

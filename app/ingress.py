@@ -1,28 +1,53 @@
-"""The OpenAI-compatible HTTP ingress: thin handlers that route by ``model`` to a deployment handle.
+"""The OpenAI-compatible HTTP ingress: one route table, one request path.
 
-Handlers validate the body (pydantic, via FastAPI), look the model up, and hand the deployment's stream
-to :func:`app.streaming.respond`. They never build error JSON: they raise ServingError subclasses, and
-:func:`app.errors.install_error_handlers` renders every error answer.
+:data:`ENDPOINTS` lists every route that calls a model: its path and the serving object of its endpoint
+family (``app/serving/``). All of them run :meth:`OpenAIIngress.serve`: read the request, look the model
+up (an unknown model is a 404 whatever else the body holds), validate the body, call the model
+deployment's streaming method, and answer through :func:`app.streaming.respond` (streamed or collected).
+Adding an endpoint = a protocol module, a serving module, one row here.
+
+Handlers never build error JSON: they raise ServingError subclasses, and
+:func:`app.errors.install_error_handlers` renders every error answer. This process never imports torch,
+transformers or PyAV (``tests/unit/test_layout.py``).
 """
 
+from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 from typing import Any
 
-from fastapi import FastAPI, File, Form, UploadFile
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic.json_schema import models_json_schema
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from app.config import IngressSpec, ModelSpec
-from app.errors import InvalidRequest, ModelNotFound, ReplicaUnavailable, install_error_handlers
+from app.config import IngressSpec
+from app.errors import ModelNotFound, ModelTaskMismatch, ReplicaUnavailable, install_error_handlers
 from app.middleware import BodySizeLimit
-from app.protocol.chat import ChatCompletionRequest
 from app.protocol.models import ModelCard, ModelList
-from app.serving_audio import read_upload, respond_transcript, transcript_chunks, transcription_request
-from app.serving_chat import chat_chunks, collect_chat, dump_chunk
+from app.serving.audio import TRANSCRIPTION, TRANSLATION
+from app.serving.base import Serving
+from app.serving.chat import CHAT
 from app.streaming import respond, upstream
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One row of the route table: ``POST path`` is served by ``serving``."""
+
+    path: str
+    serving: Serving
+    summary: str
+
+
+ENDPOINTS: tuple[Endpoint, ...] = (
+    Endpoint("/v1/chat/completions", CHAT, "Create a chat completion"),
+    Endpoint("/v1/audio/transcriptions", TRANSCRIPTION, "Transcribe audio"),
+    Endpoint("/v1/audio/translations", TRANSLATION, "Translate audio into English"),
+)
 
 api = FastAPI(title="serve-transformers", description="OpenAI-compatible API for transformers models "
               "on Ray Serve.")
@@ -32,25 +57,65 @@ api.state.settings = IngressSpec()
 api.add_middleware(BodySizeLimit, limit=lambda: api.state.settings.max_request_body_bytes)
 
 
+def _route(endpoint: Endpoint):
+    async def handler(request: Request) -> Response:
+        return await api.state.ingress.serve(endpoint, request)
+
+    return handler
+
+
+for _endpoint in ENDPOINTS:
+    api.add_api_route(_endpoint.path, _route(_endpoint), methods=["POST"], summary=_endpoint.summary,
+                      openapi_extra={"requestBody": _endpoint.serving.openapi()})
+
+
+def _openapi() -> dict[str, Any]:
+    """FastAPI's schema plus the request models the table's routes reference (they read raw bodies)."""
+    if api.openapi_schema is None:
+        schema = FastAPI.openapi(api)
+        models = {e.serving.request_model for e in ENDPOINTS}
+        _, defs = models_json_schema([(m, "validation") for m in models],
+                                     ref_template="#/components/schemas/{model}")
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
+        api.openapi_schema = schema
+    return api.openapi_schema
+
+
+api.openapi = _openapi
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.25})
 @serve.ingress(api)
 class OpenAIIngress:
-    def __init__(self, specs: list[ModelSpec], handles: dict[str, DeploymentHandle],
+    def __init__(self, specs: list[Any], handles: dict[str, DeploymentHandle],
                  settings: IngressSpec | None = None) -> None:
         self._specs = {spec.id: spec for spec in specs}
         self._handles = handles
         self._created = int(time.time())
         self.settings = settings or IngressSpec()
         api.state.settings = self.settings
+        api.state.ingress = self
 
-    def _handle(self, model: str, task: str) -> DeploymentHandle:
+    def _spec(self, model: str, task: str) -> Any:
         spec = self._specs.get(model)
         if spec is None:
             raise ModelNotFound(model)
         if spec.task != task:
-            raise InvalidRequest(f"model '{model}' serves {spec.task}, not {task}", param="model",
-                                 code="model_task_mismatch")
-        return self._handles[model]
+            raise ModelTaskMismatch(model, spec.task, task)
+        return spec
+
+    async def serve(self, endpoint: Endpoint, request: Request) -> Response:
+        """The one request path of every model route (see the module docstring)."""
+        serving = endpoint.serving
+        inbound = await serving.read(request)
+        spec = self._spec(inbound.model, serving.task)
+        body = await serving.validate(inbound, spec)
+        args = await serving.args(body, inbound, spec)
+        method = getattr(self._handles[spec.id].options(stream=True), serving.method)
+        chunks = serving.chunks(upstream(method.remote(*args)), body)
+        return await respond(chunks, stream=serving.streams(body),
+                             collect=lambda c: serving.collect(c, body), dump=lambda c: serving.dump(c, body),
+                             render=lambda x: serving.render(x, body), timeout_s=self.settings.request_timeout_s)
 
     @api.get("/v1/models")
     async def list_models(self) -> dict[str, Any]:
@@ -72,40 +137,3 @@ class OpenAIIngress:
         except Exception as exc:
             raise ReplicaUnavailable(f"not ready: {type(exc).__name__}", code="not_ready") from exc
         return JSONResponse({"status": "ok", "models": list(self._specs)})
-
-    @api.post("/v1/chat/completions")
-    async def chat_completions(self, body: ChatCompletionRequest):
-        handle = self._handle(body.model, "chat")
-        deltas = upstream(handle.options(stream=True).chat.remote(body))
-        include_usage = body.include_usage or not body.stream
-        chunks = chat_chunks(deltas, model=body.model, include_usage=include_usage)
-        return await respond(chunks, stream=body.stream, collect=collect_chat,
-                             dump=dump_chunk(body.include_usage), timeout_s=self.settings.request_timeout_s)
-
-    @api.post("/v1/audio/transcriptions")
-    async def transcriptions(
-            self, file: UploadFile = File(...), model: str = Form(...), language: str | None = Form(None),
-            prompt: str | None = Form(None), response_format: str | None = Form(None),
-            temperature: str | None = Form(None), stream: str | None = Form(None),
-            granularities: list[str] | None = Form(None, alias="timestamp_granularities[]"),
-            granularities_plain: list[str] | None = Form(None, alias="timestamp_granularities")):
-        fields = dict(model=model, language=language, prompt=prompt, response_format=response_format,
-                      temperature=temperature, stream=stream,
-                      timestamp_granularities=(granularities or []) + (granularities_plain or []))
-        return await self._audio(transcription_request("transcribe", fields), file)
-
-    @api.post("/v1/audio/translations")
-    async def translations(
-            self, file: UploadFile = File(...), model: str = Form(...), prompt: str | None = Form(None),
-            response_format: str | None = Form(None), temperature: str | None = Form(None),
-            stream: str | None = Form(None)):
-        fields = dict(model=model, prompt=prompt, response_format=response_format,
-                      temperature=temperature, stream=stream)
-        return await self._audio(transcription_request("translate", fields), file)
-
-    async def _audio(self, body, file: UploadFile):
-        handle = self._handle(body.model, "transcription")
-        audio = await read_upload(file, self._specs[body.model].audio.max_upload_bytes)
-        outputs = upstream(handle.options(stream=True).transcribe.remote(body, audio))
-        return await respond_transcript(transcript_chunks(outputs), body,
-                                        timeout_s=self.settings.request_timeout_s)

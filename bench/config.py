@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.config import BatchingSpec
+from app.config import ChatBatchingSpec
 
 DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")
 RESULTS_DIR = Path(__file__).with_name("results")
@@ -33,14 +33,14 @@ class OursSpec(_Strict):
     """How contenders (a) and (b), this server, are started (bench/serve_ours.py)."""
 
     ray_num_cpus: int = Field(4, ge=1, description="Logical CPUs of the private Ray instance.")
-    batching: BatchingSpec = Field(
-        default=BatchingSpec(max_batch_size=8, batch_wait_timeout_s=0.0, max_running_rows=64),
-        description="BatchingSpec of contender (a).")
+    batching: ChatBatchingSpec = Field(
+        default=ChatBatchingSpec(max_batch_size=8, batch_wait_timeout_s=0.0, max_running_rows=64),
+        description="ChatBatchingSpec of contender (a).")
     prefill_threads: int | None = Field(2, ge=1, description=(
-        "ModelSpec.prefill_threads of (a) and (b), as serve_config.yaml's demo-chat model."))
-    batching_bs1: BatchingSpec = Field(
-        default=BatchingSpec(max_batch_size=1, batch_wait_timeout_s=0.0, max_running_rows=1),
-        description="BatchingSpec of contender (b): one request at a time.")
+        "ChatModelSpec.prefill_threads of (a) and (b), as serve_config.yaml's demo-chat model."))
+    batching_bs1: ChatBatchingSpec = Field(
+        default=ChatBatchingSpec(max_batch_size=1, batch_wait_timeout_s=0.0, max_running_rows=1),
+        description="ChatBatchingSpec of contender (b): one request at a time.")
     model_id: str = Field("bench", description="The model id clients send.")
     env: dict[str, str] = Field(default={"RAY_worker_niceness": "0"}, description=(
         "Env vars of the Ray instance of (a) and (b). Ray starts its workers (replicas, proxy) at nice 15 "
@@ -83,7 +83,7 @@ def load_config(path: Path | str = DEFAULT_CONFIG, **overrides: Any) -> BenchCon
 def model_dir(source: str) -> Path:
     """The checkpoint directory of ``source`` (building a demo model offline on first use)."""
     if source.startswith("demo:"):
-        from deployments.demo import demo_path
+        from deployments.models.demo import demo_path
 
         return demo_path(source.split(":", 1)[1])
     path = Path(source)

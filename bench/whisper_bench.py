@@ -45,7 +45,7 @@ def main() -> None:
     from ray import serve
 
     from app.builder import compose_app
-    from deployments.audio import encode_audio
+    from deployments.engines.audio import encode_audio
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import requests
 
-from deployments.audio import SAMPLE_RATE, encode_audio
+from deployments.engines.audio import SAMPLE_RATE, encode_audio
 from tests.openapi_schema import assert_valid
 
 MODEL = "demo-whisper"
@@ -199,7 +199,7 @@ def test_bad_requests_get_openai_errors(server, audio_files, case):
 def test_chat_model_refuses_audio(server, audio_files):
     r = requests.post(f"{server}/v1/audio/transcriptions", files=upload(audio_files["wav"]),
                       data={"model": "demo-chat"}, timeout=60)
-    assert r.status_code == 400 and r.json()["error"]["code"] == "model_task_mismatch"
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_task_mismatch"  # as OpenAI: NotFoundError
 
 
 def test_concurrent_requests_are_batched_and_equal_to_sequential(server, audio_files):

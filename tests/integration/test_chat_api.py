@@ -93,7 +93,7 @@ def test_server_output_equals_direct_transformers_generate(client):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from deployments.demo import demo_path
+    from deployments.models.demo import demo_path
 
     path = demo_path("chat")
     tok, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
@@ -200,8 +200,15 @@ def test_reconfigure_changes_batching_of_the_live_replica(client):
         assert after["tokens_generated"] >= before["tokens_generated"]  # same replica, no restart
         reply = client.chat.completions.create(model=MODEL, messages=msgs("hi"), max_tokens=4)
         assert reply.choices[0].finish_reason in ("stop", "length")
-        with pytest.raises(Exception, match="max_ongoing_requests"):  # 16 in the test deployment
-            handle.reconfigure.remote({"max_batch_size": 17}).result()
+        # Above max_ongoing_requests (16 in the test deployment): refused, and the replica keeps serving
+        # with the settings it had (Ray would replace a replica whose reconfigure raised).
+        handle.reconfigure.remote({"max_batch_size": 17}).result()
+        refused = handle.stats.remote().result()
+        assert "max_ongoing_requests" in refused["config_error"]
+        assert refused["batching"]["max_batch_size"] == 4
+        assert refused["tokens_generated"] >= after["tokens_generated"]  # the same replica
+        reply = client.chat.completions.create(model=MODEL, messages=msgs("hi"), max_tokens=4)
+        assert reply.choices[0].finish_reason in ("stop", "length")
     finally:
         handle.reconfigure.remote(before["batching"]).result()
     assert handle.stats.remote().result()["batching"] == before["batching"]

@@ -2,19 +2,19 @@ import asyncio
 
 import pytest
 
-from app.config import ModelSpec
+from app.config import ChatModelSpec
 
 
 @pytest.fixture(scope="session")
 def demo_engine_factory():
     """Load the demo chat model into a fresh engine (engines hold per-event-loop state)."""
-    from deployments.loader import load_chat_engine
+    from deployments.models.loader import load_chat_engine
 
-    spec = ModelSpec(id="demo-chat", source="demo:chat")
+    spec = ChatModelSpec(id="demo-chat", source="demo:chat")
     cached = load_chat_engine(spec)
 
     def make(**kwargs):
-        from deployments.engine import GenerationEngine
+        from deployments.engines.generation import GenerationEngine
 
         return GenerationEngine(cached.model, cached.tokenizer, device=cached.device,
                                 eos_token_ids=cached.eos_token_ids, pad_token_id=cached.pad_token_id,

@@ -1,4 +1,4 @@
-"""deployments.audio: PyAV decoding of every upload format to 16 kHz mono, and its errors."""
+"""deployments.engines.audio: PyAV decoding of every upload format to 16 kHz mono, and its errors."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from app.errors import InvalidRequest
-from deployments.audio import SAMPLE_RATE, decode_audio, encode_audio
+from deployments.engines.audio import SAMPLE_RATE, decode_audio, encode_audio
 
 
 def tone(seconds: float, freq: float = 440.0, rate: int = SAMPLE_RATE) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""app.serving_audio (events, collect, formatters, form parsing) and WhisperDeployment with a fake engine."""
+"""app.serving.audio (events, collect, formatters, form parsing) and WhisperDeployment with a fake engine."""
 
 from __future__ import annotations
 
@@ -7,31 +7,32 @@ import json
 
 import pytest
 
-from app.config import ModelSpec
+from app.config import TranscriptionModelSpec
 from app.errors import InvalidRequest, RequestTooLarge
-from app.serving_audio import (FORMATTERS, collect_transcript, dump_event, read_upload, srt,
+from app.serving.audio import (FORMATTERS, collect_transcript, dump_event, read_upload, srt,
                                transcript_chunks, transcription_request, vtt)
-from deployments.audio import encode_audio
-from deployments.whisper_engine import AudioJob, DecodeSettings, Segment, WhisperOutput
+from deployments.engines.audio import encode_audio
+from deployments.engines.records import Segment, WhisperOutput
+from deployments.engines.whisper import AudioJob, DecodeSettings, words_of
 from tests.openapi_schema import assert_valid
 
 
 def output() -> WhisperOutput:
-    seg = lambda a, b, text: Segment(a, b, text, [1, 2], -0.5, 1.1)  # noqa: E731
-    return WhisperOutput(language="en", duration=3661.5, temperature=0.0, audio_tokens=1500,
+    seg = lambda a, b, text: Segment(a, b, text, [1, 2], -0.5, 1.1, words_of(text, a, b))  # noqa: E731
+    return WhisperOutput(language="en", language_name="english", duration=3661.5, temperature=0.0, audio_tokens=1500,
                          segments=[seg(0.0, 1.5, " Hello there."), seg(3600.25, 3661.5, " Bye now")])
 
 
 async def run(request, out=None):
     async def outputs():
-        yield out or output()
+        yield [out or output()]
     return await collect_transcript(request)(transcript_chunks(outputs()))
 
 
 def test_stream_events_and_collected_text_agree():
     async def go():
         async def outputs():
-            yield output()
+            yield [output()]
         return [c async for c in transcript_chunks(outputs())]
     chunks = asyncio.run(go())
     events = [dump_event(c) for c in chunks]
@@ -103,11 +104,18 @@ class FakeEngine:
     def prepare(self, samples, settings: DecodeSettings) -> AudioJob:
         return AudioJob(features=None, num_frames=0, duration=len(samples) / 16000, settings=settings)
 
-    def transcribe(self, jobs):
+    def submit(self, jobs):
         self.batches.append(len(jobs))
-        return [WhisperOutput(language="en", duration=j.duration,
-                              segments=[Segment(0, j.duration, f" {j.duration:g}s", [5], 0.0, 1.0)])
+        return [self._stream(WhisperOutput(language="en", language_name="english", duration=j.duration,
+                                           segments=[Segment(0, j.duration, f" {j.duration:g}s", [5], 0.0, 1.0)]))
                 for j in jobs]
+
+    @staticmethod
+    async def _stream(output):
+        yield [output]
+
+    def apply(self, batching):
+        pass
 
 
 def test_deployment_batches_concurrent_requests_with_an_injected_engine(monkeypatch):
@@ -119,7 +127,7 @@ def test_deployment_batches_concurrent_requests_with_an_injected_engine(monkeypa
     monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests",
                         lambda self: None)
 
-    spec = ModelSpec(id="w", source="unused", task="transcription",
+    spec = TranscriptionModelSpec(id="w", source="unused", task="transcription",
                      batching={"max_batch_size": 4, "batch_wait_timeout_s": 0.2})
     engine = FakeEngine()
     deployment = WhisperDeployment.func_or_class(spec, engine_factory=lambda s: engine)
@@ -127,7 +135,7 @@ def test_deployment_batches_concurrent_requests_with_an_injected_engine(monkeypa
     clips = [encode_audio(__import__("numpy").zeros(16000 * (i + 1), "float32"), "wav") for i in range(4)]
 
     async def one(data):
-        return [out async for out in deployment.transcribe(request, data)]
+        return [out async for batch in deployment.transcribe(request, data) for out in batch]
 
     async def main():
         return await asyncio.gather(*(one(c) for c in clips))

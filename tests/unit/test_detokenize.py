@@ -1,6 +1,6 @@
 """TextStream: incremental text with stop strings held back and never emitted."""
 
-from deployments.detokenize import TextStream
+from deployments.engines.detokenize import TextStream
 
 
 class CharTokenizer:
@@ -45,7 +45,7 @@ def test_partial_character_waits_for_completion():
 
 
 def test_real_tokenizer_round_trip():
-    from deployments.demo import demo_path
+    from deployments.models.demo import demo_path
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(demo_path("chat"))

@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from deployments.generation import GenerationRequest, SamplingParams
+from deployments.engines.records import GenerationRequest, SamplingParams
 from tests.unit.conftest import collect, text_of
 
 PROMPTS = ["hi", "tell me a story about a robot who counts to ten", "one two", "Paris is the capital of",
@@ -126,7 +126,7 @@ async def test_failing_request_fails_alone(engine, monkeypatch):
 
 
 def test_length_groups_bound_padding_and_keep_choices_together(engine):
-    from deployments.engine import _length_groups
+    from deployments.engines.generation import _length_groups
 
     reqs = [request(engine, "x" * k, n=2 if k == 40 else 1) for k in (1, 2, 3, 40, 41, 300)]
     seqs = [type("S", (), {"request": r, "index": i})() for r in reqs for i in range(r.n)]

@@ -2,8 +2,8 @@
 
 import torch
 
-from deployments.generation import SamplingParams
-from deployments.sampling import apply_penalties, filter_top_k_top_p, make_generator, select_tokens
+from deployments.engines.records import SamplingParams
+from deployments.engines.sampling import apply_penalties, filter_top_k_top_p, make_generator, select_tokens
 
 
 class Row:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from deployments.sources import SourceError, resolve_source
+from deployments.models.sources import SourceError, resolve_source
 
 
 def test_demo_and_local_directory(tmp_path):
@@ -38,12 +38,12 @@ def test_hub_id_reads_the_cache_offline(tmp_path, monkeypatch):
 def test_device_and_dtype_choice_without_a_gpu(monkeypatch):
     import torch
 
-    from app.config import ModelSpec
-    from deployments.loader import pick_device, pick_dtype
+    from app.config import ChatModelSpec
+    from deployments.models.loader import pick_device, pick_dtype
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    spec = ModelSpec(id="m", source="demo:chat")
+    spec = ChatModelSpec(id="m", source="demo:chat")
     assert pick_device(spec).type == "cpu" and pick_dtype(spec, pick_device(spec)) == torch.float32
-    half = ModelSpec(id="m", source="demo:chat", dtype="bfloat16")
+    half = ChatModelSpec(id="m", source="demo:chat", dtype="bfloat16")
     assert pick_dtype(half, torch.device("cpu")) == torch.bfloat16
-    assert pick_device(ModelSpec(id="m", source="demo:chat", device="cuda")).type == "cuda"
+    assert pick_device(ChatModelSpec(id="m", source="demo:chat", device="cuda")).type == "cuda"

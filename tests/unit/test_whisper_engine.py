@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from app.config import ModelSpec
+from app.config import TranscriptionModelSpec
 from app.errors import InvalidRequest
 from app.protocol.audio import TranscriptionRequest
-from deployments.audio import SAMPLE_RATE
-from deployments.whisper_engine import load_whisper_engine, to_decode_settings
+from deployments.engines.audio import SAMPLE_RATE
+from deployments.engines.whisper import to_decode_settings
+from deployments.models.loader import load_whisper_engine
 
-SPEC = ModelSpec(id="w", source="demo:whisper", task="transcription")
+SPEC = TranscriptionModelSpec(id="w", source="demo:whisper", task="transcription")
 
 
 def voice(seconds: float, seed: int) -> np.ndarray:

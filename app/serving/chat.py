@@ -1,5 +1,5 @@
 """Chat completions on the ingress side: engine deltas -> ``ChatCompletionChunk`` stream, and the
-non-streamed response as the collected stream."""
+non-streamed response as the collected stream. :data:`CHAT` is the route table's serving object."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import secrets
 import time
 from typing import Any, AsyncIterator
 
-from app.protocol.chat import (AssistantMessage, ChatCompletionChunk, ChatCompletionResponse, Choice,
-                               ChunkChoice, Delta)
+from app.protocol.chat import (AssistantMessage, ChatCompletionChunk, ChatCompletionRequest,
+                               ChatCompletionResponse, Choice, ChunkChoice, Delta)
 from app.protocol.common import Usage
+from app.serving.base import Serving
 
 
 async def chat_chunks(deltas: AsyncIterator[list[Any]], *, model: str,
@@ -67,7 +68,23 @@ async def collect_chat(chunks: AsyncIterator[ChatCompletionChunk]) -> ChatComple
                                   usage=usage)
 
 
-def dump_chunk(include_usage: bool):
-    """SSE rendering of a chunk: ``usage`` appears (null until the last chunk) only if asked for."""
-    exclude = None if include_usage else {"usage"}
-    return lambda c: c.model_dump(exclude=exclude)
+class ChatServing(Serving):
+    """``POST /v1/chat/completions``: a chat model's ``chat`` method."""
+
+    task = "chat"
+    method = "chat"
+    request_model = ChatCompletionRequest
+
+    def chunks(self, records: AsyncIterator[list[Any]], body: ChatCompletionRequest):
+        # The collected (non-streamed) answer always needs usage.
+        return chat_chunks(records, model=body.model, include_usage=body.include_usage or not body.stream)
+
+    async def collect(self, chunks: AsyncIterator[ChatCompletionChunk], body: ChatCompletionRequest):
+        return await collect_chat(chunks)
+
+    def dump(self, chunk: ChatCompletionChunk, body: ChatCompletionRequest) -> dict[str, Any]:
+        """``usage`` appears in SSE chunks (null until the last one) only if asked for."""
+        return chunk.model_dump(exclude=None if body.include_usage else {"usage"})
+
+
+CHAT = ChatServing()

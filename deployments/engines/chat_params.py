@@ -3,16 +3,48 @@
 This is where OpenAI's parameter semantics meet the model: the chat template renders the messages,
 lengths are checked against the context, defaults are filled in. Errors are raised as
 :class:`InvalidRequest` / :class:`ContextLengthExceeded` naming the parameter.
+
+:func:`to_generation_request` is CPU work proportional to the prompt (template, tokenizer): callers on
+an event loop run it in a worker thread. Before any of that, a prompt whose UTF-8 size alone proves it
+cannot fit the context is refused in time proportional to the number of messages (see
+:func:`prompt_bytes_limit`), so a huge body costs the replica almost nothing.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from app.config import GenerationLimits
 from app.errors import ContextLengthExceeded, InvalidRequest
 from app.protocol.chat import ChatCompletionRequest
-from deployments.generation import GenerationRequest, SamplingParams
+from deployments.engines.records import GenerationRequest, SamplingParams
+
+
+@functools.lru_cache(maxsize=16)
+def _longest_token_bytes(tokenizer: Any) -> int:
+    return max((len(token.encode("utf-8", "surrogatepass")) for token in tokenizer.get_vocab()), default=1)
+
+
+def prompt_bytes_limit(tokenizer: Any, context_len: int) -> int:
+    """Most UTF-8 bytes of message text that could still fit ``context_len`` tokens.
+
+    No token's text is longer than the longest vocabulary entry (byte-level markers and sentencepiece's
+    '▁' only make entries longer than the text they stand for), so text of more bytes than this needs
+    more tokens than the context holds.
+    """
+    return context_len * _longest_token_bytes(tokenizer)
+
+
+def _check_prompt_size(request: ChatCompletionRequest, tokenizer: Any, context_len: int) -> None:
+    limit = prompt_bytes_limit(tokenizer, context_len)
+    # len(str) <= UTF-8 bytes <= 4 * len(str): decide on character counts where that settles it.
+    chars = sum(len(m.text()) for m in request.messages)
+    if chars > limit or (4 * chars > limit and sum(len(m.text().encode("utf-8", "surrogatepass"))
+                                                   for m in request.messages) > limit):
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {context_len} tokens, but the messages hold "
+            f"{chars} characters, more than any {context_len} tokens can spell.", param="messages")
 
 
 def render_prompt(tokenizer: Any, request: ChatCompletionRequest) -> list[int]:
@@ -28,9 +60,18 @@ def render_prompt(tokenizer: Any, request: ChatCompletionRequest) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def to_generation_request(request: ChatCompletionRequest, prompt_ids: list[int],
-                          limits: GenerationLimits, context_len: int) -> GenerationRequest:
-    """Validate lengths and counts against the model; fill OpenAI's defaults."""
+def to_generation_request(request: ChatCompletionRequest, engine: Any,
+                          limits: GenerationLimits) -> GenerationRequest:
+    """Render and tokenize the prompt with ``engine.tokenizer``, validate lengths and counts against
+    ``engine.context_len`` and ``limits``, fill OpenAI's defaults."""
+    context_len = engine.context_len
+    _check_prompt_size(request, engine.tokenizer, context_len)
+    return generation_request(request, render_prompt(engine.tokenizer, request), limits, context_len)
+
+
+def generation_request(request: ChatCompletionRequest, prompt_ids: list[int],
+                       limits: GenerationLimits, context_len: int) -> GenerationRequest:
+    """Validate lengths and counts of an already tokenized prompt; fill OpenAI's defaults."""
     if request.n > limits.max_n:
         raise InvalidRequest(f"n must be at most {limits.max_n}, got {request.n}", param="n")
     stops = request.stop_list

@@ -2,7 +2,7 @@
 
 Three kinds, tried in this order:
 
-- ``demo:<name>``: built by :mod:`deployments.demo` on first use (no download);
+- ``demo:<name>``: built by :mod:`deployments.models.demo` on first use (no download);
 - an existing local directory;
 - a Hugging Face hub id (``org/name``), fetched through the normal hub cache. With ``HF_HUB_OFFLINE=1``
   only the cache is read, and a model that is not cached fails with a message saying how to fix it.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from deployments.demo import demo_path
+from deployments.models.demo import demo_path
 
 DEMO_PREFIX = "demo:"
 

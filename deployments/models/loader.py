@@ -1,6 +1,8 @@
-"""Load a chat model from a :class:`ModelSpec` into a :class:`GenerationEngine`.
+"""Load a model from its spec into an engine: the default engine factories of the deployments.
 
-The default engine factory of :class:`deployments.llm.LLMDeployment`; tests inject others.
+Each factory resolves the spec's ``source`` (:mod:`deployments.models.sources`), picks the device and
+dtype, loads the checkpoint with transformers and wraps it in its task's engine. Deployments take the
+factory as an argument, so tests inject others.
 """
 
 from __future__ import annotations
@@ -9,23 +11,24 @@ import logging
 
 import torch
 
-from app.config import ModelSpec
-from deployments.engine import GenerationEngine
-from deployments.sources import resolve_source
+from app.config import ChatModelSpec, GenerationLimits, TranscriptionModelSpec, _ModelSpecBase
+from deployments.engines.generation import GenerationEngine
+from deployments.engines.whisper import WhisperEngine
+from deployments.models.sources import resolve_source
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def pick_device(spec: ModelSpec) -> torch.device:
+def pick_device(spec: _ModelSpecBase) -> torch.device:
     """CUDA when asked for or when this process was given a GPU, else CPU."""
     if spec.device == "cuda" or (spec.device == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")
 
 
-def pick_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype:
+def pick_dtype(spec: _ModelSpecBase, device: torch.device) -> torch.dtype:
     if spec.dtype != "auto":
         return DTYPES[spec.dtype]
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
@@ -33,7 +36,8 @@ def pick_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def load_chat_engine(spec: ModelSpec) -> GenerationEngine:
+def load_chat_engine(spec: ChatModelSpec) -> GenerationEngine:
+    """A :class:`GenerationEngine` over any transformers causal LM with a chat template."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_source(spec.source, spec.revision)
@@ -55,18 +59,36 @@ def load_chat_engine(spec: ModelSpec) -> GenerationEngine:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids, default=0)
     logger.info("loaded %s from %s on %s as %s", spec.id, path, device, dtype)
     return GenerationEngine(model, tokenizer, device=device, eos_token_ids=eos_ids, pad_token_id=pad,
+                            context_len=context_length(spec.limits, model.config, tokenizer),
                             max_running_rows=spec.batching.max_running_rows,
                             max_prefill_tokens=spec.batching.max_prefill_tokens,
                             prefill_threads=spec.prefill_threads)
 
 
-def context_length(spec: ModelSpec, engine: GenerationEngine) -> int:
+def context_length(limits: GenerationLimits, config, tokenizer) -> int:
     """The configured context length, else the model's max_position_embeddings, else the tokenizer's."""
-    if spec.limits.max_context_len is not None:
-        return spec.limits.max_context_len
-    config = engine.model.config
+    if limits.max_context_len is not None:
+        return limits.max_context_len
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
         value = getattr(config, name, None) or getattr(config.get_text_config(), name, None)
         if value:
             return int(value)
-    return int(engine.tokenizer.model_max_length)
+    return int(tokenizer.model_max_length)
+
+
+def load_whisper_engine(spec: TranscriptionModelSpec) -> WhisperEngine:
+    """A :class:`WhisperEngine` over any transformers Whisper checkpoint (local dir or hub cache)."""
+    from transformers import AutoProcessor, WhisperForConditionalGeneration
+
+    path = resolve_source(spec.source, spec.revision)
+    device = pick_device(spec)
+    dtype = pick_dtype(spec, device)
+    if device.type == "cuda" and spec.dtype == "auto":
+        dtype = torch.float16 if dtype == torch.float32 else dtype
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
+    model = WhisperForConditionalGeneration.from_pretrained(path, dtype=dtype)
+    model.to(device).eval()
+    logger.info("loaded %s from %s on %s as %s", spec.id, path, device, dtype)
+    return WhisperEngine(model, processor, device=device, dtype=dtype,
+                         max_new_tokens=spec.audio.max_new_tokens_per_window,
+                         max_windows_per_batch=spec.audio.max_windows_per_batch)

@@ -12,7 +12,7 @@ from typing import Protocol, Sequence
 
 import torch
 
-from deployments.generation import SamplingParams
+from deployments.engines.records import SamplingParams
 
 
 class SamplingRow(Protocol):

@@ -1,7 +1,10 @@
-"""Transcriptions and translations on the ingress side.
+"""Transcriptions and translations on the ingress side; :data:`TRANSCRIPTION` and :data:`TRANSLATION`
+are the route table's serving objects.
 
-The Whisper deployment streams :class:`deployments.whisper_engine.WhisperOutput` items;
-:func:`transcript_chunks` turns them into :class:`TranscriptChunk` items, each carrying one wire event
+The request is a multipart form (the audio in ``file``). The Whisper deployment streams lists of
+:class:`deployments.engines.records.WhisperOutput` (plain data: language names and word timings are
+computed in the replica, so this process never loads the model's libraries); :func:`transcript_chunks`
+turns them into :class:`TranscriptChunk` items, each carrying one wire event
 (``transcript.text.delta`` per segment, then one ``transcript.text.done``) plus the segment details the
 non-streamed formats need. Streamed, the chunks go out as SSE (only the event, via :func:`dump_event`);
 not streamed, :func:`collect_transcript` folds the same chunks into a :class:`Transcript`, which
@@ -12,14 +15,15 @@ from __future__ import annotations
 
 from typing import Any, AsyncIterator, Callable
 
+from fastapi import Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ValidationError
 
-from app.errors import RequestTooLarge, validation_error
+from app.errors import InvalidRequest, RequestTooLarge, validation_error
 from app.protocol.audio import (DurationUsage, InputTokenDetails, TokenUsage, TranscriptionRequest,
                                 TranscriptionResponse, TranscriptionSegment, TranscriptionVerboseResponse,
                                 TranscriptionWord, TranscriptTextDelta, TranscriptTextDone)
-from app.streaming import respond
+from app.serving.base import Inbound, Serving, model_name
 
 
 class TranscriptChunk(BaseModel):
@@ -61,18 +65,16 @@ async def read_upload(file: Any, max_bytes: int) -> bytes:
     return data
 
 
-async def transcript_chunks(outputs: AsyncIterator[Any]) -> AsyncIterator[TranscriptChunk]:
+async def transcript_chunks(records: AsyncIterator[list[Any]]) -> AsyncIterator[TranscriptChunk]:
     """Deployment outputs -> chunks: one delta per non-empty segment, then the done event with usage.
 
     The deltas concatenate to the done event's text (the first one without its leading space).
     """
-    from deployments.whisper_engine import language_name, words_of  # deployment-side types
-
     text, seg_id = "", 0
     prompt_tokens = audio_tokens = output_tokens = 0
     language, duration = "english", 0.0
-    async for out in outputs:
-        language, duration = language_name(out.language), out.duration
+    async for out in (out async for batch in records for out in batch):
+        language, duration = out.language_name, out.duration
         prompt_tokens += out.prompt_tokens
         audio_tokens += out.audio_tokens
         output_tokens += out.output_tokens
@@ -84,7 +86,7 @@ async def transcript_chunks(outputs: AsyncIterator[Any]) -> AsyncIterator[Transc
                 tokens=seg.tokens, temperature=out.temperature, avg_logprob=seg.avg_logprob,
                 compression_ratio=seg.compression_ratio, no_speech_prob=0.0)
             seg_id += 1
-            words = [TranscriptionWord(word=w, start=s, end=e) for w, s, e in words_of(seg)]
+            words = [TranscriptionWord(word=w, start=s, end=e) for w, s, e in seg.words]
             yield TranscriptChunk(event=TranscriptTextDelta(delta=piece), segments=[wire], words=words,
                                   language=language, duration=duration)
     text_tokens = prompt_tokens
@@ -170,11 +172,69 @@ FORMATTERS: dict[str, Callable[[Transcript], Response]] = {
 }
 
 
-async def respond_transcript(chunks: AsyncIterator[TranscriptChunk], request: TranscriptionRequest, *,
-                             timeout_s: float | None = None) -> Response:
-    """Stream the events (``stream=true``), else answer in ``request.response_format``.
+# Multipart fields that may repeat; OpenAI's SDK sends timestamp_granularities[] (one per value).
+_LIST_FIELDS = {"timestamp_granularities[]": "timestamp_granularities",
+                "timestamp_granularities": "timestamp_granularities"}
 
-    Past ``timeout_s`` the answer is a 504 (or a timeout error frame once streaming began).
-    """
-    return await respond(chunks, stream=request.stream, collect=collect_transcript(request),
-                         dump=dump_event, render=FORMATTERS[request.response_format], timeout_s=timeout_s)
+
+class TranscriptionServing(Serving):
+    """``POST /v1/audio/transcriptions`` (``task = "transcribe"``) or ``/v1/audio/translations``
+    (``"translate"``, to English): a transcription model's ``transcribe`` method."""
+
+    task = "transcription"
+    method = "transcribe"
+    request_model = TranscriptionRequest
+
+    def __init__(self, audio_task: str) -> None:
+        self.audio_task = audio_task
+
+    async def read(self, request: Request) -> Inbound:
+        """The multipart form's fields; the upload stays unread until the model's limit is known."""
+        try:
+            form = await request.form()
+        except Exception as exc:  # multipart parser errors, wrong content type
+            raise InvalidRequest(f"The request must be a multipart form with the audio in 'file' ({exc}).",
+                                 param="file") from None
+        fields: dict[str, Any] = {}
+        files: dict[str, Any] = {}
+        for key, value in form.multi_items():
+            if not isinstance(value, str):
+                files.setdefault(key, value)
+            elif key in _LIST_FIELDS:
+                fields.setdefault(_LIST_FIELDS[key], []).append(value)
+            else:
+                fields.setdefault(key, value)
+        return Inbound(model=model_name(fields.get("model")), payload=fields, files=files)
+
+    async def validate(self, inbound: Inbound, spec: Any) -> TranscriptionRequest:
+        if "file" not in inbound.files:
+            raise InvalidRequest("Missing the audio file: send it as the multipart field 'file'.",
+                                 param="file")
+        fields = {k: v for k, v in inbound.payload.items() if k != "file"}
+        return transcription_request(self.audio_task, fields)
+
+    async def args(self, body: TranscriptionRequest, inbound: Inbound, spec: Any) -> tuple:
+        """The request and the upload's bytes (413 past the model's ``audio.max_upload_bytes``)."""
+        return body, await read_upload(inbound.files["file"], spec.audio.max_upload_bytes)
+
+    def chunks(self, records, body):
+        return transcript_chunks(records)
+
+    async def collect(self, chunks, body):
+        return await collect_transcript(body)(chunks)
+
+    def dump(self, chunk: TranscriptChunk, body) -> dict[str, Any]:
+        return dump_event(chunk)
+
+    def render(self, collected: Transcript, body: TranscriptionRequest) -> Response:
+        return FORMATTERS[body.response_format](collected)
+
+    def openapi(self) -> dict[str, Any]:
+        schema = {"$ref": f"#/components/schemas/{self.request_model.__name__}"}
+        upload = {"type": "object", "required": ["file"],
+                  "properties": {"file": {"type": "string", "format": "binary"}}}
+        return {"required": True, "content": {"multipart/form-data": {"schema": {"allOf": [schema, upload]}}}}
+
+
+TRANSCRIPTION = TranscriptionServing("transcribe")
+TRANSLATION = TranscriptionServing("translate")

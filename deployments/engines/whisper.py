@@ -8,7 +8,10 @@ Contracts:
 - :meth:`WhisperEngine.prepare` (CPU, synchronous) computes one request's log-mel features: 30 s padded
   for short audio, the whole file (``truncation=False``) for long audio, plus the attention mask giving
   its true length in frames.
-- :meth:`WhisperEngine.transcribe` (synchronous, run in a worker thread) transcribes a batch of jobs with
+- :meth:`WhisperEngine.submit` (the :class:`~deployments.engines.base.Engine` contract) queues jobs; the
+  engine's one model thread transcribes everything waiting together, each job's stream yielding its one
+  :class:`WhisperOutput`.
+- :meth:`WhisperEngine.transcribe` (synchronous, on the model thread) transcribes a batch of jobs with
   ``model.generate(..., return_timestamps=True, return_segments=True)``: rows are padded to the longest
   job and transformers slides a 30 s window over each row separately, so a row's result does not depend
   on the other rows (batched == unbatched). Jobs that need different decoder prompts or tasks run in
@@ -17,20 +20,25 @@ Contracts:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import zlib
-from dataclasses import dataclass, field
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from app.config import AudioSpec, ModelSpec
-from app.errors import InvalidRequest
+from app.config import AudioSpec
+from app.config import BatchingSpec
+from app.errors import InternalError, InvalidRequest, ServingError
 from app.protocol.audio import TranscriptionRequest
-from deployments.audio import SAMPLE_RATE
-from deployments.loader import pick_device, pick_dtype
-from deployments.sources import resolve_source
+from deployments.engines.audio import SAMPLE_RATE
+from deployments.engines.base import release_memory
+from deployments.engines.records import Segment, WhisperOutput
 
 logger = logging.getLogger(__name__)
 
@@ -60,32 +68,29 @@ class AudioJob:
     num_frames: int  # frames of real audio (the rest is padding)
     duration: float  # seconds
     settings: DecodeSettings
+    cancelled: bool = False
 
 
-@dataclass
-class Segment:
-    start: float
-    end: float
-    text: str
-    tokens: list[int]
-    avg_logprob: float
-    compression_ratio: float
+class JobStream:
+    """The output of one :class:`AudioJob`: one item, ``[WhisperOutput]``, or the job's error."""
 
+    def __init__(self, job: AudioJob) -> None:
+        self.job = job
+        self._future: asyncio.Future = asyncio.get_running_loop().create_future()
 
-@dataclass
-class WhisperOutput:
-    """The transcript of one request: segments with absolute times, the language and the duration."""
+    def __aiter__(self):
+        return self._items()
 
-    language: str  # ISO code
-    duration: float
-    segments: list[Segment] = field(default_factory=list)
-    temperature: float = 0.0
-    prompt_tokens: int = 0
-    audio_tokens: int = 0  # encoder positions: 1500 per 30 s window
+    async def _items(self):
+        yield [await self._future]
 
-    @property
-    def output_tokens(self) -> int:
-        return sum(len(s.tokens) for s in self.segments)
+    def _set(self, output: WhisperOutput | None, error: ServingError | None) -> None:
+        if self._future.done():
+            return
+        if error is not None:
+            self._future.set_exception(error)
+        else:
+            self._future.set_result(output)
 
 
 class WhisperEngine:
@@ -107,6 +112,52 @@ class WhisperEngine:
         self.max_new_tokens = max_new_tokens or getattr(gen, "max_new_tokens", None) or DECODER_CONTEXT // 2
         self.max_windows_per_batch = max_windows_per_batch
         self.windows_decoded = 0
+        self.batches = 0  # transcribe() calls
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="whisper")
+        self._waiting: deque[JobStream] = deque()
+        self._loop_task: asyncio.Task | None = None
+
+    # -- the Engine contract (event loop) -----------------------------------------------------------
+
+    def submit(self, jobs: Sequence[AudioJob]) -> list[JobStream]:
+        """Queue ``jobs``; everything waiting when the model thread is free is transcribed together."""
+        streams = [JobStream(job) for job in jobs]
+        self._waiting.extend(streams)
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+        return streams
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._waiting:
+            streams = [s for s in self._waiting if not s.job.cancelled]
+            self._waiting.clear()
+            if not streams:
+                continue
+            try:
+                outputs = await loop.run_in_executor(self._executor, self.transcribe,
+                                                     [s.job for s in streams])
+            except Exception:  # a bug or a device failure: fail this batch, keep serving
+                logger.exception("transcription batch failed")
+                for stream in streams:
+                    stream._set(None, InternalError("transcription failed"))
+                continue
+            for stream, output in zip(streams, outputs):
+                stream._set(output, None)
+
+    def apply(self, batching: BatchingSpec) -> None:
+        """Nothing to adopt: the engine takes whatever waits (up to max_windows_per_batch per call)."""
+
+    def stats(self) -> dict[str, Any]:
+        return {"batches": self.batches, "windows": self.windows_decoded, "waiting": len(self._waiting)}
+
+    def close(self) -> None:
+        for stream in self._waiting:
+            stream._set(None, InternalError("the model was unloaded"))
+        self._waiting.clear()
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        self.model = None
+        release_memory(self.device.type)
 
     # -- per request (worker thread) ----------------------------------------------------------------
 
@@ -128,6 +179,7 @@ class WhisperEngine:
     @torch.inference_mode()
     def transcribe(self, jobs: list[AudioJob]) -> list[WhisperOutput]:
         """Transcribe ``jobs`` together; the result for each job does not depend on the others."""
+        self.batches += 1
         languages = self._languages(jobs)
         groups: dict[tuple, list[int]] = {}
         window = self.feature_extractor.nb_max_frames
@@ -184,7 +236,8 @@ class WhisperEngine:
             windows = max(1, math.ceil(job.num_frames / self.feature_extractor.nb_max_frames))
             self.windows_decoded += windows
             results.append(WhisperOutput(
-                language=languages[row], duration=job.duration, temperature=settings.temperature,
+                language=languages[row], language_name=language_name(languages[row]),
+                duration=job.duration, temperature=settings.temperature,
                 segments=[s for s in segments if s.text.strip()], prompt_tokens=len(settings.prompt_ids),
                 audio_tokens=windows * self.model.config.max_source_positions))
         return results
@@ -195,8 +248,9 @@ class WhisperEngine:
         text = self.tokenizer.decode(text_tokens, skip_special_tokens=True)
         start = min(float(seg["start"]), duration)
         end = min(max(float(seg["end"]), start), duration)
-        return Segment(start=round(start, 3), end=round(end, 3), text=text, tokens=tokens,
-                       avg_logprob=_avg_logprob(seg), compression_ratio=_compression_ratio(text))
+        start, end = round(start, 3), round(end, 3)
+        return Segment(start=start, end=end, text=text, tokens=tokens, avg_logprob=_avg_logprob(seg),
+                       compression_ratio=_compression_ratio(text), words=words_of(text, start, end))
 
 
 def _avg_logprob(seg: dict) -> float:
@@ -221,16 +275,16 @@ def _compression_ratio(text: str) -> float:
     return float(len(data) / len(zlib.compress(data))) if data else 0.0
 
 
-def words_of(segment: Segment) -> list[tuple[str, float, float]]:
-    """Word timestamps by spreading the segment's time over its words in proportion to their length.
+def words_of(text: str, start: float, end: float) -> list[tuple[str, float, float]]:
+    """Word timestamps by spreading a segment's time over its words in proportion to their length.
 
     An approximation (no cross-attention alignment): exact at segment boundaries, monotonic inside.
     """
-    words = segment.text.split()
+    words = text.split()
     total = sum(len(w) for w in words)
     if not words or total == 0:
         return []
-    span, t, out = segment.end - segment.start, segment.start, []
+    span, t, out = end - start, start, []
     for w in words:
         end = t + span * len(w) / total
         out.append((w, round(t, 3), round(end, 3)))
@@ -277,21 +331,3 @@ def language_name(code: str) -> str:
     from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
     return LANGUAGES.get(code, code)
-
-
-def load_whisper_engine(spec: ModelSpec) -> WhisperEngine:
-    """The default engine factory: any transformers Whisper checkpoint from a local dir or the hub cache."""
-    from transformers import AutoProcessor, WhisperForConditionalGeneration
-
-    path = resolve_source(spec.source, spec.revision)
-    device = pick_device(spec)
-    dtype = pick_dtype(spec, device)
-    if device.type == "cuda" and spec.dtype == "auto":
-        dtype = torch.float16 if dtype == torch.float32 else dtype
-    processor = AutoProcessor.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
-    model = WhisperForConditionalGeneration.from_pretrained(path, dtype=dtype)
-    model.to(device).eval()
-    logger.info("loaded %s from %s on %s as %s", spec.id, path, device, dtype)
-    return WhisperEngine(model, processor, device=device, dtype=dtype,
-                         max_new_tokens=spec.audio.max_new_tokens_per_window,
-                         max_windows_per_batch=spec.audio.max_windows_per_batch)

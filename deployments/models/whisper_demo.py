@@ -48,13 +48,13 @@ def build_whisper_tokenizer(vocab_size: int):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import AddedToken, WhisperTokenizer
 
-    from deployments.demo import _corpus
+    from deployments.models.corpus import corpus
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    bpe.train_from_iterator(_corpus(), trainer=trainer)
+    bpe.train_from_iterator(corpus(), trainer=trainer)
     model = json.loads(bpe.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
     tok = WhisperTokenizer(vocab=model["vocab"], merges=merges, model_max_length=448)

@@ -1,9 +1,10 @@
 """The generation engine: continuous batching over one model, no Ray, no HTTP.
 
-Contract: ``submit(requests)`` admits a group of requests (prefilled together at the next step boundary)
-and returns one :class:`RequestStream` per request. A stream is an async iterator of ``list[Delta]``:
-each item holds everything the request produced since the consumer last asked (so a slow consumer gets
-several tokens in one item, and a fast one gets each step's token at once). A choice's last delta carries
+Implements :class:`deployments.engines.base.Engine`: ``submit(requests)`` admits a group of
+:class:`GenerationRequest` (prefilled together at the next step boundary) and returns one
+:class:`RequestStream` per request. A stream is an async iterator of ``list[Delta]``: each item holds
+everything the request produced since the consumer last asked (so a slow consumer gets several tokens in
+one item, and a fast one gets each step's token at once). A choice's last delta carries
 ``finish_reason`` and its token counts; the stream ends when every choice finished, or raises the
 :class:`ServingError` that failed this request alone.
 
@@ -23,11 +24,13 @@ from typing import Any
 
 import torch
 
+from app.config import BatchingSpec
 from app.errors import InternalError, ServingError
-from deployments.batch import Batch, supports_concatenation
-from deployments.detokenize import TextStream
-from deployments.generation import Delta, GenerationRequest, SamplingParams
-from deployments.sampling import make_generator, select_tokens
+from deployments.engines.base import release_memory
+from deployments.engines.batch import Batch, supports_concatenation
+from deployments.engines.detokenize import TextStream
+from deployments.engines.records import Delta, GenerationRequest, SamplingParams
+from deployments.engines.sampling import make_generator, select_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -93,14 +96,18 @@ class _Sequence:
 
 
 class GenerationEngine:
-    """Owns one model and tokenizer; see the module docstring for the contract."""
+    """Owns one model and tokenizer; see the module docstring for the contract.
+
+    ``context_len`` is the longest prompt + completion the model takes, in tokens.
+    """
 
     def __init__(self, model: Any, tokenizer: Any, *, device: torch.device, eos_token_ids: set[int],
-                 pad_token_id: int, max_running_rows: int = 64, max_prefill_tokens: int = 4096,
-                 prefill_threads: int | None = None) -> None:
+                 pad_token_id: int, context_len: int = 2048, max_running_rows: int = 64,
+                 max_prefill_tokens: int = 4096, prefill_threads: int | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
+        self.context_len = context_len
         self.eos_token_ids = set(eos_token_ids)
         self.pad_token_id = pad_token_id
         self.max_running_rows = max_running_rows
@@ -120,6 +127,29 @@ class GenerationEngine:
     @property
     def running_rows(self) -> int:
         return len(self._running) if self._running is not None else 0
+
+    def apply(self, batching: BatchingSpec) -> None:
+        """Adopt ``max_running_rows`` and ``max_prefill_tokens`` (a :class:`ChatBatchingSpec`'s)."""
+        self.max_running_rows = getattr(batching, "max_running_rows", self.max_running_rows)
+        self.max_prefill_tokens = getattr(batching, "max_prefill_tokens", self.max_prefill_tokens)
+
+    def stats(self) -> dict[str, Any]:
+        return {"steps": self.steps, "tokens_generated": self.tokens_generated,
+                "running_rows": self.running_rows, "waiting_groups": len(self._waiting),
+                "context_len": self.context_len}
+
+    def close(self) -> None:
+        """Fail what is in flight, stop the model thread and drop the model."""
+        for seq in [*(self._running.rows if self._running else []), *self._admitted,
+                    *(s for group in self._waiting for s in group)]:
+            seq.out._put([], InternalError("the model was unloaded"))
+        self._running, self._admitted = None, []
+        self._waiting.clear()
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        self.model = None
+        release_memory(self.device.type)
 
     def submit(self, requests: list[GenerationRequest]) -> list[RequestStream]:
         """Admit ``requests`` as one prefill group; must be called on the engine's event loop."""

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from deployments.whisper_demo import WHISPER_DEMO
+from deployments.models.corpus import corpus
+from deployments.models.whisper_demo import WHISPER_DEMO
 
 # Bump when a builder's output changes, so stale caches are rebuilt rather than reused.
 BUILD_VERSION = 1
@@ -29,30 +30,11 @@ CHATML_TEMPLATE = (
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
-_CORPUS_SEED = """\
-The quick brown fox jumps over the lazy dog. A server answers requests; a model predicts the next token.
-Ray Serve runs deployments as replicas, and each replica holds one copy of the weights.
-Hello! How are you today? I am fine, thank you. What can I help you with? Tell me a story about a robot.
-Once upon a time there was a small robot who liked to count: one, two, three, four, five, six, seven.
-The weather is sunny and warm. Paris is the capital of France. Water boils at 100 degrees Celsius.
-def add(a, b):\n    return a + b\nprint(add(2, 3))\n{"role": "user", "content": "hi"}
-Batching groups requests so that the accelerator does more useful work per step.
-"""
-
 
 def demo_cache_root() -> Path:
     """Where demo checkpoints live: $SERVE_TRANSFORMERS_CACHE, else ~/.cache/serve-transformers."""
     root = os.environ.get("SERVE_TRANSFORMERS_CACHE") or Path.home() / ".cache" / "serve-transformers"
     return Path(root) / "demo"
-
-
-def _corpus() -> list[str]:
-    words = sorted(set(_CORPUS_SEED.replace("\n", " ").split()))
-    lines = _CORPUS_SEED.splitlines()
-    # Deterministic extra text so the BPE vocabulary has common English pieces and numbers.
-    extra = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(12)) for i in range(200)]
-    numbers = [" ".join(str(i * k) for k in range(1, 10)) for i in range(50)]
-    return lines * 20 + extra + numbers
 
 
 def build_tokenizer(vocab_size: int):
@@ -66,7 +48,7 @@ def build_tokenizer(vocab_size: int):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
-    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tok.train_from_iterator(corpus(), trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
                                    pad_token="<|endoftext|>", bos_token=None, unk_token=None,
                                    chat_template=CHATML_TEMPLATE, model_max_length=2048)

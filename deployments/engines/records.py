@@ -1,7 +1,8 @@
-"""Plain data passed between the ingress, the model deployment and the engine.
+"""Plain data passed between the ingress, the model deployments and the engines.
 
-These are dataclasses, not FastAPI or pydantic objects, so they pickle cheaply across Ray and the engine
-can be tested without either.
+These are dataclasses, not FastAPI or pydantic objects, so they pickle cheaply across Ray and the engines
+can be tested without either. This module imports only the standard library: the ingress unpickles
+these records, and it must never load torch (``tests/unit/test_layout.py`` checks).
 """
 
 from __future__ import annotations
@@ -64,3 +65,33 @@ class Delta:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+
+
+@dataclass
+class Segment:
+    """One transcript segment, times in seconds from the start of the audio."""
+
+    start: float
+    end: float
+    text: str
+    tokens: list[int]
+    avg_logprob: float
+    compression_ratio: float
+    words: list[tuple[str, float, float]] = field(default_factory=list)  # (word, start, end)
+
+
+@dataclass
+class WhisperOutput:
+    """The transcript of one request: segments with absolute times, the language and the duration."""
+
+    language: str  # ISO code
+    language_name: str  # English name, as OpenAI's verbose_json reports it ("english")
+    duration: float
+    segments: list[Segment] = field(default_factory=list)
+    temperature: float = 0.0
+    prompt_tokens: int = 0
+    audio_tokens: int = 0  # encoder positions: 1500 per 30 s window
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(len(s.tokens) for s in self.segments)

@@ -1,0 +1,109 @@
+"""What an endpoint family provides to the ingress's one request path.
+
+A :class:`Serving` turns one HTTP request into one streaming call of a model deployment and the
+deployment's records back into an answer. The ingress (``app/ingress.py``) drives every endpoint the same
+way::
+
+    inbound = await serving.read(request)          # raw payload and the requested model name
+    spec    = lookup(inbound.model, serving.task)  # 404 for an unknown model, whatever else the body holds
+    body    = await serving.validate(inbound, spec)
+    records = deployment.<serving.method>(*await serving.args(body, inbound, spec))  # streamed over Ray
+    respond(serving.chunks(records, body), stream=serving.streams(body), ...)
+
+Streamed, each chunk goes out as an SSE event (``dump``); not streamed, ``collect`` folds the same chunks
+and ``render`` writes the body: one path for both. The defaults here serve a JSON request body validated
+by ``request_model``; subclasses override what differs (a multipart form, a non-JSON rendering).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, ClassVar
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
+
+from app.errors import InvalidRequest, validation_error
+
+# Bodies above this many bytes are parsed and validated on a worker thread: a 30 MB JSON document takes
+# long enough to stall every stream the ingress is serving.
+OFF_LOOP_BYTES = 256 * 1024
+
+
+@dataclass
+class Inbound:
+    """A request as read, before validation: the model it names and its raw fields."""
+
+    model: str
+    payload: dict[str, Any]
+    size: int = 0  # bytes of the body, to decide whether validation leaves the event loop
+    files: dict[str, Any] = field(default_factory=dict)  # multipart uploads, by field name
+
+
+class Serving:
+    """Base of the endpoint families' serving objects (see the module docstring)."""
+
+    task: ClassVar[str]  # the task a model must serve to be used here
+    method: ClassVar[str]  # the deployment's streaming method
+    request_model: ClassVar[type[BaseModel]]  # validates the payload; documents the route in OpenAPI
+
+    async def read(self, request: Request) -> Inbound:
+        """The JSON body, parsed (off the event loop when large), and its ``model``."""
+        raw = await request.body()
+        try:
+            payload = await _maybe_off_loop(len(raw), json.loads, raw)
+        except (ValueError, RecursionError) as exc:
+            raise InvalidRequest(f"We could not parse the JSON body of your request: {exc}.",
+                                 code="invalid_json") from None
+        if not isinstance(payload, dict):
+            raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+        return Inbound(model=model_name(payload.get("model")), payload=payload, size=len(raw))
+
+    async def validate(self, inbound: Inbound, spec: Any) -> BaseModel:
+        """The payload as ``request_model``; InvalidRequest (400) names the first bad field."""
+        try:
+            return await _maybe_off_loop(inbound.size, self.request_model.model_validate, inbound.payload)
+        except ValidationError as exc:
+            raise validation_error(exc.errors()) from None
+
+    async def args(self, body: Any, inbound: Inbound, spec: Any) -> tuple:
+        """Positional arguments of the deployment method."""
+        return (body,)
+
+    def streams(self, body: Any) -> bool:
+        return bool(getattr(body, "stream", False))
+
+    def chunks(self, records: AsyncIterator[list[Any]], body: Any) -> AsyncIterator[BaseModel]:
+        raise NotImplementedError
+
+    async def collect(self, chunks: AsyncIterator[BaseModel], body: Any) -> Any:
+        raise NotImplementedError
+
+    def dump(self, chunk: BaseModel, body: Any) -> dict[str, Any]:
+        return chunk.model_dump()
+
+    def render(self, collected: Any, body: Any) -> Response:
+        return JSONResponse(collected.model_dump())
+
+    def openapi(self) -> dict[str, Any]:
+        """The route's OpenAPI ``requestBody`` (schemas referenced from ``components``)."""
+        return {"required": True, "content": {"application/json": {"schema": {
+            "$ref": f"#/components/schemas/{self.request_model.__name__}"}}}}
+
+
+def model_name(value: Any) -> str:
+    """The request's ``model`` field, checked before anything else in the body."""
+    if value is None or value == "":
+        raise InvalidRequest("You must provide a model parameter.", param="model")
+    if not isinstance(value, str):
+        raise InvalidRequest("Invalid value for 'model': expected a string.", param="model")
+    return value
+
+
+async def _maybe_off_loop(size: int, fn, *args):
+    if size > OFF_LOOP_BYTES:
+        return await asyncio.to_thread(fn, *args)
+    return fn(*args)

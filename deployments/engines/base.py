@@ -1,0 +1,60 @@
+"""The engine interface: what a model deployment may ask of the model it serves.
+
+Contract. An engine owns one loaded model (weights, tokenizer or processor) and does all model work off
+the caller's event loop. ``submit(requests)`` takes a group of requests that arrived together (one
+``@serve.batch`` admission), must be called on the event loop that consumes the results, returns at
+once, and gives back one :class:`EngineStream` per request, in order. The engine batches whatever is
+waiting when its model thread becomes free, so groups submitted while it computes are served together
+at its next step; a request's output never depends on what it was batched with. A stream is an async
+iterator of lists of output records (everything the request produced since the consumer last asked);
+it ends when the request is complete, or raises the :class:`~app.errors.ServingError` that failed this
+request alone. Every request carries a ``cancelled`` flag: setting it (the client went away), before or
+after ``submit``, frees the request's share of the batch at the engine's next step. ``apply(batching)`` changes batching bounds on a live engine; ``stats()``
+returns plain counters for operators and tests; ``close()`` stops the engine and releases the model's
+memory (the engine is unusable afterwards).
+
+Engines import torch and transformers but never Ray: they run and are tested without it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, AsyncIterator, Protocol, Sequence, TypeVar, runtime_checkable
+
+from app.config import BatchingSpec
+
+Out = TypeVar("Out", covariant=True)
+
+
+@runtime_checkable
+class EngineStream(Protocol[Out]):
+    """The output of one submitted request (see the module contract)."""
+
+    def __aiter__(self) -> AsyncIterator[list[Out]]: ...
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A loaded model behind the contract of this module."""
+
+    def submit(self, requests: Sequence[Any]) -> list[EngineStream[Any]]:
+        """Admit ``requests`` together; one stream per request, in order."""
+
+    def apply(self, batching: BatchingSpec) -> None:
+        """Adopt new batching bounds (the fields of ``batching`` that this engine uses)."""
+
+    def stats(self) -> dict[str, Any]:
+        """Plain counters (steps, tokens, rows, ...) for operators and tests."""
+
+    def close(self) -> None:
+        """Stop, and release the model's memory (drop references; empty the CUDA cache on a GPU)."""
+
+
+def release_memory(device_type: str) -> None:
+    """Return freed tensors' memory: collect garbage, and empty the CUDA cache on a GPU."""
+    import gc
+
+    gc.collect()
+    if device_type == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
