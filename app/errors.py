@@ -33,9 +33,16 @@ class ServingError(Exception):
         return (_rebuild, (type(self), self.message, self.param, self.code, self.headers))
 
     def body(self) -> dict[str, Any]:
-        """The OpenAI ``ErrorResponse`` body for this error."""
-        return {"error": {"message": self.message, "type": self.error_type, "param": self.param,
-                          "code": self.code}}
+        """The OpenAI ``ErrorResponse`` body for this error (text that echoes a client's invalid Unicode
+        is made encodable, so rendering an error can never fail)."""
+        return {"error": {"message": _encodable(self.message), "type": self.error_type,
+                          "param": _encodable(self.param), "code": self.code}}
+
+
+def _encodable(text: str | None) -> str | None:
+    if text is None or text.isascii():
+        return text
+    return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def _rebuild(cls, message, param, code, headers):
@@ -186,7 +193,7 @@ def install_error_handlers(app) -> None:
     from starlette.exceptions import HTTPException
 
     logger = logging.getLogger("app.errors")
-    by_status = {404: NotFound, 405: MethodNotAllowed, 413: RequestTooLarge}
+    by_status = {413: RequestTooLarge}
 
     def answer(request, err: ServingError):
         return render(err, getattr(request.app.state, "settings", None))
@@ -198,8 +205,11 @@ def install_error_handlers(app) -> None:
         return answer(request, validation_error(exc.errors()))
 
     async def on_http_error(request, exc: HTTPException):
+        routing = _ROUTING_ERRORS.get(exc.status_code)
+        if routing is not None:
+            return answer(request, routing(request, exc))
         cls = by_status.get(exc.status_code, InvalidRequest if exc.status_code < 500 else InternalError)
-        err = cls(str(exc.detail) if exc.detail else "error")
+        err = cls(str(exc.detail) if exc.detail else "error", headers=exc.headers)
         err.status_code = exc.status_code
         return answer(request, err)
 
@@ -214,6 +224,40 @@ def install_error_handlers(app) -> None:
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(HTTPException, on_http_error)
     app.add_exception_handler(Exception, on_unexpected)
+
+
+# Routes of OpenAI's API that this server does not have, with what a client should do instead.
+_ELSEWHERE = {
+    "/v1/responses": " The Responses API is not implemented: use POST /v1/chat/completions (OpenAI Agents "
+                     "SDK: OpenAIChatCompletionsModel, or set_default_openai_api('chat_completions')).",
+    "/v1/completions": " The legacy Completions API is not implemented: use POST /v1/chat/completions "
+                       "(LlamaIndex OpenAILike: is_chat_model=True).",
+    "/v1/embeddings": " Embeddings are not implemented.",
+}
+
+
+def routes_of(app) -> list[str]:
+    """``"METHOD /path"`` of every documented route of ``app`` (HEAD left out)."""
+    return [f"{method} {route.path}" for route in app.routes if getattr(route, "include_in_schema", False)
+            for method in sorted(getattr(route, "methods", None) or ()) if method != "HEAD"]
+
+
+def unknown_route(request, exc) -> NotFound:
+    """The 404 of a path no route matches: says which request missed and which routes exist."""
+    method, path = request.method, request.url.path
+    return NotFound(f"Invalid URL ({method} {path}): this server has no such route."
+                    f"{_ELSEWHERE.get(path.rstrip('/'), '')} Routes: {', '.join(routes_of(request.app))}.",
+                    code="unknown_route")
+
+
+def wrong_method(request, exc) -> MethodNotAllowed:
+    """The 405 of a known path asked with another method; keeps the ``Allow`` header HTTP requires."""
+    allow = (exc.headers or {}).get("Allow") or (exc.headers or {}).get("allow", "")
+    return MethodNotAllowed(f"Method {request.method} is not allowed on {request.url.path}; allowed: "
+                            f"{allow}.", headers={"Allow": allow})
+
+
+_ROUTING_ERRORS = {404: unknown_route, 405: wrong_method}
 
 
 def for_client(err: ServingError) -> ServingError:
@@ -234,17 +278,29 @@ def current_request_id() -> str:
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "literal", "union"}
+# Error types of app.protocol.common whose name is the OpenAI error code -> whether the message is
+# prefixed with "Invalid value for '<param>'" (the others name their parameter themselves).
+_OWN_CODES = {"invalid_unicode": True, "unsupported_parameter": False, "invalid_parameter_combination": False}
+# Better words than pydantic's for some error types.
+_MESSAGES = {"finite_number": "NaN and Infinity are not allowed; the value must be a finite number",
+             "string_unicode": "the text is not valid Unicode (a lone surrogate escape?)"}
+# Codes for some of pydantic's error types.
+_CODES = {"string_unicode": "invalid_unicode"}
 
 
 def validation_error(errors: list[dict[str, Any]]) -> InvalidRequest:
-    """An InvalidRequest naming the first offending parameter of a pydantic/FastAPI error list."""
+    """An InvalidRequest naming the first offending parameter of a pydantic/FastAPI error list.
+
+    An error whose context has ``at`` is reported at that path below its location; one of the
+    protocol's own error types keeps its message as written and becomes the ``code``.
+    """
     if not errors:
         return InvalidRequest("Invalid request.")
     first = errors[0]
-    loc = []
-    for part in first.get("loc", ())[1:] if first.get("loc", ("",))[0] == "body" else first.get("loc", ()):
+    loc, where = [], tuple(first.get("loc") or ())
+    for part in where[1:] if where[:1] == ("body",) else where:
         if isinstance(part, str) and (part in _TYPE_TAGS or "[" in part or part.startswith("function-")):
-            break  # pydantic names union branches in the location; they are no parameter names
+            continue  # pydantic names union branches in the location; they are no parameter names
         loc.append(part)
     if first.get("type") == "json_invalid":
         return InvalidRequest("We could not parse the JSON body of your request: "
@@ -252,7 +308,14 @@ def validation_error(errors: list[dict[str, Any]]) -> InvalidRequest:
     param = ""
     for part in loc:
         param += f"[{part}]" if isinstance(part, int) else (f".{part}" if param else str(part))
+    param = (param + str((first.get("ctx") or {}).get("at", ""))).lstrip(".")
     msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    msg = _MESSAGES.get(first.get("type"), msg)
+    if first.get("type") in _OWN_CODES:
+        prefixed = _OWN_CODES[first["type"]] and param
+        return InvalidRequest(f"Invalid value for '{param}': {msg}" if prefixed else msg,
+                              param=param or None, code=first["type"])
+    code = _CODES.get(first.get("type"))
     if not param:
-        return InvalidRequest(f"Invalid request body: {msg}")
-    return InvalidRequest(f"Invalid value for '{param}': {msg}", param=param)
+        return InvalidRequest(f"Invalid request body: {msg}", code=code)
+    return InvalidRequest(f"Invalid value for '{param}': {msg}", param=param, code=code)

@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
 from app.errors import InvalidRequest, validation_error
+from app.protocol.common import INVALID_UNICODE, lone_surrogate_at
 
 # Bodies above this many bytes are parsed and validated on a worker thread: a 30 MB JSON document takes
 # long enough to stall every stream the ingress is serving.
@@ -100,6 +101,9 @@ def model_name(value: Any) -> str:
         raise InvalidRequest("You must provide a model parameter.", param="model")
     if not isinstance(value, str):
         raise InvalidRequest("Invalid value for 'model': expected a string.", param="model")
+    if lone_surrogate_at(value) is not None:
+        raise InvalidRequest("Invalid value for 'model': the text is not valid Unicode (a lone surrogate).",
+                             param="model", code=INVALID_UNICODE)
     return value
 
 

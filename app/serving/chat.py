@@ -13,13 +13,14 @@ from app.protocol.common import Usage
 from app.serving.base import Serving
 
 
-async def chat_chunks(deltas: AsyncIterator[list[Any]], *, model: str,
-                      include_usage: bool) -> AsyncIterator[ChatCompletionChunk]:
+async def chat_chunks(deltas: AsyncIterator[list[Any]], *, model: str, include_usage: bool,
+                      echo: str = "") -> AsyncIterator[ChatCompletionChunk]:
     """Turn the deployment's stream of delta lists into OpenAI chunks.
 
-    Order per choice: one chunk with the role, content chunks (the deltas of one message for one choice
-    are coalesced into one chunk), one chunk with an empty delta and the finish_reason; then, if
-    ``include_usage``, one chunk with empty ``choices`` and the usage.
+    Order per choice: one chunk with the role, a chunk with ``echo`` (the request's echoed text) if any,
+    content chunks (the deltas of one message for one choice are coalesced into one chunk), one chunk
+    with an empty delta and the finish_reason; then, if ``include_usage``, one chunk with empty
+    ``choices`` and the usage.
     """
     chunk_id, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
 
@@ -36,6 +37,8 @@ async def chat_chunks(deltas: AsyncIterator[list[Any]], *, model: str,
             if index not in started:
                 started.add(index)
                 yield chunk([ChunkChoice(index=index, delta=Delta(role="assistant", content=""))])
+                if echo:
+                    yield chunk([ChunkChoice(index=index, delta=Delta(content=echo))])
             text = "".join(d.text for d in items)
             if text:
                 yield chunk([ChunkChoice(index=index, delta=Delta(content=text))])
@@ -77,7 +80,8 @@ class ChatServing(Serving):
 
     def chunks(self, records: AsyncIterator[list[Any]], body: ChatCompletionRequest):
         # The collected (non-streamed) answer always needs usage.
-        return chat_chunks(records, model=body.model, include_usage=body.include_usage or not body.stream)
+        return chat_chunks(records, model=body.model, include_usage=body.include_usage or not body.stream,
+                           echo=body.echo_text)
 
     async def collect(self, chunks: AsyncIterator[ChatCompletionChunk], body: ChatCompletionRequest):
         return await collect_chat(chunks)

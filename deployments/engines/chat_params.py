@@ -13,6 +13,7 @@ cannot fit the context is refused in time proportional to the number of messages
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any
 
 from app.config import GenerationLimits
@@ -47,17 +48,43 @@ def _check_prompt_size(request: ChatCompletionRequest, tokenizer: Any, context_l
             f"{chars} characters, more than any {context_len} tokens can spell.", param="messages")
 
 
+@functools.lru_cache(maxsize=16)
+def _reserved_template_kwargs(tokenizer_type: type) -> frozenset[str]:
+    """Names chat_template_kwargs may not use: the arguments of ``apply_chat_template`` itself (a
+    client must not swap the template or the output type) and the variables it sets."""
+    parameters = inspect.signature(tokenizer_type.apply_chat_template).parameters
+    named = {name for name, p in parameters.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
+    return frozenset(named | {"messages", "conversation", "conversations", "self"})
+
+
 def render_prompt(tokenizer: Any, request: ChatCompletionRequest) -> list[int]:
-    """Token ids of the messages rendered with the tokenizer's chat template, generation prompt added."""
+    """Token ids of the messages rendered with the tokenizer's chat template: with the generation
+    prompt (``add_generation_prompt``, default) or continuing the final assistant message
+    (``continue_final_message``), and the request's ``chat_template_kwargs`` as template variables."""
     messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
                 for m in request.messages]
+    extra = dict(request.chat_template_kwargs or {})
+    clash = sorted(extra.keys() & _reserved_template_kwargs(type(tokenizer)))
+    if clash:
+        raise InvalidRequest(f"chat_template_kwargs may not set {', '.join(map(repr, clash))}: these are "
+                             "arguments of the template call itself (use the request's own "
+                             "add_generation_prompt / continue_final_message)", param="chat_template_kwargs")
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=request.add_generation_prompt,
+                                             continue_final_message=request.continue_final_message, **extra)
     except Exception as exc:  # templates raise for unsupported roles/orders (jinja's raise_exception)
         raise InvalidRequest(f"the messages cannot be rendered with this model's chat template: {exc}",
                              param="messages") from None
     # The template already wrote any BOS/special tokens; do not add them twice.
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _token_ids(ids: Any, vocab_size: int, param: str) -> None:
+    bad = next((i for i in ids if not 0 <= int(i) < vocab_size), None)
+    if bad is not None:
+        raise InvalidRequest(f"{param} names token id {bad}, outside this model's vocabulary "
+                             f"(0..{vocab_size - 1})", param=param)
 
 
 def to_generation_request(request: ChatCompletionRequest, engine: Any,
@@ -66,12 +93,14 @@ def to_generation_request(request: ChatCompletionRequest, engine: Any,
     ``engine.context_len`` and ``limits``, fill OpenAI's defaults."""
     context_len = engine.context_len
     _check_prompt_size(request, engine.tokenizer, context_len)
-    return generation_request(request, render_prompt(engine.tokenizer, request), limits, context_len)
+    return generation_request(request, render_prompt(engine.tokenizer, request), limits, context_len,
+                              vocab_size=engine.vocab_size)
 
 
-def generation_request(request: ChatCompletionRequest, prompt_ids: list[int],
-                       limits: GenerationLimits, context_len: int) -> GenerationRequest:
-    """Validate lengths and counts of an already tokenized prompt; fill OpenAI's defaults."""
+def generation_request(request: ChatCompletionRequest, prompt_ids: list[int], limits: GenerationLimits,
+                       context_len: int, vocab_size: int | None = None) -> GenerationRequest:
+    """Validate lengths and counts of an already tokenized prompt, and the token ids the request names
+    (logit_bias, stop_token_ids) against ``vocab_size``; fill OpenAI's defaults."""
     if request.n > limits.max_n:
         raise InvalidRequest(f"n must be at most {limits.max_n}, got {request.n}", param="n")
     stops = request.stop_list
@@ -93,9 +122,18 @@ def generation_request(request: ChatCompletionRequest, prompt_ids: list[int],
             f"This model's maximum context length is {context_len} tokens. However, you requested "
             f"{prompt_len + asked} tokens ({prompt_len} in the messages, {asked} in the completion). "
             f"Please reduce the length of the messages or the completion.", param=param)
+    max_new_tokens = asked if asked is not None else min(limits.default_max_tokens, room)
+    if (request.min_tokens or 0) > max_new_tokens:
+        raise InvalidRequest(f"min_tokens ({request.min_tokens}) must be at most the completion's maximum "
+                             f"length ({max_new_tokens})", param="min_tokens")
+    bias = tuple((int(token), value) for token, value in (request.logit_bias or {}).items())
+    stop_ids = tuple(request.stop_token_ids or ())
+    if vocab_size is not None:
+        _token_ids((token for token, _ in bias), vocab_size, "logit_bias")
+        _token_ids(stop_ids, vocab_size, "stop_token_ids")
     temperature = 1.0 if request.temperature is None else request.temperature
     params = SamplingParams(
-        max_new_tokens=asked if asked is not None else min(limits.default_max_tokens, room),
+        max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_p=1.0 if request.top_p is None else request.top_p,
         top_k=max(0, request.top_k or 0),
@@ -104,5 +142,10 @@ def generation_request(request: ChatCompletionRequest, prompt_ids: list[int],
         repetition_penalty=request.repetition_penalty or 1.0,
         seed=request.seed,
         stop=tuple(stops),
+        min_p=request.min_p or 0.0,
+        logit_bias=bias,
+        min_tokens=request.min_tokens or 0,
+        ignore_eos=request.ignore_eos,
+        stop_token_ids=stop_ids,
     )
     return GenerationRequest(prompt_ids=list(prompt_ids), params=params, n=request.n)
