@@ -237,9 +237,10 @@ _ELSEWHERE = {
 
 
 def routes_of(app) -> list[str]:
-    """``"METHOD /path"`` of every documented route of ``app`` (HEAD left out)."""
-    return [f"{method} {route.path}" for route in app.routes if getattr(route, "include_in_schema", False)
-            for method in sorted(getattr(route, "methods", None) or ()) if method != "HEAD"]
+    """``"METHOD /path"`` of every documented route of the FastAPI ``app``, from its OpenAPI schema
+    (which also sees routes that routers and Ray Serve's class-based views nest)."""
+    paths = app.openapi().get("paths", {})
+    return [f"{method.upper()} {path}" for path, operations in paths.items() for method in operations]
 
 
 def unknown_route(request, exc) -> NotFound:
