@@ -50,7 +50,8 @@ def test_lone_surrogate_in_a_prompt_is_a_400_not_a_500(server):
 
 SPECIAL = ["\ud800", "\udbff", "\udc00", "\udfff", "\x00", "\u202e", "\u200f", "\u0301", "\u0336", "\ufeff",
            "\uffff", "\U0001f600"]
-TEXT = st.text(st.one_of(st.characters(), st.sampled_from(SPECIAL)), max_size=12)
+# Joined lists, not st.text: st.text leaves surrogates out of any alphabet.
+TEXT = st.lists(st.one_of(st.characters(), st.sampled_from(SPECIAL)), max_size=12).map("".join)
 
 
 def _lone(value) -> bool:
