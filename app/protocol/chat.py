@@ -103,6 +103,17 @@ class ChatCompletionRequest(WireModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def text_size_over(self, limit_bytes: int) -> int | None:
+        """The messages' text length in characters (contents and names) if its UTF-8 encoding takes
+        more than ``limit_bytes``, else None. Cheap whatever the size: since len(str) <= UTF-8 bytes
+        <= 4 * len(str), it encodes only text of at most ``limit_bytes`` characters."""
+        texts = [t for m in self.messages for t in (m.text(), m.name or "")]
+        chars = sum(map(len, texts))
+        if chars > limit_bytes or (4 * chars > limit_bytes and sum(
+                len(t.encode("utf-8", "surrogatepass")) for t in texts) > limit_bytes):
+            return chars
+        return None
+
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
