@@ -62,6 +62,9 @@ async def test_a_short_prompt_is_not_queued_behind_long_ones(monkeypatch):
     monkeypatch.setattr(batched, "replica_max_ongoing_requests", lambda: 8)
     monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests",
                         lambda self: None)
+    # @serve.batch keeps one queue per decorated function, bound to the event loop that first used it:
+    # an earlier test's loop (closed by now) in this process. A replica has one loop; give this test its own.
+    monkeypatch.setattr(batched.BatchedDeployment._admit.set_max_batch_size.__self__, "_queue", None)
     tokenizer = _Tokenizer(block_over=SMALL_PROMPT_CHARS)
     engine = _Engine(tokenizer)
     deployment = LLMDeployment.func_or_class(ChatModelSpec(id="m", source="unused"),
