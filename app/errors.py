@@ -10,6 +10,7 @@ carries an exception raised in a replica back to the caller, where ``isinstance`
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 
@@ -62,6 +63,13 @@ class ContextLengthExceeded(InvalidRequest):
     """The prompt, or prompt plus the requested completion, does not fit the model's context (400)."""
 
     default_code = "context_length_exceeded"
+
+    @classmethod
+    def text_too_long(cls, context_len: int, chars: int) -> "ContextLengthExceeded":
+        """The prompt's text is longer than any ``context_len`` tokens can spell (a size bound, no
+        tokenizer involved)."""
+        return cls(f"This model's maximum context length is {context_len} tokens, but the messages hold "
+                   f"{chars} characters, more than any {context_len} tokens can spell.", param="messages")
 
 
 class AuthenticationFailed(ServingError):
@@ -187,8 +195,6 @@ def install_error_handlers(app) -> None:
 
     ``app.state.settings`` (an IngressSpec), when set, shapes overload answers (see :func:`render`).
     """
-    import logging
-
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException
 
@@ -199,6 +205,7 @@ def install_error_handlers(app) -> None:
         return render(err, getattr(request.app.state, "settings", None))
 
     async def on_serving_error(request, exc: ServingError):
+        log_error(logger, request, exc, exc.__cause__ or exc)
         return answer(request, for_client(exc))
 
     async def on_validation_error(request, exc: RequestValidationError):
@@ -215,9 +222,7 @@ def install_error_handlers(app) -> None:
 
     async def on_unexpected(request, exc: Exception):
         err = as_serving_error(exc)
-        if isinstance(err, InternalError):
-            logger.error("unhandled error on %s %s (request id %s)", request.method, request.url.path,
-                         current_request_id(), exc_info=exc)
+        log_error(logger, request, err, exc)
         return answer(request, for_client(err))
 
     app.add_exception_handler(ServingError, on_serving_error)
@@ -259,6 +264,17 @@ def wrong_method(request, exc) -> MethodNotAllowed:
 
 
 _ROUTING_ERRORS = {404: unknown_route, 405: wrong_method}
+
+
+def log_error(logger, request, err: ServingError, cause: BaseException) -> None:
+    """Log an error answer: a server fault (500) at ERROR with the traceback of ``cause``; anything the
+    client can act on (4xx) at INFO, and overload/timeouts (other 5xx) at WARNING, in one line each."""
+    where = (request.method, request.url.path, current_request_id(), err.status_code, err.code, err.message)
+    if isinstance(err, InternalError):
+        logger.error("unhandled error on %s %s (request id %s): %d %s: %s", *where, exc_info=cause)
+    else:
+        logger.log(logging.INFO if err.status_code < 500 else logging.WARNING,
+                   "%s %s (request id %s) answered %d %s: %s", *where)
 
 
 def for_client(err: ServingError) -> ServingError:

@@ -110,6 +110,7 @@ class OpenAIIngress:
         inbound = await serving.read(request)
         spec = self._spec(inbound.model, serving.task)
         body = await serving.validate(inbound, spec)
+        await serving.screen(body, inbound, spec, self._handles[spec.id])
         args = await serving.args(body, inbound, spec)
         method = getattr(self._handles[spec.id].options(stream=True), serving.method)
         chunks = serving.chunks(upstream(method.remote(*args)), body)

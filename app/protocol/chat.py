@@ -202,6 +202,17 @@ class ChatCompletionRequest(WireModel):
         role = "assistant" if self.add_generation_prompt else last.role
         return last.text() if self.echo and last.role == role else ""
 
+    def text_size_over(self, limit_bytes: int) -> int | None:
+        """The messages' text length in characters (contents and names) if its UTF-8 encoding takes
+        more than ``limit_bytes``, else None. Cheap whatever the size: since len(str) <= UTF-8 bytes
+        <= 4 * len(str), it encodes only text of at most ``limit_bytes`` characters."""
+        texts = [t for m in self.messages for t in (m.text(), m.name or "")]
+        chars = sum(map(len, texts))
+        if chars > limit_bytes or (4 * chars > limit_bytes and sum(
+                len(t.encode("utf-8", "surrogatepass")) for t in texts) > limit_bytes):
+            return chars
+        return None
+
 
 def _check_json_bounds(value: Any) -> None:
     """Refuse JSON holding more than MAX_TEMPLATE_KWARGS_ITEMS values or nested deeper than

@@ -27,25 +27,30 @@ def _longest_token_bytes(tokenizer: Any) -> int:
     return max((len(token.encode("utf-8", "surrogatepass")) for token in tokenizer.get_vocab()), default=1)
 
 
+def _normalizer_shrink(tokenizer: Any) -> int:
+    """How many bytes of input one byte of normalized text may stand for: 1 without a normalizer; 4
+    with one (Unicode normalization maps a 4-byte character to a 1-byte one at most) or when unknown."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return 1 if backend is not None and backend.normalizer is None else 4
+
+
 def prompt_bytes_limit(tokenizer: Any, context_len: int) -> int:
     """Most UTF-8 bytes of message text that could still fit ``context_len`` tokens.
 
     No token's text is longer than the longest vocabulary entry (byte-level markers and sentencepiece's
     '▁' only make entries longer than the text they stand for), so text of more bytes than this needs
-    more tokens than the context holds.
+    more tokens than the context holds. This holds for tokenizers that keep every input byte (byte-level
+    BPE, sentencepiece: what chat models use), with a factor for a normalizer's shrinking.
     """
-    return context_len * _longest_token_bytes(tokenizer)
+    return context_len * _longest_token_bytes(tokenizer) * _normalizer_shrink(tokenizer)
 
 
 def _check_prompt_size(request: ChatCompletionRequest, tokenizer: Any, context_len: int) -> None:
-    limit = prompt_bytes_limit(tokenizer, context_len)
-    # len(str) <= UTF-8 bytes <= 4 * len(str): decide on character counts where that settles it.
-    chars = sum(len(m.text()) for m in request.messages)
-    if chars > limit or (4 * chars > limit and sum(len(m.text().encode("utf-8", "surrogatepass"))
-                                                   for m in request.messages) > limit):
-        raise ContextLengthExceeded(
-            f"This model's maximum context length is {context_len} tokens, but the messages hold "
-            f"{chars} characters, more than any {context_len} tokens can spell.", param="messages")
+    """ContextLengthExceeded if the messages' UTF-8 size alone proves they cannot fit ``context_len``;
+    never calls the tokenizer (only its vocabulary, once per tokenizer)."""
+    chars = request.text_size_over(prompt_bytes_limit(tokenizer, context_len))
+    if chars is not None:
+        raise ContextLengthExceeded.text_too_long(context_len, chars)
 
 
 @functools.lru_cache(maxsize=16)
@@ -87,13 +92,14 @@ def _token_ids(ids: Any, vocab_size: int, param: str) -> None:
                              f"(0..{vocab_size - 1})", param=param)
 
 
-def to_generation_request(request: ChatCompletionRequest, engine: Any,
-                          limits: GenerationLimits) -> GenerationRequest:
-    """Render and tokenize the prompt with ``engine.tokenizer``, validate lengths and counts against
-    ``engine.context_len`` and ``limits``, fill OpenAI's defaults."""
-    context_len = engine.context_len
-    _check_prompt_size(request, engine.tokenizer, context_len)
-    return generation_request(request, render_prompt(engine.tokenizer, request), limits, context_len,
+def to_generation_request(request: ChatCompletionRequest, engine: Any, limits: GenerationLimits,
+                          tokenizer: Any = None) -> GenerationRequest:
+    """Render and tokenize the prompt with ``tokenizer`` (default ``engine.tokenizer``; a copy of it
+    for a thread of its own), validate lengths and counts against ``engine.context_len`` and ``limits``,
+    fill OpenAI's defaults."""
+    context_len, tokenizer = engine.context_len, tokenizer or engine.tokenizer
+    _check_prompt_size(request, tokenizer, context_len)
+    return generation_request(request, render_prompt(tokenizer, request), limits, context_len,
                               vocab_size=engine.vocab_size)
 
 
