@@ -132,7 +132,7 @@ def read_serve_status(app_name: str) -> dict[str, Any]:
 
 class Availability:
     """The per-model view (see the module docstring). ``deployments`` maps model id -> deployment name;
-    ``fetch`` returns ``{deployment name: overview}`` and is called on a worker thread."""
+    ``fetch`` returns ``{deployment name: overview}`` and is called on a thread of its own."""
 
     def __init__(self, deployments: Mapping[str, str], fetch: Callable[[], Mapping[str, Any]], *,
                  interval_s: float = 1.0) -> None:
@@ -159,7 +159,10 @@ class Availability:
 
     async def _run(self) -> None:
         while True:
-            await self.refresh()
+            try:
+                await self.refresh()
+            except Exception:  # a bug here must not stop the refreshes
+                logger.exception("availability refresh failed")
             await asyncio.sleep(self.interval_s)
 
     async def refresh(self) -> None:
@@ -180,12 +183,12 @@ class Availability:
                 self._lost[model].clear()
             else:
                 self._lost[model].set()
-        if self._states is not None:
-            for model, state in states.items():
-                if state.state != self._states[model].state:
-                    logger.info("model %s: %s -> %s", model, self._states[model].describe()
-                                if not self._states[model].ready else "ready",
-                                state.describe() if not state.ready else "ready")
+        for model, state in states.items():
+            if state.state != getattr(previous.get(model), "state", None):
+                if state.ready:
+                    logger.info("model %s is ready (%d replicas)", model, state.running_replicas)
+                else:
+                    logger.warning("model %s is not ready: %s", model, state.describe())
         self._states = states
         self._first.set()
 
