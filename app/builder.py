@@ -30,6 +30,9 @@ def deployment_defaults(spec: Any) -> dict[str, Any]:
         # Room for a full batch being admitted while others run; must be >= max_batch_size.
         "max_ongoing_requests": max(2 * batching.max_batch_size, getattr(batching, "max_running_rows", 0)),
         "max_queued_requests": 256,
+        # Ray notices a dead replica at its next health check (default every 10 s); until then its model
+        # looks ready and requests wait for it. 2 s bounds that wait (app/availability.py) cheaply.
+        "health_check_period_s": 2.0,
         "user_config": batching.model_dump(),
     }
 

@@ -141,6 +141,38 @@ class ReplicaUnavailable(ServingError):
         super().__init__(message, headers=kwargs.pop("headers", None) or {"Retry-After": "1"}, **kwargs)
 
 
+class ModelUnavailable(ServingError):
+    """The model's deployment has no running replica (starting, failed to load, unhealthy); the message
+    names the reason when Ray reports one (503 with Retry-After)."""
+
+    status_code = 503
+    error_type = "server_error"
+    default_code = "model_unavailable"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1, **kwargs: Any) -> None:
+        headers = kwargs.pop("headers", None) or {"Retry-After": str(retry_after_s)}
+        super().__init__(message, headers=headers, **kwargs)
+
+
+class NotReady(ServingError):
+    """``/health`` while some model is not ready (503). The OpenAI error body carries one more member,
+    ``models``: the readiness of every model (the same map a 200 answer carries)."""
+
+    status_code = 503
+    error_type = "server_error"
+    default_code = "not_ready"
+
+    def __init__(self, message: str, models: dict[str, Any], **kwargs: Any) -> None:
+        super().__init__(message, headers=kwargs.pop("headers", None) or {"Retry-After": "1"}, **kwargs)
+        self.models = models
+
+    def __reduce__(self):
+        return (NotReady, (self.message, self.models))
+
+    def body(self) -> dict[str, Any]:
+        return {**super().body(), "models": self.models}
+
+
 class RequestTimedOut(ServingError):
     status_code = 504
     error_type = "timeout_error"
@@ -169,6 +201,8 @@ def as_serving_error(exc: BaseException) -> ServingError:
         return cause
     if isinstance(exc, ServingError):
         return exc
+    if isinstance(exc, serve_exc.DeploymentUnavailableError):  # Ray gave up starting its replicas
+        return ModelUnavailable(f"{exc.message} Retry later; /health names the reason.")
     if isinstance(exc, serve_exc.BackPressureError):
         return Overloaded("The model is at capacity and its queue is full; retry shortly.")
     if isinstance(exc, (ray_exc.ActorDiedError, ray_exc.ActorUnavailableError, ray_exc.RayActorError)):

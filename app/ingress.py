@@ -24,8 +24,9 @@ from pydantic.json_schema import models_json_schema
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from app.availability import Availability, read_serve_status
 from app.config import IngressSpec
-from app.errors import ModelNotFound, ModelTaskMismatch, ReplicaUnavailable, install_error_handlers
+from app.errors import ModelNotFound, ModelTaskMismatch, NotReady, install_error_handlers
 from app.middleware import BodySizeLimit
 from app.protocol.models import ModelCard, ModelList
 from app.serving.audio import TRANSCRIPTION, TRANSLATION
@@ -95,13 +96,19 @@ class OpenAIIngress:
         self.settings = settings or IngressSpec()
         api.state.settings = self.settings
         api.state.ingress = self
+        app_name = serve.get_replica_context().app_name
+        self.availability = Availability({spec.id: spec.deployment_name for spec in specs},
+                                         lambda: read_serve_status(app_name))
+        self.availability.start()  # Serve runs the constructor on the replica's event loop
 
     def _spec(self, model: str, task: str) -> Any:
+        """The model's spec: 404 for an unknown model or another task's, 503 for one with no replica."""
         spec = self._specs.get(model)
         if spec is None:
             raise ModelNotFound(model)
         if spec.task != task:
             raise ModelTaskMismatch(model, spec.task, task)
+        self.availability.check(model)
         return spec
 
     async def serve(self, endpoint: Endpoint, request: Request) -> Response:
@@ -113,7 +120,8 @@ class OpenAIIngress:
         await serving.screen(body, inbound, spec, self._handles[spec.id])
         args = await serving.args(body, inbound, spec)
         method = getattr(self._handles[spec.id].options(stream=True), serving.method)
-        chunks = serving.chunks(upstream(method.remote(*args)), body)
+        records = self.availability.guard(spec.id, upstream(method.remote(*args)))
+        chunks = serving.chunks(records, body)
         return await respond(chunks, stream=serving.streams(body),
                              collect=lambda c: serving.collect(c, body), dump=lambda c: serving.dump(c, body),
                              render=lambda x: serving.render(x, body), timeout_s=self.settings.request_timeout_s)
@@ -131,10 +139,26 @@ class OpenAIIngress:
 
     @api.get("/health")
     async def health(self) -> JSONResponse:
-        """200 once every model deployment answers its health probe, else 503."""
-        probes = [h.check_health.remote() for h in self._handles.values()]
+        """Per-model readiness, answered from the availability view (no call waits for a missing replica).
+
+        200 ``{"status": "ok", "models": {id: state}}`` when every model has a running replica; else 503,
+        an OpenAI error (``code: not_ready``) whose body also holds the same ``models`` map. A state is
+        :class:`~app.availability.ModelState` plus ``config_error``: a refused live ``user_config``, as
+        reported by one replica's stats (null when none, or when the replica did not answer in time).
+        """
+        states = await self.availability.snapshot()
+        ready = [m for m, s in states.items() if s is not None and s.ready]
+        errors = dict(zip(ready, await asyncio.gather(*(self._config_error(m) for m in ready))))
+        models = {m: {**(s.as_dict() if s is not None else {"state": "unknown"}),
+                      "config_error": errors.get(m)} for m, s in states.items()}
+        waiting = [f"{m} ({s['state']})" for m, s in models.items() if s["state"] != "ready"]
+        if waiting:
+            raise NotReady(f"Not ready: {', '.join(waiting)}; see `models` for the reasons.", models)
+        return JSONResponse({"status": "ok", "models": models})
+
+    async def _config_error(self, model: str, timeout_s: float = 2.0) -> str | None:
         try:
-            await asyncio.wait_for(asyncio.gather(*probes), timeout=10)
-        except Exception as exc:
-            raise ReplicaUnavailable(f"not ready: {type(exc).__name__}", code="not_ready") from exc
-        return JSONResponse({"status": "ok", "models": list(self._specs)})
+            stats = await asyncio.wait_for(self._handles[model].stats.remote(), timeout_s)
+        except Exception:  # busy or just gone: readiness comes from Ray's view, not from this call
+            return None
+        return stats.get("config_error")
