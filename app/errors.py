@@ -126,6 +126,28 @@ class ReplicaUnavailable(ServingError):
         super().__init__(message, headers=kwargs.pop("headers", None) or {"Retry-After": "1"}, **kwargs)
 
 
+class ModelLoadFailed(ServingError):
+    """An on-demand model could not be loaded (500, ``model_load_failed``); the next request for it tries
+    again. The message names the model and the cause, never a traceback."""
+
+    status_code = 500
+    error_type = "server_error"
+    default_code = "model_load_failed"
+
+
+class ModelLoading(ServingError):
+    """A request waited longer than the load timeout for its on-demand model (503 with Retry-After); the
+    load goes on, so a retry may find the model loaded."""
+
+    status_code = 503
+    error_type = "server_error"
+    default_code = "model_loading"
+
+    def __init__(self, message: str, *, retry_after_s: int = 5, **kwargs: Any) -> None:
+        headers = kwargs.pop("headers", None) or {"Retry-After": str(retry_after_s)}
+        super().__init__(message, headers=headers, **kwargs)
+
+
 class RequestTimedOut(ServingError):
     status_code = 504
     error_type = "timeout_error"
