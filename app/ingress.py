@@ -24,14 +24,15 @@ from pydantic.json_schema import models_json_schema
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from app.config import IngressSpec
+from app.allowlist import nameable_models, resolve_allowed
+from app.config import IngressSpec, OnDemandSpec
 from app.errors import ModelNotFound, ModelTaskMismatch, ReplicaUnavailable, install_error_handlers
 from app.middleware import BodySizeLimit
 from app.protocol.models import ModelCard, ModelList
 from app.serving.audio import TRANSCRIPTION, TRANSLATION
 from app.serving.base import Serving
 from app.serving.chat import CHAT
-from app.streaming import respond, upstream
+from app.streaming import respond, upstream, without_served
 
 
 @dataclass(frozen=True)
@@ -88,16 +89,19 @@ api.openapi = _openapi
 @serve.ingress(api)
 class OpenAIIngress:
     def __init__(self, specs: list[Any], handles: dict[str, DeploymentHandle],
-                 settings: IngressSpec | None = None) -> None:
+                 settings: IngressSpec | None = None, *, on_demand: OnDemandSpec | None = None,
+                 multiplexed: DeploymentHandle | None = None, directory: DeploymentHandle | None = None) -> None:
         self._specs = {spec.id: spec for spec in specs}
         self._handles = handles
+        self._on_demand, self._multiplexed, self._directory = on_demand, multiplexed, directory
         self._created = int(time.time())
         self.settings = settings or IngressSpec()
         api.state.settings = self.settings
         api.state.ingress = self
 
     def _spec(self, model: str, task: str) -> Any:
-        spec = self._specs.get(model)
+        """A pinned model's spec, else an allowed on-demand model's (app/allowlist.py), else 404."""
+        spec = self._specs.get(model) or resolve_allowed(self._on_demand, model)
         if spec is None:
             raise ModelNotFound(model)
         if spec.task != task:
@@ -111,22 +115,48 @@ class OpenAIIngress:
         spec = self._spec(inbound.model, serving.task)
         body = await serving.validate(inbound, spec)
         args = await serving.args(body, inbound, spec)
-        method = getattr(self._handles[spec.id].options(stream=True), serving.method)
-        chunks = serving.chunks(upstream(method.remote(*args)), body)
-        return await respond(chunks, stream=serving.streams(body),
-                             collect=lambda c: serving.collect(c, body), dump=lambda c: serving.dump(c, body),
-                             render=lambda x: serving.render(x, body), timeout_s=self.settings.request_timeout_s)
+        handle = self._handles.get(spec.id) or self._multiplexed.options(multiplexed_model_id=spec.id)
+        method = getattr(handle.options(stream=True), serving.method)
+        served: dict[str, str] = {}
+        chunks = serving.chunks(without_served(upstream(method.remote(*args)), served), body)
+        response = await respond(chunks, stream=serving.streams(body), collect=lambda c: serving.collect(c, body),
+                                 dump=lambda c: serving.dump(c, body), render=lambda x: serving.render(x, body),
+                                 timeout_s=self.settings.request_timeout_s)
+        response.headers.update(served)
+        return response
 
     @api.get("/v1/models")
     async def list_models(self) -> dict[str, Any]:
-        cards = [ModelCard(id=model, created=self._created) for model in self._specs]
-        return ModelList(data=cards).model_dump()
+        """Pinned models, then every allowed on-demand model this server can name, with its status."""
+        cards = [ModelCard(id=model, created=self._created, status="pinned") for model in self._specs]
+        if self._on_demand is not None:
+            names = await asyncio.to_thread(nameable_models, self._on_demand)  # reads directories
+            states = await self._on_demand_states()
+            cards += [self._on_demand_card(n, states) for n in names if n not in self._specs]
+        return ModelList(data=cards).model_dump(exclude_none=True)
 
     @api.get("/v1/models/{model:path}")
     async def get_model(self, model: str) -> dict[str, Any]:
-        if model not in self._specs:
+        if model in self._specs:
+            return ModelCard(id=model, created=self._created, status="pinned").model_dump(exclude_none=True)
+        if resolve_allowed(self._on_demand, model) is None:
             raise ModelNotFound(model)
-        return ModelCard(id=model, created=self._created).model_dump()
+        return self._on_demand_card(model, await self._on_demand_states()).model_dump(exclude_none=True)
+
+    def _on_demand_card(self, model: str, states: dict[str, dict[str, int]]) -> ModelCard:
+        counts = states.get(model, {})
+        status = "loaded" if counts.get("loaded") else "loading" if counts.get("loading") else "available"
+        return ModelCard(id=model, created=self._created, status=status,
+                         loaded_replicas=counts.get("loaded", 0))
+
+    async def _on_demand_states(self) -> dict[str, dict[str, int]]:
+        """Per model, on how many replicas it is loaded or loading (the directory; empty if it fails)."""
+        if self._directory is None:
+            return {}
+        try:
+            return await asyncio.wait_for(self._directory.snapshot.remote(), timeout=5)
+        except Exception:  # the listing still answers: every model shows as available
+            return {}
 
     @api.get("/health")
     async def health(self) -> JSONResponse:
@@ -137,3 +167,4 @@ class OpenAIIngress:
         except Exception as exc:
             raise ReplicaUnavailable(f"not ready: {type(exc).__name__}", code="not_ready") from exc
         return JSONResponse({"status": "ok", "models": list(self._specs)})
+

@@ -7,7 +7,9 @@ factory as an argument, so tests inject others.
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 import torch
 
@@ -92,3 +94,37 @@ def load_whisper_engine(spec: TranscriptionModelSpec) -> WhisperEngine:
     return WhisperEngine(model, processor, device=device, dtype=dtype,
                          max_new_tokens=spec.audio.max_new_tokens_per_window,
                          max_windows_per_batch=spec.audio.max_windows_per_batch)
+
+
+# --- on-demand loading (deployments/multiplexed.py): split in two so the pool can make room in between --
+
+def prepare_chat(spec: ChatModelSpec) -> tuple[Path, int]:
+    """Fetch or build ``spec``'s checkpoint (no model in memory yet); return its directory and the bytes
+    its weights will take once loaded (file sizes scaled from the stored dtype to the loaded one)."""
+    path = resolve_source(spec.source, spec.revision)
+    return path, estimate_weight_bytes(path, spec)
+
+
+def load_prepared_chat(spec: ChatModelSpec, path: Path) -> tuple[GenerationEngine, int]:
+    """Load the checkpoint that :func:`prepare_chat` returned; return the engine and its weight bytes."""
+    engine = load_chat_engine(spec.model_copy(update={"source": str(path)}))
+    return engine, weight_bytes(engine.model)
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of a model's parameters and buffers (shared tensors counted once)."""
+    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def estimate_weight_bytes(path: Path, spec: ChatModelSpec) -> int:
+    """Weight files' size, scaled from the checkpoint's stored dtype to the dtype the spec loads."""
+    files = sorted(Path(path).glob("*.safetensors")) or sorted(Path(path).glob("*.bin"))
+    stored = sum(f.stat().st_size for f in files)
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+        stored_dtype = DTYPES.get(config.get("dtype") or config.get("torch_dtype") or "", torch.float32)
+    except (OSError, ValueError):
+        stored_dtype = torch.float32
+    target = pick_dtype(spec, pick_device(spec))
+    return int(stored * target.itemsize / stored_dtype.itemsize)
