@@ -104,7 +104,8 @@ class MultiplexedChatDeployment:
         self._directory = directory
         self.pool = ModelPool(loader or ChatLoader(on_demand), max_models=on_demand.max_models_per_replica,
                               memory_budget_bytes=on_demand.memory_budget_bytes,
-                              load_timeout_s=on_demand.load_timeout_s, on_change=self._changed)
+                              load_timeout_s=on_demand.load_timeout_s, on_change=self._changed,
+                              log=logging.getLogger("ray.serve"))  # Serve's replica log, request ids included
         # One thread for chat templates and tokenization (of every model here): tokenizers are not
         # shared between threads, and each prompt is bounded by its model's context.
         self._preprocess = ThreadPoolExecutor(max_workers=1, thread_name_prefix="preprocess")

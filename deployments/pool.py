@@ -78,8 +78,10 @@ class ModelPool:
     """See the module docstring. Use from one event loop."""
 
     def __init__(self, loader: Loader, *, max_models: int, memory_budget_bytes: int | None = None,
-                 load_timeout_s: float = 300.0, on_change: Callable[[], None] | None = None) -> None:
+                 load_timeout_s: float = 300.0, on_change: Callable[[], None] | None = None,
+                 log: logging.Logger = logger) -> None:
         self.loader = loader
+        self.log = log
         self.max_models = max_models
         self.memory_budget_bytes = memory_budget_bytes
         self.load_timeout_s = load_timeout_s
@@ -150,19 +152,19 @@ class ModelPool:
                                       f"server's per-replica memory budget ({self.memory_budget_bytes}).",
                                       param="model", code="model_too_large")
             await self._make_room(entry, deadline)
-            logger.info("loading model %s (about %d bytes)", model_id, entry.bytes)
+            self.log.info("loading model %s (about %d bytes)", model_id, entry.bytes)
             engine, size = await loop.run_in_executor(self._executor, self.loader.load, entry.spec, prepared)
             entry.engine, entry.bytes, entry.loaded = engine, size, True
             seconds = time.monotonic() - started
             counters.loads += 1
             counters.load_seconds += seconds
-            logger.info("loaded model %s in %.2f s (%d bytes)", model_id, seconds, size)
+            self.log.info("loaded model %s in %.2f s (%d bytes)", model_id, seconds, size)
         except BaseException as exc:
             counters.load_failures += 1
             if self._entries.get(model_id) is entry:
                 del self._entries[model_id]
             self._freed.set()
-            logger.warning("loading model %s failed: %s: %s", model_id, type(exc).__name__, exc)
+            self.log.warning("loading model %s failed: %s: %s", model_id, type(exc).__name__, exc)
             if isinstance(exc, (ServingError, asyncio.CancelledError)):
                 raise
             raise ModelLoadFailed(f"The model '{model_id}' could not be loaded: {type(exc).__name__}: "
@@ -202,11 +204,11 @@ class ModelPool:
         self._unloading_bytes += entry.bytes
         self._counters(model_id).evictions += 1
         self._on_change()
-        logger.info("evicting model %s (least recently used, idle; %d bytes)", model_id, entry.bytes)
+        self.log.info("evicting model %s (least recently used, idle; %d bytes)", model_id, entry.bytes)
         try:
             await self.loader.unload(engine)
         except Exception:
-            logger.exception("unloading model %s failed", model_id)
+            self.log.exception("unloading model %s failed", model_id)
         finally:
             self._unloading_bytes -= entry.bytes
             self._freed.set()

@@ -12,12 +12,15 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from deployments.models.corpus import corpus
 from deployments.models.whisper_demo import WHISPER_DEMO
+
+_BUILD_LOCK = threading.Lock()
 
 # Bump when a builder's output changes, so stale caches are rebuilt rather than reused.
 BUILD_VERSION = 1
@@ -120,7 +123,10 @@ def demo_path(name: str, builders: dict[str, CausalLMDemo] | None = None) -> Pat
     target = demo_cache_root() / f"{name}-v{BUILD_VERSION}"
     if (target / "config.json").exists():
         return target
-    return _build_atomically(target, builders[name].build)
+    with _BUILD_LOCK:  # builds seed torch's process-global RNG: one at a time per process
+        if (target / "config.json").exists():
+            return target
+        return _build_atomically(target, builders[name].build)
 
 
 def _build_atomically(target: Path, build: Callable[[Path], None]) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from pathlib import Path
 
 import torch
@@ -19,6 +20,12 @@ from deployments.engines.whisper import WhisperEngine
 from deployments.models.sources import resolve_source
 
 logger = logging.getLogger(__name__)
+
+# transformers' from_pretrained is not thread-safe: it builds the model under process-global state (the
+# default dtype, a meta-device context, patched init and tie functions), and two threads loading at once
+# fail ("Cannot copy out of meta tensor") or, worse, leave weights uninitialised. Only that step is
+# serialised; fetching weights, tokenizers and moving to the device run in parallel.
+FROM_PRETRAINED_LOCK = threading.Lock()
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -51,8 +58,9 @@ def load_chat_engine(spec: ChatModelSpec) -> GenerationEngine:
     if not tokenizer.chat_template:
         raise ValueError(f"model {spec.id!r}: the tokenizer at {path} has no chat template; set "
                          "`chat_template` in the model's config")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
-                                                 trust_remote_code=spec.trust_remote_code)
+    with FROM_PRETRAINED_LOCK:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
+                                                     trust_remote_code=spec.trust_remote_code)
     model.to(device).eval()
     eos = model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -88,7 +96,8 @@ def load_whisper_engine(spec: TranscriptionModelSpec) -> WhisperEngine:
     if device.type == "cuda" and spec.dtype == "auto":
         dtype = torch.float16 if dtype == torch.float32 else dtype
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
-    model = WhisperForConditionalGeneration.from_pretrained(path, dtype=dtype)
+    with FROM_PRETRAINED_LOCK:
+        model = WhisperForConditionalGeneration.from_pretrained(path, dtype=dtype)
     model.to(device).eval()
     logger.info("loaded %s from %s on %s as %s", spec.id, path, device, dtype)
     return WhisperEngine(model, processor, device=device, dtype=dtype,
