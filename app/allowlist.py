@@ -20,7 +20,7 @@ import os
 import re
 from pathlib import Path
 
-from app.config import AllowEntry, ChatModelSpec, OnDemandSpec
+from app.config import AllowEntry, ChatBatchingSpec, ChatModelSpec, OnDemandSpec
 
 MAX_NAME_LENGTH = 128
 # One or two segments ("name" or "org/name"), each starting with a letter or digit: no leading "/", ".",
@@ -67,8 +67,9 @@ def resolve_allowed(on_demand: OnDemandSpec | None, name: object) -> ChatModelSp
     if match is None:
         return None
     entry, source = match
-    fields = entry.model_dump(exclude={"pattern", "source"})
-    return ChatModelSpec(id=name, source=source, deployment=on_demand.deployment, **fields)
+    fields = entry.model_dump(exclude={"pattern", "source", "batching"})
+    return ChatModelSpec(id=name, source=source, deployment=on_demand.deployment,
+                         batching=ChatBatchingSpec(**entry.batching.model_dump()), **fields)
 
 
 def checked_source(on_demand: OnDemandSpec | None, name: str) -> str:

@@ -34,8 +34,9 @@ class BatchingSpec(_Strict):
         "latency; raise it only to trade latency for fuller batches."))
 
 
-class ChatBatchingSpec(BatchingSpec):
-    """Batching of a chat model: admission plus the continuous-batching engine's bounds."""
+class EngineBatchingSpec(_Strict):
+    """The continuous-batching engine's bounds (an on-demand model's batching: it has no @serve.batch
+    admission of its own; requests go straight to its engine)."""
 
     max_prefill_tokens: int = Field(4096, ge=1, description=(
         "Most prompt tokens prefilled between two decode steps (at least one request): bounds how long "
@@ -43,6 +44,10 @@ class ChatBatchingSpec(BatchingSpec):
     max_running_rows: int = Field(64, ge=1, le=4096, description=(
         "Most sequences decoded together: batches admitted while others are still decoding join the "
         "running batch (continuous batching) up to this many rows; further batches wait."))
+
+
+class ChatBatchingSpec(BatchingSpec, EngineBatchingSpec):
+    """Batching of a chat model: admission plus the continuous-batching engine's bounds."""
 
 
 class GenerationLimits(_Strict):
@@ -163,8 +168,9 @@ class AllowEntry(_Strict):
         "Allow model code shipped with admitted checkpoints; off unless an entry says so."))
     chat_template: str | None = Field(None, description="Chat template overriding the tokenizer's.")
     prefill_threads: int | None = Field(None, ge=1, le=256, description="See ChatModelSpec.")
-    batching: ChatBatchingSpec = Field(default_factory=ChatBatchingSpec, description=(
-        "Engine batching bounds of each admitted model (max_running_rows, max_prefill_tokens)."))
+    batching: EngineBatchingSpec = Field(default_factory=EngineBatchingSpec, description=(
+        "Engine batching bounds of each admitted model (each model has its own engine, so a batch never "
+        "mixes models)."))
     limits: GenerationLimits = Field(default_factory=GenerationLimits, description=(
         "Per-request generation bounds of each admitted model."))
 

@@ -119,6 +119,8 @@ def itl_during_load(base: str, steady: str, loading: str, max_tokens: int) -> di
 
 
 def mixed(base: str, requests: int, clients: int, max_tokens: int, seed: int) -> dict:
+    for model in MODELS:  # a fresh replica imports model code on its first load: not part of the run
+        stream(base, model, 2)
     evict_all()
     order = random.Random(seed).choices(MODELS, k=requests)
     before = handle().stats.remote().result()["counters"]

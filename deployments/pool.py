@@ -54,7 +54,7 @@ class ModelCounters:
     loads: int = 0
     load_failures: int = 0
     evictions: int = 0
-    load_seconds: float = 0.0
+    load_seconds: float = 0.0  # fetching and loading (prepare + load), not waiting for room
     requests: int = 0
 
 
@@ -147,15 +147,17 @@ class ModelPool:
         counters = self._counters(model_id)
         try:
             prepared, entry.bytes = await loop.run_in_executor(self._executor, self.loader.prepare, entry.spec)
+            working = time.monotonic() - started  # load seconds count fetching and loading, not waiting
             if self.memory_budget_bytes is not None and entry.bytes > self.memory_budget_bytes:
                 raise ModelLoadFailed(f"The model '{model_id}' needs about {entry.bytes} bytes, more than this "
                                       f"server's per-replica memory budget ({self.memory_budget_bytes}).",
                                       param="model", code="model_too_large")
             await self._make_room(entry, deadline)
             self.log.info("loading model %s (about %d bytes)", model_id, entry.bytes)
+            loading = time.monotonic()
             engine, size = await loop.run_in_executor(self._executor, self.loader.load, entry.spec, prepared)
             entry.engine, entry.bytes, entry.loaded = engine, size, True
-            seconds = time.monotonic() - started
+            seconds = working + time.monotonic() - loading
             counters.loads += 1
             counters.load_seconds += seconds
             self.log.info("loaded model %s in %.2f s (%d bytes)", model_id, seconds, size)

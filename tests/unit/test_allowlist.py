@@ -102,5 +102,10 @@ def test_config_on_demand_section():
     with pytest.raises(ValueError, match="already the name"):
         AppArgs.model_validate({"models": [{"id": "x", "source": "demo:chat", "deployment": "on-demand"}],
                                 "on_demand": {"allow": [{"pattern": "demo-*", "source": "demo"}]}})
+    with pytest.raises(ValueError, match="max_batch_size"):  # no @serve.batch admission on demand
+        OnDemandSpec.model_validate({"allow": [{"pattern": "x", "batching": {"max_batch_size": 4}}]})
+    spec = resolve_allowed(OnDemandSpec.model_validate(
+        {"allow": [{"pattern": "x", "batching": {"max_running_rows": 5}}]}), "x")
+    assert spec.batching.max_running_rows == 5
     with pytest.raises(ValueError, match="typo"):
         OnDemandSpec.model_validate({"allow": [{"pattern": "x", "typo": 1}]})
