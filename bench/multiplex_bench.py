@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -182,7 +184,12 @@ def main() -> None:
               for n, r in runs.items()]
     text = "\n".join(lines)
     print(text)
-    Path(args.out).write_text(f"# On-demand models\n\n`python bench/multiplex_bench.py`\n\n{text}\n")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    machine = (f"{os.cpu_count()} CPUs, shared with other jobs (noisy: compare rows of one run), no GPU; "
+               f"run {time.strftime('%Y-%m-%dT%H:%M:%S')} at commit {commit}")
+    Path(args.out).write_text(f"# On-demand models\n\n`python bench/multiplex_bench.py {' '.join(sys.argv[1:])}`"
+                              f"\n\n{machine}.\n\n{text}\n")
 
 
 if __name__ == "__main__":
