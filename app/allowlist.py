@@ -104,6 +104,14 @@ def _listdir(path: Path) -> list[str]:
         return []
 
 
+def _loadable(on_demand: OnDemandSpec, name: str) -> bool:
+    try:
+        checked_source(on_demand, name)
+    except ValueError:
+        return False
+    return True
+
+
 def nameable_models(on_demand: OnDemandSpec | None) -> list[str]:
     """Allowed names this server can list: exact ids of the allow-list, the demo models, the models
     root's subdirectories and the models in the local hub cache (each kept only if it is allowed).
@@ -117,7 +125,7 @@ def nameable_models(on_demand: OnDemandSpec | None) -> list[str]:
         if entry.source == "demo":
             candidates += [DEMO_PREFIX + d for d in DEMO_CHAT_MODELS]
     if on_demand.models_root is not None:
-        candidates += _listdir(Path(on_demand.models_root))
+        candidates += [n for n in _listdir(Path(on_demand.models_root)) if _loadable(on_demand, n)]
     candidates += [d.removeprefix("models--").replace("--", "/", 1)
                    for d in _listdir(_hub_cache()) if d.startswith("models--")]
     seen: dict[str, None] = {}

@@ -163,7 +163,7 @@ class MultiplexedChatDeployment:
     def stats(self) -> dict[str, Any]:
         """The pool (models, states, LRU order, per-model counters), this replica and its memory."""
         return {"replica_id": self.replica_id, "rss_bytes": resident_bytes(), **self.pool.stats(),
-                "engines": {m: e.engine.stats() for m, e in self.pool._entries.items() if e.loaded}}
+                "engines": {m: engine.stats() for m, engine in self.pool.engines().items()}}
 
     async def evict_idle(self) -> list[str]:
         """Unload every model with no request in flight (operators, tests)."""

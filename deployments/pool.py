@@ -229,6 +229,10 @@ class ModelPool:
     def _counters(self, model_id: str) -> ModelCounters:
         return self.counters.setdefault(model_id, ModelCounters())
 
+    def engines(self) -> dict[str, Any]:
+        """``{model id: engine}`` of the loaded models."""
+        return {model_id: e.engine for model_id, e in self._entries.items() if e.loaded}
+
     def states(self) -> dict[str, str]:
         """``{model id: "loaded" | "loading"}`` for every model this pool holds or is loading."""
         return {model_id: e.state for model_id, e in self._entries.items()}

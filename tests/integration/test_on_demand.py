@@ -57,13 +57,17 @@ def test_openai_sdk_gets_an_allowed_model_that_is_not_pinned(server, client):
     completion = reply.parse()
     assert completion.model == S1 and completion.choices[0].finish_reason in ("stop", "length")
     assert reply.headers["x-replica-id"] == stats()["replica_id"]
+    with requests.post(f"{server}/v1/chat/completions", stream=True, timeout=60, json={
+            "model": S1, "messages": msgs("hi"), "max_tokens": 4, "stream": True}) as streamed:
+        assert streamed.status_code == 200 and streamed.headers["x-replica-id"] == stats()["replica_id"]
     listed = requests.get(f"{server}/v1/models", timeout=30).json()
     assert_valid(listed, "ListModelsResponse")
     cards = {m["id"]: m for m in listed["data"]}
     assert cards["demo-chat"]["status"] == "pinned"
     assert cards[S1]["status"] == "loaded" and cards[S1]["loaded_replicas"] == 1
     assert cards["demo-bench"]["status"] == "available"
-    assert "local-broken" in cards and "demo-whisper" not in {k for k, v in cards.items() if "loaded_replicas" in v}
+    assert cards["local-broken"]["status"] == "available" and "local-escape" not in cards
+    assert "loaded_replicas" not in cards["demo-whisper"]  # pinned
     one = client.models.retrieve(S1)
     assert one.id == S1 and one.model_extra["status"] == "loaded"
 

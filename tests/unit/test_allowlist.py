@@ -78,6 +78,7 @@ def test_nameable_models_lists_allowed_names_only(tmp_path, monkeypatch):
     root = tmp_path / "models"
     for d in ["alpha", "beta", ".hidden", "bad name"]:
         (root / d).mkdir(parents=True)
+    os.symlink(tmp_path, root / "escape")  # leads out of the root: not listed
     cache = tmp_path / "hub"
     for d in ["models--Qwen--Qwen2.5-0.5B", "models--Other--thing", "datasets--x--y"]:
         (cache / d).mkdir(parents=True)
@@ -85,7 +86,7 @@ def test_nameable_models_lists_allowed_names_only(tmp_path, monkeypatch):
     names = nameable_models(on_demand(str(root)))
     assert {"alpha", "beta", "exact-model", "Qwen/Qwen2.5-0.5B"} <= set(names)
     assert {f"demo-{d}" for d in DEMO_CHAT_MODELS} <= set(names)
-    assert not {".hidden", "bad name", "Other/thing"} & set(names)
+    assert not {".hidden", "bad name", "Other/thing", "escape"} & set(names)
 
 
 def test_demo_family_matches_the_built_in_demo_models():
