@@ -2,8 +2,8 @@
 
 Each pinned model gets its own deployment (named :attr:`deployment_name`; class by task, from
 :data:`TASKS`), all bound into one :class:`OpenAIIngress`; with an ``on_demand`` section, so are the
-multiplexed deployment that loads every other allowed model and its model directory. Options given here are defaults; the
-``deployments:`` section of the Serve config overrides them the Ray Serve way. Importing this module
+multiplexed deployment that loads every other allowed model and its model directory. Options given here
+are defaults; the ``deployments:`` section of the Serve config overrides them the Ray Serve way. Importing this module
 loads no torch: deployment modules import their engines only inside the replicas.
 """
 

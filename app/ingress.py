@@ -167,4 +167,3 @@ class OpenAIIngress:
         except Exception as exc:
             raise ReplicaUnavailable(f"not ready: {type(exc).__name__}", code="not_ready") from exc
         return JSONResponse({"status": "ok", "models": list(self._specs)})
-

@@ -209,3 +209,18 @@ def test_requests_for_a_model_stay_on_the_replica_that_holds_it(sticky_app):
     assert [replica_of(S2) for _ in range(4)] == [other] * 4
     cards = {m["id"]: m for m in requests.get(f"{sticky_app}/v1/models", timeout=30).json()["data"]}
     assert cards[S1]["loaded_replicas"] == 1 and cards[S2]["loaded_replicas"] == 1
+
+
+async def test_requests_for_two_models_at_once_match_each_alone(async_client):
+    """Each model has its own engine: a batch never mixes models, so outputs do not depend on what the
+    other model is serving meanwhile (greedy)."""
+    async def answer(model, prompt):
+        r = await async_client.chat.completions.create(model=model, messages=msgs(prompt), max_tokens=16,
+                                                       temperature=0)
+        return r.choices[0].message.content
+
+    prompts = ["hi", "one two", "Paris is the capital of"]
+    alone = {(m, p): await answer(m, p) for m in (S1, S2) for p in prompts}
+    together = await asyncio.gather(*(answer(m, p) for m in (S1, S2) for p in prompts))
+    assert dict(zip(alone, together)) == alone
+    assert alone[(S1, "hi")] != alone[(S2, "hi")]  # two different models answered
