@@ -29,6 +29,7 @@ and a replica not heard from for ``DIRECTORY_TTL_S`` drops out.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import os
 import time
@@ -56,17 +57,16 @@ class ChatLoader:
 
     def __init__(self, on_demand: OnDemandSpec) -> None:
         self.on_demand = on_demand
+        # torch and transformers are imported when the replica starts (seconds), not by the first request.
+        self._models = importlib.import_module("deployments.models.loader")
+        self._models.import_model_code()
 
     def prepare(self, spec: ChatModelSpec) -> tuple[Any, int]:
-        from deployments.models.loader import prepare_chat
-
         source = checked_source(self.on_demand, spec.id)
-        return prepare_chat(spec.model_copy(update={"source": source}))
+        return self._models.prepare_chat(spec.model_copy(update={"source": source}))
 
     def load(self, spec: ChatModelSpec, prepared: Any) -> tuple[Any, int]:
-        from deployments.models.loader import load_prepared_chat
-
-        return load_prepared_chat(spec, prepared)
+        return self._models.load_prepared_chat(spec, prepared)
 
     async def unload(self, engine: Any) -> None:
         for _ in range(200):  # a cancelled request's rows leave the batch at the engine's next step

@@ -107,6 +107,15 @@ def load_whisper_engine(spec: TranscriptionModelSpec) -> WhisperEngine:
 
 # --- on-demand loading (deployments/multiplexed.py): split in two so the pool can make room in between --
 
+def import_model_code() -> None:
+    """Resolve transformers' lazy model-loading modules now: on a busy CPU that takes seconds, which a
+    replica should spend when it starts rather than in its first request's load."""
+    import transformers
+
+    for name in ("AutoModelForCausalLM", "AutoTokenizer", "PreTrainedModel"):
+        getattr(transformers, name)
+
+
 def prepare_chat(spec: ChatModelSpec) -> tuple[Path, int]:
     """Fetch or build ``spec``'s checkpoint (no model in memory yet); return its directory and the bytes
     its weights will take once loaded (file sizes scaled from the stored dtype to the loaded one)."""
