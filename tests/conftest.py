@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -17,6 +19,7 @@ MODELS_ROOT = Path(tempfile.mkdtemp(prefix="test-models-root-"))
 (MODELS_ROOT / "local-broken").mkdir()
 (MODELS_ROOT / "local-broken" / "config.json").write_text("{this is not json")
 os.symlink(tempfile.gettempdir(), MODELS_ROOT / "local-escape")
+atexit.register(shutil.rmtree, MODELS_ROOT, True)
 
 # The app the integration tests serve: small replicas (fractional CPUs) so it fits 2 cores.
 TEST_APP_ARGS = {
