@@ -144,6 +144,7 @@ class Availability:
         self._first = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._failing = False
+        self._rereading: asyncio.Future | None = None  # check()'s re-read of a not-ready view
         # Its own thread: the read blocks (a controller call) and must not take a worker from the loop's
         # default pool, which request handlers use; one read is in flight at a time.
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="availability")
@@ -206,9 +207,17 @@ class Availability:
                 pass
         return {m: self.state(m) for m in self._deployments}
 
-    def check(self, model: str) -> None:
-        """Raise ModelUnavailable (503) when the model is known to have no running replica."""
+    async def check(self, model: str) -> None:
+        """Raise ModelUnavailable (503) when the model has no running replica. A view that says so is
+        read again first (one read shared by concurrent callers), so a model that came up since the
+        last refresh is never refused on a stale view; the common, ready path costs nothing."""
         self.start()
+        state = self.state(model)
+        if state is None or state.ready:
+            return
+        if self._rereading is None or self._rereading.done():
+            self._rereading = asyncio.ensure_future(self.refresh())
+        await asyncio.shield(self._rereading)
         state = self.state(model)
         if state is not None and not state.ready:
             raise unavailable(model, state)

@@ -118,30 +118,35 @@ class RequestTooLarge(ServingError):
     default_code = "request_too_large"
 
 
-class Overloaded(ServingError):
+class Retryable(ServingError):
+    """An answer the client should retry later: it carries ``Retry-After`` (``retry_after_s`` seconds,
+    the class's default unless the caller gives one)."""
+
+    retry_after_s: int = 1
+
+    def __init__(self, message: str, *, retry_after_s: int | None = None, **kwargs: Any) -> None:
+        seconds = self.retry_after_s if retry_after_s is None else retry_after_s
+        super().__init__(message, headers=kwargs.pop("headers", None) or {"Retry-After": str(seconds)},
+                         **kwargs)
+
+
+class Overloaded(Retryable):
     """A model's queue is full; the client should retry after ``retry_after_s`` seconds (503)."""
 
     status_code = 503
     error_type = "server_overloaded"
     default_code = "overloaded"
 
-    def __init__(self, message: str, *, retry_after_s: int = 1, **kwargs: Any) -> None:
-        headers = kwargs.pop("headers", None) or {"Retry-After": str(retry_after_s)}
-        super().__init__(message, headers=headers, **kwargs)
 
-
-class ReplicaUnavailable(ServingError):
+class ReplicaUnavailable(Retryable):
     """The model replica handling the request died or cannot be reached (503, always: not a rate limit)."""
 
     status_code = 503
     error_type = "server_error"
     default_code = "replica_unavailable"
 
-    def __init__(self, message: str, **kwargs: Any) -> None:
-        super().__init__(message, headers=kwargs.pop("headers", None) or {"Retry-After": "1"}, **kwargs)
 
-
-class ModelUnavailable(ServingError):
+class ModelUnavailable(Retryable):
     """The model's deployment has no running replica (starting, failed to load, unhealthy); the message
     names the reason when Ray reports one (503 with Retry-After)."""
 
@@ -149,12 +154,27 @@ class ModelUnavailable(ServingError):
     error_type = "server_error"
     default_code = "model_unavailable"
 
-    def __init__(self, message: str, *, retry_after_s: int = 1, **kwargs: Any) -> None:
-        headers = kwargs.pop("headers", None) or {"Retry-After": str(retry_after_s)}
-        super().__init__(message, headers=headers, **kwargs)
+
+class ModelLoadFailed(ServingError):
+    """An on-demand model could not be loaded (500, ``model_load_failed``); the next request for it tries
+    again. The message names the model and the cause, never a traceback."""
+
+    status_code = 500
+    error_type = "server_error"
+    default_code = "model_load_failed"
 
 
-class NotReady(ServingError):
+class ModelLoading(Retryable):
+    """A request waited longer than the load timeout for its on-demand model (503 with Retry-After); the
+    load goes on, so a retry may find the model loaded."""
+
+    status_code = 503
+    error_type = "server_error"
+    default_code = "model_loading"
+    retry_after_s = 5
+
+
+class NotReady(Retryable):
     """``/health`` while some model is not ready (503). The OpenAI error body carries one more member,
     ``models``: the readiness of every model (the same map a 200 answer carries)."""
 
@@ -163,7 +183,7 @@ class NotReady(ServingError):
     default_code = "not_ready"
 
     def __init__(self, message: str, models: dict[str, Any], **kwargs: Any) -> None:
-        super().__init__(message, headers=kwargs.pop("headers", None) or {"Retry-After": "1"}, **kwargs)
+        super().__init__(message, **kwargs)
         self.models = models
 
     def __reduce__(self):

@@ -74,9 +74,7 @@ class LLMDeployment(BatchedDeployment):
         """``{"context_len": tokens, "prompt_bytes": most UTF-8 bytes of message text that can fit}``:
         the ingress refuses larger prompts itself."""
         if self._limits is None:
-            from deployments.engines.chat_params import prompt_bytes_limit
+            from deployments.engines.chat_params import prompt_limits
 
-            context_len = self.engine.context_len
-            prompt_bytes = await asyncio.to_thread(prompt_bytes_limit, self.engine.tokenizer, context_len)
-            self._limits = {"context_len": context_len, "prompt_bytes": prompt_bytes}
+            self._limits = await asyncio.to_thread(prompt_limits, self.engine)
         return self._limits

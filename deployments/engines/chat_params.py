@@ -45,6 +45,13 @@ def prompt_bytes_limit(tokenizer: Any, context_len: int) -> int:
     return context_len * _longest_token_bytes(tokenizer) * _normalizer_shrink(tokenizer)
 
 
+def prompt_limits(engine: Any) -> dict[str, int]:
+    """``{"context_len": tokens, "prompt_bytes": most UTF-8 bytes of message text that can fit}`` of a
+    chat engine: what a deployment tells the ingress so it can refuse larger prompts itself."""
+    return {"context_len": engine.context_len,
+            "prompt_bytes": prompt_bytes_limit(engine.tokenizer, engine.context_len)}
+
+
 def _check_prompt_size(request: ChatCompletionRequest, tokenizer: Any, context_len: int) -> None:
     """ContextLengthExceeded if the messages' UTF-8 size alone proves they cannot fit ``context_len``;
     never calls the tokenizer (only its vocabulary, once per tokenizer)."""

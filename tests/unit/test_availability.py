@@ -80,15 +80,24 @@ class View:
 async def test_check_refuses_a_model_without_replicas_and_passes_others():
     view = View(good=overview("HEALTHY", 1), bad=overview("DEPLOY_FAILED", 0, LOAD_FAILED))
     availability = Availability({"good-model": "good", "bad-model": "bad"}, view)
-    availability.check("bad-model")  # unknown before the first refresh: requests go through
+    await availability.check("bad-model")  # unknown before the first refresh: requests go through
     await availability.refresh()
-    availability.check("good-model")
+    await availability.check("good-model")
     with pytest.raises(ModelUnavailable) as refused:
-        availability.check("bad-model")
+        await availability.check("bad-model")
     err = refused.value
     assert (err.status_code, err.code, err.param, err.headers) == (503, "model_unavailable", "model",
                                                                    {"Retry-After": "1"})
     assert "SourceError: model directory '/nope' does not exist" in err.message and "File" not in err.message
+
+
+async def test_a_stale_not_ready_view_is_read_again_before_a_request_is_refused():
+    view = View(slow=overview("UPDATING", 0))
+    availability = Availability({"slow-model": "slow"}, view, interval_s=3600)
+    await availability.refresh()  # the view now says: starting
+    view.deployments = {"slow": overview("HEALTHY", 1)}  # it came up since the last refresh
+    await availability.check("slow-model")  # served, not refused on the stale view
+    assert availability.state("slow-model").ready
 
 
 async def test_guard_abandons_a_queued_request_when_the_model_loses_its_replicas():
