@@ -109,12 +109,13 @@ def test_a_model_whose_load_fails_answers_503_naming_the_reason_while_others_ser
 
 
 def test_health_lists_every_model_ready(server):
+    """Every pinned model, and the on-demand deployment (under its deployment name)."""
     resp = requests.get(f"{server}/health", timeout=30)
     assert resp.status_code == 200, resp.text
     body = resp.json()
     assert body["status"] == "ok"
     assert {m: (s["state"], s["running_replicas"], s["config_error"]) for m, s in body["models"].items()} == {
-        "demo-chat": ("ready", 1, None), "demo-whisper": ("ready", 1, None)}
+        "demo-chat": ("ready", 1, None), "demo-whisper": ("ready", 1, None), "on-demand": ("ready", 1, None)}
 
 
 def replica_names(deployment, app):
