@@ -1,8 +1,8 @@
 """Validate JSON bodies against component schemas of the official OpenAI OpenAPI spec.
 
-The spec (../shared/reference/openai-openapi.yaml from the project root) mixes OpenAPI 3.0 ``nullable``
-with 3.1 JSON Schema; ``nullable: true`` is rewritten to "or null" so one JSON Schema 2020-12 validator
-handles both.
+The spec (``tests/data/openai-openapi.yaml``, vendored unmodified; source, commit and license in
+``tests/data/SOURCE.md``) mixes OpenAPI 3.0 ``nullable`` with 3.1 JSON Schema; ``nullable: true`` is
+rewritten to "or null" so one JSON Schema 2020-12 validator handles both.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import yaml
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 
-SPEC_PATH = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "openai-openapi.yaml"
+SPEC_PATH = Path(__file__).resolve().parent / "data" / "openai-openapi.yaml"
 
 
 def _denull(node: Any) -> Any:
