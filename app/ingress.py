@@ -59,16 +59,18 @@ api.state.settings = IngressSpec()
 api.add_middleware(BodySizeLimit, limit=lambda: api.state.settings.max_request_body_bytes)
 
 
-def _route(endpoint: Endpoint):
-    async def handler(request: Request) -> Response:
-        return await api.state.ingress.serve(endpoint, request)
+def add_endpoint(app: FastAPI, endpoint: Endpoint) -> None:
+    """Route ``POST endpoint.path`` of ``app`` to the ingress's one request path."""
 
-    return handler
+    async def handler(request: Request) -> Response:
+        return await app.state.ingress.serve(endpoint, request)
+
+    app.add_api_route(endpoint.path, handler, methods=["POST"], summary=endpoint.summary,
+                      openapi_extra={"requestBody": endpoint.serving.openapi()})
 
 
 for _endpoint in ENDPOINTS:
-    api.add_api_route(_endpoint.path, _route(_endpoint), methods=["POST"], summary=_endpoint.summary,
-                      openapi_extra={"requestBody": _endpoint.serving.openapi()})
+    add_endpoint(api, _endpoint)
 
 
 def _openapi() -> dict[str, Any]:
