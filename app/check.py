@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -122,7 +123,11 @@ def check_config(config: Any) -> list[Problem]:
         return [Problem("<root>", "a Serve config is a mapping with an `applications:` list")]
     problems: list[Problem] = []
     try:
-        ServeDeploySchema.model_validate(dict(config))
+        with warnings.catch_warnings(record=True) as caught:  # Ray's FutureWarnings: future errors
+            warnings.simplefilter("always")
+            ServeDeploySchema.model_validate(dict(config))
+        problems += [Problem("<root>", str(w.message), error=False) for w in caught
+                     if not issubclass(w.category, DeprecationWarning)]
     except ValidationError as exc:
         problems += _pydantic_problems(exc, "", config)
     except Exception as exc:  # e.g. an autoscaling policy whose import path does not import
