@@ -99,10 +99,22 @@ class LocalCluster:
         self.wait_for_nodes(1, timeout_s)
         for i in range(1, workers + 1):
             # One at a time: nodes sharing a session dir pick their socket names (raylet.1, ...) at
-            # start, and two starting together can pick the same one.
-            self._start_node(state, f"worker{i}", worker_cpus, worker_resources or {"fake_gpu": 1},
-                             [f"--address=127.0.0.1:{head}"], extra_ports=_port_block(5, taken))
-            self.wait_for_nodes(1 + i, timeout_s)
+            # start, and two starting together can pick the same one. `ray start` gives a raylet 30 s
+            # to register, which a busy machine can exceed: then the node exits, and we try again.
+            for attempt in range(1, 4):
+                self._start_node(state, f"worker{i}", worker_cpus, worker_resources or {"fake_gpu": 1},
+                                 [f"--address=127.0.0.1:{head}"], extra_ports=_port_block(5, taken))
+                try:
+                    self.wait_for_nodes(1 + i, timeout_s)
+                    break
+                except RuntimeError:
+                    failed = state["nodes"].pop()
+                    _signal_group(failed["pgid"], signal.SIGKILL)
+                    self._save(state)
+                    log = self.dir / "logs" / f"worker{i}.log"
+                    log.rename(log.with_suffix(f".attempt{attempt}.log"))
+                    if attempt == 3:
+                        raise
         return state
 
     def _start_node(self, state: dict, name: str, cpus: float, resources: dict, args: list[str],
@@ -204,6 +216,27 @@ class LocalCluster:
             _signal_group(node["pgid"], signal.SIGKILL)
         state["nodes"] = []
         self._save(state)
+
+
+def local_serve_config(port: int, chat_policy: dict | None = None) -> dict:
+    """serve_config.yaml for this local cluster, changed only where one shared machine needs it:
+
+    - the HTTP port (pick a free one: other servers may run here) on loopback;
+    - demo-chat replicas take a worker's ``fake_gpu`` (standing in for ``num_gpus: 1``: one replica per
+      "GPU node") and half a CPU;
+    - autoscaling reacts in seconds rather than the shipped tens of seconds, to keep tests short;
+    - ``chat_policy``: an ``autoscaling_config.policy`` for demo-chat (default: Ray's).
+    """
+    import yaml
+
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    config["http_options"] = {"host": "127.0.0.1", "port": port}
+    chat = next(d for d in config["applications"][0]["deployments"] if d["name"] == "demo-chat")
+    chat["ray_actor_options"] = {"num_cpus": 0.5, "num_gpus": 0, "resources": {"fake_gpu": 1}}
+    chat["autoscaling_config"].update(upscale_delay_s=2, downscale_delay_s=8, look_back_period_s=12)
+    if chat_policy:
+        chat["autoscaling_config"]["policy"] = chat_policy
+    return config
 
 
 def _alive(pid: int) -> bool:

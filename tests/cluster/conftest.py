@@ -2,12 +2,12 @@
 
 The cluster is started once per session, in a state dir of its own, and stopped at the end by its
 process groups. The app is deployed with `serve deploy` from serve_config.yaml, changed only where this
-machine needs it (see :func:`cluster_config`).
+machine needs it (see :func:`cluster.local_cluster.local_serve_config`).
 """
 
 from __future__ import annotations
 
-import copy
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -16,26 +16,7 @@ import pytest
 import yaml
 
 from app.local import free_port
-from cluster.local_cluster import LocalCluster
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def cluster_config(port: int) -> dict:
-    """serve_config.yaml for the local cluster, changed only where this machine needs it:
-
-    - the HTTP port (a free one: the machine is shared) on loopback;
-    - demo-chat replicas take a worker's ``fake_gpu`` (standing in for ``num_gpus: 1``, so one replica
-      per "GPU node") and half a CPU;
-    - autoscaling reacts in seconds rather than the shipped tens of seconds, to keep the test short.
-    """
-    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
-    config["http_options"] = {"host": "127.0.0.1", "port": port}
-    app = config["applications"][0]
-    chat = next(d for d in app["deployments"] if d["name"] == "demo-chat")
-    chat["ray_actor_options"] = {"num_cpus": 0.5, "num_gpus": 0, "resources": {"fake_gpu": 1}}
-    chat["autoscaling_config"].update(upscale_delay_s=2, downscale_delay_s=8, look_back_period_s=12)
-    return config
+from cluster.local_cluster import LocalCluster, local_serve_config
 
 
 def write_config(config: dict, path: Path) -> Path:
@@ -51,7 +32,7 @@ def local_cluster():
     try:
         cluster.start(workers=2, head_cpus=1, worker_cpus=2)
         port = free_port()
-        config = copy.deepcopy(cluster_config(port))
+        config = local_serve_config(port)
         path = write_config(config, state / "serve_config.yaml")
         run = cluster.cli("serve", "deploy", str(path))
         assert run.returncode == 0, run.stdout + run.stderr
@@ -59,6 +40,7 @@ def local_cluster():
         yield cluster, f"http://127.0.0.1:{port}", path
     finally:
         cluster.stop()
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def wait_running(cluster: LocalCluster, timeout_s: float = 240) -> dict:
