@@ -1,7 +1,7 @@
 """Autoscaling bench: a bursty load on the local 3-node cluster, Ray's default policy vs the engine-load
 policy (deployments/autoscaling.py), replica count / request rate / p50 latency over time.
 
-    python -m bench.autoscale --out bench/results/autoscale      # ~8 min on a 2-core machine
+    python -m bench.autoscale --out bench/results/autoscale      # ~10 min on a 2-core machine
 
 Starts cluster/local_cluster.py (head + 2 workers with one ``fake_gpu`` each), deploys serve_config.yaml
 as the cluster tests do (demo-chat on ``fake_gpu`` replicas, min 1 / max 2), and for each policy runs
@@ -41,9 +41,12 @@ def run_policy(cluster: LocalCluster, name: str, port: int, args: argparse.Names
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     run = cluster.cli("serve", "deploy", str(path))
     assert run.returncode == 0, run.stderr
-    _wait(lambda: _healthy(cluster) and len(cluster.replicas("demo-chat")) == 1, 300, "one healthy replica")
+    # A new policy restarts the replicas (Serve rebuilds the app): wait until the old ones are gone.
+    _wait(lambda: _healthy(cluster) and _replica_counts(cluster) == (1, 1)
+          and len(cluster.replicas("demo-chat", state=None)) == 1, 300, "one healthy replica")
+    time.sleep(10)
     base = f"http://127.0.0.1:{port}"
-    sampler = Sampler(lambda: len(cluster.replicas("demo-chat"))).start()
+    sampler = Sampler(lambda: _replica_counts(cluster)).start()
     t0 = time.time()
     low = ClosedLoop(base, "demo-chat", args.base_clients, max_tokens=args.max_tokens).start()
     time.sleep(args.quiet_s)
@@ -55,14 +58,16 @@ def run_policy(cluster: LocalCluster, name: str, port: int, args: argparse.Names
     _wait(lambda: len(cluster.replicas("demo-chat")) == 1, args.settle_s, "scale-down", fail=False)
     time.sleep(5)
     calls = low.stop() + burst_calls
-    samples = sampler.stop()
+    counts = sampler.stop()
     t_end = time.time()
-    up = next((t for t, n in samples if t >= t_burst and n >= 2), None)
-    down = next((t for t, n in samples if t >= t_burst_end and n == 1), None)
+    samples = [(t, running) for t, (running, _) in counts]
+    up, down = scale_times(samples, t_burst, t_burst_end)
+    decided = next((t for t, (_, target) in counts if t >= t_burst and target >= 2), None)
     in_burst = [c.end - c.start for c in calls if t_burst <= c.start < t_burst_end and c.outcome == "ok"]
     return {
         "policy": name, "autoscaling_config": next(d for d in config["applications"][0]["deployments"]
                                                    if d["name"] == "demo-chat")["autoscaling_config"],
+        "time_to_decide_s": None if decided is None else decided - t_burst,
         "time_to_scale_up_s": None if up is None else up - t_burst,
         "time_to_scale_down_s": None if down is None else down - t_burst_end,
         "burst_latency_p50_s": float(np.percentile(in_burst, 50)) if in_burst else None,
@@ -70,13 +75,29 @@ def run_policy(cluster: LocalCluster, name: str, port: int, args: argparse.Names
         "requests": outcomes(calls),
         "phases": {"burst_start": t_burst - t0, "burst_end": t_burst_end - t0},
         "replicas": [(t - t0, n) for t, n in samples],
+        "target_replicas": [(t - t0, target) for t, (_, target) in counts],
         "windows": windows(calls, t0, t_end, args.window_s),
     }
 
 
+def scale_times(samples: list[tuple[float, int]], t_burst: float, t_burst_end: float) -> tuple[float | None, float | None]:
+    """(first time >= 2 replicas ran after the burst began, first time after both the burst's end and
+    that scale-up when one replica was left); None when it did not happen."""
+    up = next((t for t, n in samples if t >= t_burst and n >= 2), None)
+    if up is None:
+        return None, None
+    return up, next((t for t, n in samples if t >= max(t_burst_end, up) and n == 1), None)
+
+
+def _replica_counts(cluster: LocalCluster) -> tuple[int, int]:
+    """(RUNNING demo-chat replicas, the autoscaler's target) from the Serve API."""
+    dep = cluster.serve_details()["applications"]["openai"]["deployments"]["demo-chat"]
+    return sum(r["state"] == "RUNNING" for r in dep["replicas"]), int(dep.get("target_num_replicas") or 0)
+
+
 def _healthy(cluster: LocalCluster) -> bool:
     app = (cluster.serve_details().get("applications") or {}).get("openai") or {}
-    return app.get("status") == "RUNNING"
+    return app.get("status") == "RUNNING" and all(d["status"] == "HEALTHY" for d in app["deployments"].values())
 
 
 def _wait(predicate, timeout_s: float, what: str, fail: bool = True) -> bool:
@@ -102,7 +123,11 @@ def plot(results: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(3, 1, figsize=(9, 8), sharex=True)
     for r in results:
         t, n = zip(*r["replicas"]) if r["replicas"] else ([], [])
-        axes[0].step(t, n, where="post", label=f"{r['policy']} policy")
+        line = axes[0].step(t, n, where="post", label=f"{r['policy']} policy: running")[0]
+        if r.get("target_replicas"):
+            tt, nn = zip(*r["target_replicas"])
+            axes[0].step(tt, nn, where="post", linestyle=":", color=line.get_color(),
+                         label=f"{r['policy']} policy: target")
         w = r["windows"]
         axes[1].plot([x["t"] for x in w], [x["rate"] for x in w], marker=".", label=r["policy"])
         axes[2].plot([x["t"] for x in w if x["p50"] is not None], [x["p50"] for x in w if x["p50"] is not None],
@@ -129,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--burst-clients", type=int, default=22)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--quiet-s", type=float, default=15)
-    parser.add_argument("--burst-s", type=float, default=60)
+    parser.add_argument("--burst-s", type=float, default=90)
     parser.add_argument("--settle-s", type=float, default=90, help="most seconds to wait for scale-down")
     parser.add_argument("--window-s", type=float, default=5)
     parser.add_argument("--out", type=Path, default=Path("bench/results/autoscale"))
@@ -143,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.policies.split(","):
             result = run_policy(cluster, name, port, args, state)
             results.append(result)
-            print(json.dumps({k: v for k, v in result.items() if k not in ("replicas", "windows")}), flush=True)
+            print(json.dumps({k: v for k, v in result.items() if k not in ("replicas", "target_replicas", "windows")}), flush=True)
     except BaseException:
         cluster.stop()
         print(f"failed; logs kept in {state / 'logs'}")
