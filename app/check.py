@@ -29,7 +29,7 @@ from typing import Any, Iterable, Mapping
 import yaml
 from pydantic import ValidationError
 
-from app.builder import INGRESS_NAME, deployment_defaults
+from app.builder import AUTOSCALING_POLICIES, INGRESS_NAME, deployment_defaults
 from app.config import AppArgs
 
 # import paths whose `args` are AppArgs.
@@ -236,25 +236,18 @@ def _autoscaling_problems(spec: Any, auto: Any, max_ongoing: Any, batching: Any,
         problems.append(Problem(f"{at}.autoscaling_config.target_ongoing_requests", (
             "not set: Ray's default of 2 scales out long before a batch fills; size it to the batch "
             f"(e.g. {batching.max_batch_size if batching else 8})"), error=False))
-    if custom and policy.get("policy_function") == _policy_path():
-        from deployments.autoscaling import EngineLoadArgs
-
-        if spec.task != "chat":
+    if custom and policy.get("policy_function") in AUTOSCALING_POLICIES:
+        kwargs_schema, tasks = AUTOSCALING_POLICIES[policy["policy_function"]]
+        if spec.task not in tasks:
             problems.append(Problem(f"{at}.autoscaling_config.policy.policy_function", (
-                f"the engine-load policy reads a chat engine's rows; model {spec.id!r} is a {spec.task} "
-                "model: use the default policy")))
+                f"{policy['policy_function']} reads what {'/'.join(tasks)} engines report; model "
+                f"{spec.id!r} is a {spec.task} model: use the default policy")))
         try:
-            EngineLoadArgs.model_validate(policy.get("policy_kwargs") or {})
+            kwargs_schema.model_validate(policy.get("policy_kwargs") or {})
         except ValidationError as exc:
             problems += _pydantic_problems(exc, f"{at}.autoscaling_config.policy.policy_kwargs",
                                            policy.get("policy_kwargs") or {})
     return problems
-
-
-def _policy_path() -> str:
-    from deployments.autoscaling import POLICY_PATH
-
-    return POLICY_PATH
 
 
 def check_file(path: str | Path) -> list[Problem]:

@@ -7,7 +7,7 @@ Starts cluster/local_cluster.py (head + 2 workers with one ``fake_gpu`` each), d
 as the cluster tests do (demo-chat on ``fake_gpu`` replicas, min 1 / max 2), and for each policy runs
 the same profile: ``--base-clients`` closed-loop streaming clients throughout, ``--burst-clients`` more
 from ``--quiet-s`` for ``--burst-s`` seconds, then the base load until the deployment is back to one
-replica. Reports, per policy: seconds from the burst's start until the second replica runs, p50/p99
+replica. ``--n`` makes every burst request ask for ``n`` choices (n decoding rows per request). Reports, per policy: seconds from the burst's start until the second replica runs, p50/p99
 latency of requests sent during the burst, failed requests; writes ``<out>.json`` and ``<out>.png``.
 """
 
@@ -51,7 +51,7 @@ def run_policy(cluster: LocalCluster, name: str, port: int, args: argparse.Names
     low = ClosedLoop(base, "demo-chat", args.base_clients, max_tokens=args.max_tokens).start()
     time.sleep(args.quiet_s)
     t_burst = time.time()
-    burst = ClosedLoop(base, "demo-chat", args.burst_clients, max_tokens=args.max_tokens).start()
+    burst = ClosedLoop(base, "demo-chat", args.burst_clients, max_tokens=args.max_tokens, n=args.n).start()
     time.sleep(args.burst_s)
     burst_calls = burst.stop()
     t_burst_end = time.time()
@@ -114,7 +114,7 @@ def _wait(predicate, timeout_s: float, what: str, fail: bool = True) -> bool:
     return False
 
 
-def plot(results: list[dict], path: Path) -> None:
+def plot(results: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -142,7 +142,7 @@ def plot(results: list[dict], path: Path) -> None:
     axes[1].set_ylabel("completed req/s")
     axes[2].set_ylabel("p50 latency (s)")
     axes[2].set_xlabel("seconds (shaded: burst)")
-    fig.suptitle("Autoscaling demo-chat on a local 3-node Ray cluster (2-core shared machine)")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-clients", type=int, default=2)
     parser.add_argument("--burst-clients", type=int, default=22)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--n", type=int, default=1, help="choices per burst request (n rows each)")
     parser.add_argument("--quiet-s", type=float, default=15)
     parser.add_argument("--burst-s", type=float, default=90)
     parser.add_argument("--settle-s", type=float, default=90, help="most seconds to wait for scale-down")
@@ -178,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                          "results": results}, indent=1))
-    plot(results, args.out.with_suffix(".png"))
+    plot(results, args.out.with_suffix(".png"),
+         f"demo-chat on a local 3-node Ray cluster: {args.base_clients} clients, burst of {args.burst_clients} "
+         f"more (n={args.n}) (2-core shared machine)")
     print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')}")
     return 0
 

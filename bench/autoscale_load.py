@@ -31,10 +31,11 @@ class Call:
     detail: str = ""
 
 
-def chat_once(client: httpx.Client, base: str, model: str, max_tokens: int, prompt: str) -> tuple[str, str]:
-    """One streamed chat completion; returns (outcome, detail)."""
+def chat_once(client: httpx.Client, base: str, model: str, max_tokens: int, prompt: str,
+              n: int = 1) -> tuple[str, str]:
+    """One streamed chat completion (``n`` choices); returns (outcome, detail)."""
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True}
+            "temperature": 0, "stream": True, "n": n}
     try:
         with client.stream("POST", f"{base}/v1/chat/completions", json=body) as r:
             if r.status_code != 200:
@@ -65,8 +66,9 @@ class ClosedLoop:
     """``clients`` closed-loop streaming clients against ``base`` (see the module docstring)."""
 
     def __init__(self, base: str, model: str, clients: int, max_tokens: int = 32, timeout_s: float = 60,
-                 prompt: str = "Tell me a long story about a cluster of machines.") -> None:
+                 prompt: str = "Tell me a long story about a cluster of machines.", n: int = 1) -> None:
         self.base, self.model, self.max_tokens, self.timeout_s, self.prompt = base, model, max_tokens, timeout_s, prompt
+        self.n = n
         self.calls: list[Call] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -77,7 +79,7 @@ class ClosedLoop:
         with httpx.Client(timeout=timeout) as client:
             while not self._stop.is_set():
                 t0 = time.time()
-                outcome, detail = chat_once(client, self.base, self.model, self.max_tokens, self.prompt)
+                outcome, detail = chat_once(client, self.base, self.model, self.max_tokens, self.prompt, self.n)
                 with self._lock:
                     self.calls.append(Call(t0, time.time(), outcome, detail))
                 if outcome != "ok":

@@ -84,7 +84,9 @@ class LocalCluster:
               worker_resources: dict | None = None, timeout_s: float = 180) -> dict:
         if self.state().get("nodes"):
             raise SystemExit(f"a cluster is already recorded in {self.state_file}; stop it first")
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if self.dir.exists() and any(self.dir.iterdir()) and not self.state_file.exists():
+            raise SystemExit(f"{self.dir} exists and holds no cluster state: choose another --dir")
+        shutil.rmtree(self.dir, ignore_errors=True)  # a previous cluster's logs and session files
         (self.dir / "logs").mkdir(parents=True)
         (self.dir / "token").write_text(secrets.token_hex(32))
         taken: set[int] = set()
@@ -95,7 +97,7 @@ class LocalCluster:
         self._start_node(state, "head", head_cpus, {}, [
             "--head", f"--port={head}", f"--dashboard-port={head + 1}", f"--ray-client-server-port={head + 2}",
             "--dashboard-host=127.0.0.1", "--include-dashboard=true", f"--temp-dir={state['temp_dir']}"],
-            extra_ports=head + 3)
+            extra_ports=head + 3, taken=taken)
         self.wait_for_nodes(1, timeout_s)
         for i in range(1, workers + 1):
             # One at a time: nodes sharing a session dir pick their socket names (raylet.1, ...) at
@@ -103,7 +105,8 @@ class LocalCluster:
             # to register, which a busy machine can exceed: then the node exits, and we try again.
             for attempt in range(1, 4):
                 self._start_node(state, f"worker{i}", worker_cpus, worker_resources or {"fake_gpu": 1},
-                                 [f"--address=127.0.0.1:{head}"], extra_ports=_port_block(5, taken))
+                                 [f"--address=127.0.0.1:{head}"], extra_ports=_port_block(5, taken),
+                                 taken=taken)
                 try:
                     self.wait_for_nodes(1 + i, timeout_s)
                     break
@@ -118,8 +121,10 @@ class LocalCluster:
         return state
 
     def _start_node(self, state: dict, name: str, cpus: float, resources: dict, args: list[str],
-                    extra_ports: int) -> None:
-        worker_base = _port_block(WORKER_PORTS, set(range(extra_ports, extra_ports + 5)))
+                    extra_ports: int, taken: set[int]) -> None:
+        """Start one node (``extra_ports``..+4: its node manager, object manager, metrics and agent
+        ports); ``taken`` holds the ports already given to other nodes of this cluster."""
+        worker_base = _port_block(WORKER_PORTS, taken)
         p = extra_ports
         # A resource named after the node lets the State API's node list say which node is which.
         resources = {**resources, f"{NAME_RESOURCE}{name}": 1}
@@ -127,14 +132,14 @@ class LocalCluster:
                f"--num-cpus={cpus}", "--num-gpus=0", f"--resources={json.dumps(resources)}",
                "--node-ip-address=127.0.0.1", f"--node-manager-port={p}", f"--object-manager-port={p + 1}",
                f"--metrics-export-port={p + 2}", f"--dashboard-agent-listen-port={p + 3}",
-               f"--dashboard-agent-grpc-port={p + 4}", f"--runtime-env-agent-port={_port_block(1, set())}",
+               f"--dashboard-agent-grpc-port={p + 4}", f"--runtime-env-agent-port={_port_block(1, taken)}",
                f"--min-worker-port={worker_base}", f"--max-worker-port={worker_base + WORKER_PORTS - 1}",
                "--object-store-memory=200000000", *args]
         env = {**os.environ, **self.env(), "RAY_USAGE_STATS_ENABLED": "0"}
         env.pop("RAY_ADDRESS")  # ray start takes --address; RAY_ADDRESS would make the head join itself
-        log = open(self.dir / "logs" / f"{name}.log", "w")
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, cwd=ROOT)
+        with open(self.dir / "logs" / f"{name}.log", "w") as log:
+            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True, cwd=ROOT)
         state["nodes"].append({"name": name, "pid": proc.pid, "pgid": proc.pid, "cpus": cpus,
                                "resources": resources, "node_manager_port": p, "metrics_port": p + 2})
         self._save(state)
