@@ -70,6 +70,8 @@ def run_policy(cluster: LocalCluster, name: str, port: int, args: argparse.Names
         "time_to_decide_s": None if decided is None else decided - t_burst,
         "time_to_scale_up_s": None if up is None else up - t_burst,
         "time_to_scale_down_s": None if down is None else down - t_burst_end,
+        "burst_ok_per_s": sum(t_burst <= c.end < t_burst_end and c.outcome == "ok" for c in calls)
+        / (t_burst_end - t_burst),
         "burst_latency_p50_s": float(np.percentile(in_burst, 50)) if in_burst else None,
         "burst_latency_p99_s": float(np.percentile(in_burst, 99)) if in_burst else None,
         "requests": outcomes(calls),
