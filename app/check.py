@@ -29,7 +29,7 @@ from typing import Any, Iterable, Mapping
 import yaml
 from pydantic import ValidationError
 
-from app.builder import AUTOSCALING_POLICIES, INGRESS_NAME, deployment_defaults
+from app.builder import AUTOSCALING_POLICIES, INGRESS_NAME, deployment_defaults, directory_name
 from app.config import AppArgs
 
 # import paths whose `args` are AppArgs.
@@ -146,6 +146,11 @@ def check_application(app: Mapping[str, Any], where: str) -> list[Problem]:
     except ValidationError as exc:
         return _pydantic_problems(exc, f"{where}.args", app.get("args") or {})
     specs = {spec.deployment_name: spec for spec in args.models}
+    # Deployments the builder adds besides the models': the ingress, and with on_demand the
+    # multiplexed deployment and its model directory (their own option rules are Ray's).
+    others = {INGRESS_NAME}
+    if getattr(args, "on_demand", None) is not None:
+        others |= {args.on_demand.deployment, directory_name(args.on_demand)}
     problems: list[Problem] = []
     deployments = app.get("deployments") or []
     for j, entry in enumerate(deployments):
@@ -158,9 +163,9 @@ def check_application(app: Mapping[str, Any], where: str) -> list[Problem]:
                 problems.append(Problem(f"{at}.user_config", "the ingress takes no user_config"))
         elif name in specs:
             problems += check_model_deployment(specs[name], entry, at)
-        else:
+        elif name not in others:
             problems.append(Problem(f"{at}.name", (
-                f"{name!r} names no deployment of this app; known: {sorted([*specs, INGRESS_NAME])} "
+                f"{name!r} names no deployment of this app; known: {sorted([*specs, *others])} "
                 "(a model's deployment is its `deployment` field, else its id with characters outside "
                 "[A-Za-z0-9._-] as '-')")))
     configured = {e.get("name") for e in deployments if isinstance(e, Mapping)}

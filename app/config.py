@@ -34,8 +34,9 @@ class BatchingSpec(_Strict):
         "latency; raise it only to trade latency for fuller batches."))
 
 
-class ChatBatchingSpec(BatchingSpec):
-    """Batching of a chat model: admission plus the continuous-batching engine's bounds."""
+class EngineBatchingSpec(_Strict):
+    """The continuous-batching engine's bounds (an on-demand model's batching: it has no @serve.batch
+    admission of its own; requests go straight to its engine)."""
 
     max_prefill_tokens: int = Field(4096, ge=1, description=(
         "Most prompt tokens prefilled between two decode steps (at least one request): bounds how long "
@@ -43,6 +44,10 @@ class ChatBatchingSpec(BatchingSpec):
     max_running_rows: int = Field(64, ge=1, le=4096, description=(
         "Most sequences decoded together: batches admitted while others are still decoding join the "
         "running batch (continuous batching) up to this many rows; further batches wait."))
+
+
+class ChatBatchingSpec(BatchingSpec, EngineBatchingSpec):
+    """Batching of a chat model: admission plus the continuous-batching engine's bounds."""
 
 
 class GenerationLimits(_Strict):
@@ -144,6 +149,62 @@ def parse_model_spec(data: dict[str, Any]) -> ChatModelSpec | TranscriptionModel
     return TypeAdapter(ModelSpec).validate_python(data)
 
 
+class AllowEntry(_Strict):
+    """One rule of the on-demand allow-list: the model names it admits, where their weights come from,
+    and the defaults (dtype, limits, batching, ...) of every model it admits."""
+
+    pattern: str = Field(min_length=1, max_length=256, description=(
+        "A model name or a glob over names (`Qwen/*`, `demo-*`, `*`); `*` also matches `/`. A name "
+        "must first pass the name grammar (app/allowlist.py), so no pattern admits a path."))
+    source: Literal["hub", "models_root", "demo"] = Field("hub", description=(
+        "Where an admitted name's weights come from: `hub` = the name is a Hugging Face hub id (read "
+        "through the cache; HF_HUB_OFFLINE=1 is honoured); `models_root` = the name is a subdirectory "
+        "of on_demand.models_root (names without `/`); `demo` = the name is `demo-<name>` of a built-in "
+        "demo chat model (demo-chat, demo-chat-s1, demo-chat-s2, demo-chat-m, demo-bench)."))
+    revision: str | None = Field(None, description="Hub revision for `hub` names.")
+    dtype: DType = Field("auto", description="Weight dtype of admitted models (see ChatModelSpec).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device (see ChatModelSpec).")
+    trust_remote_code: bool = Field(False, description=(
+        "Allow model code shipped with admitted checkpoints; off unless an entry says so."))
+    chat_template: str | None = Field(None, description="Chat template overriding the tokenizer's.")
+    prefill_threads: int | None = Field(None, ge=1, le=256, description="See ChatModelSpec.")
+    batching: EngineBatchingSpec = Field(default_factory=EngineBatchingSpec, description=(
+        "Engine batching bounds of each admitted model (each model has its own engine, so a batch never "
+        "mixes models)."))
+    limits: GenerationLimits = Field(default_factory=GenerationLimits, description=(
+        "Per-request generation bounds of each admitted model."))
+
+
+class OnDemandSpec(_Strict):
+    """Models loaded on demand by one multiplexed deployment (``app/allowlist.py``,
+    ``deployments/multiplexed.py``): every allowed name that is not pinned in ``models``."""
+
+    allow: list[AllowEntry] = Field(min_length=1, description=(
+        "The allow-list, first match wins: a name no entry admits is a 404 model_not_found and is "
+        "never used as a path or a hub id."))
+    models_root: str | None = Field(None, description=(
+        "A local directory whose subdirectories are models (for `source: models_root` entries); a "
+        "name must resolve inside it (symlinks out of it are refused)."))
+    deployment: str = Field("on-demand", pattern=r"^[A-Za-z0-9._-]{1,128}$", description=(
+        "The multiplexed deployment's name (its replicas, resources, max_ongoing_requests and "
+        "max_queued_requests go under this name in `deployments:`)."))
+    max_models_per_replica: int = Field(2, ge=1, le=256, description=(
+        "Most models loaded (or loading) at once on one replica; beyond it the least recently used "
+        "model with no request in flight is unloaded."))
+    memory_budget_bytes: int | None = Field(None, ge=1, description=(
+        "Optional bound on the weight bytes loaded on one replica (GPU memory on a GPU): a model is "
+        "loaded only once idle models have been unloaded to make it fit."))
+    load_timeout_s: float = Field(300.0, gt=0, description=(
+        "Longest a request waits for its model to be loaded (or for room to load it); past it the "
+        "request gets 503 with Retry-After while the load goes on."))
+
+    @model_validator(mode="after")
+    def _root_needed(self) -> "OnDemandSpec":
+        if self.models_root is None and any(e.source == "models_root" for e in self.allow):
+            raise ValueError("on_demand: an allow entry has source models_root but models_root is not set")
+        return self
+
+
 class IngressSpec(_Strict):
     """Settings of the HTTP-facing ingress deployment."""
 
@@ -163,11 +224,20 @@ class IngressSpec(_Strict):
 class AppArgs(_Strict):
     """The ``args`` of the application in serve_config.yaml."""
 
-    models: list[ModelSpec] = Field(min_length=1, description="The models this application serves.")
+    models: list[ModelSpec] = Field(default_factory=list, description=(
+        "The pinned models: each has its own deployment and replicas."))
+    on_demand: OnDemandSpec | None = Field(None, description=(
+        "Models loaded on demand (allow-list) by one multiplexed deployment; none when absent."))
     ingress: IngressSpec = Field(default_factory=IngressSpec, description="Ingress settings.")
 
     @model_validator(mode="after")
     def _unique(self) -> "AppArgs":
+        if not self.models and self.on_demand is None:
+            raise ValueError("models: at least one model is needed, or an on_demand section")
+        names = {spec.deployment_name for spec in self.models} | {"OpenAIIngress"}
+        if self.on_demand is not None and self.on_demand.deployment in names:
+            raise ValueError(f"on_demand.deployment {self.on_demand.deployment!r} is already the name of "
+                             "another deployment")
         for attr in ("id", "deployment_name"):
             seen: set[str] = set()
             for spec in self.models:

@@ -24,14 +24,16 @@ from pydantic.json_schema import models_json_schema
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from app.config import IngressSpec
-from app.errors import ModelNotFound, ModelTaskMismatch, ReplicaUnavailable, install_error_handlers
+from app.allowlist import nameable_models, resolve_allowed
+from app.availability import Availability, read_serve_status
+from app.config import IngressSpec, OnDemandSpec
+from app.errors import ModelNotFound, ModelTaskMismatch, NotReady, install_error_handlers
 from app.middleware import BodySizeLimit
 from app.protocol.models import ModelCard, ModelList
 from app.serving.audio import TRANSCRIPTION, TRANSLATION
 from app.serving.base import Serving
 from app.serving.chat import CHAT
-from app.streaming import respond, upstream
+from app.streaming import respond, upstream, without_served
 
 
 @dataclass(frozen=True)
@@ -88,52 +90,116 @@ api.openapi = _openapi
 @serve.ingress(api)
 class OpenAIIngress:
     def __init__(self, specs: list[Any], handles: dict[str, DeploymentHandle],
-                 settings: IngressSpec | None = None) -> None:
+                 settings: IngressSpec | None = None, *, on_demand: OnDemandSpec | None = None,
+                 multiplexed: DeploymentHandle | None = None, directory: DeploymentHandle | None = None) -> None:
         self._specs = {spec.id: spec for spec in specs}
         self._handles = handles
+        self._on_demand, self._multiplexed, self._directory = on_demand, multiplexed, directory
         self._created = int(time.time())
         self.settings = settings or IngressSpec()
         api.state.settings = self.settings
         api.state.ingress = self
+        app_name = serve.get_replica_context().app_name
+        units = {spec.id: spec.deployment_name for spec in specs}
+        if on_demand is not None:
+            units[on_demand.deployment] = on_demand.deployment
+        self.availability = Availability(units, lambda: read_serve_status(app_name))
+        self.availability.start()  # Serve runs the constructor on the replica's event loop
 
-    def _spec(self, model: str, task: str) -> Any:
-        spec = self._specs.get(model)
+    async def _spec(self, model: str, task: str) -> Any:
+        """A pinned model's spec, else an allowed on-demand model's (app/allowlist.py): 404 for an unknown
+        model or another task's, 503 when its deployment has no running replica."""
+        spec = self._specs.get(model) or resolve_allowed(self._on_demand, model)
         if spec is None:
             raise ModelNotFound(model)
         if spec.task != task:
             raise ModelTaskMismatch(model, spec.task, task)
+        await self.availability.check(self._unit(spec))
         return spec
+
+    def _unit(self, spec: Any) -> str:
+        """What the availability view tracks for ``spec``: a pinned model, or the on-demand deployment."""
+        return spec.id if spec.id in self._specs else self._on_demand.deployment
+
+    def _handle(self, spec: Any) -> DeploymentHandle:
+        if spec.id in self._specs:
+            return self._handles[spec.id]
+        return self._multiplexed.options(multiplexed_model_id=spec.id)
 
     async def serve(self, endpoint: Endpoint, request: Request) -> Response:
         """The one request path of every model route (see the module docstring)."""
         serving = endpoint.serving
         inbound = await serving.read(request)
-        spec = self._spec(inbound.model, serving.task)
+        spec = await self._spec(inbound.model, serving.task)
         body = await serving.validate(inbound, spec)
+        handle = self._handle(spec)
+        await serving.screen(body, inbound, spec, handle)
         args = await serving.args(body, inbound, spec)
-        method = getattr(self._handles[spec.id].options(stream=True), serving.method)
-        chunks = serving.chunks(upstream(method.remote(*args)), body)
-        return await respond(chunks, stream=serving.streams(body),
-                             collect=lambda c: serving.collect(c, body), dump=lambda c: serving.dump(c, body),
-                             render=lambda x: serving.render(x, body), timeout_s=self.settings.request_timeout_s)
+        method = getattr(handle.options(stream=True), serving.method)
+        served: dict[str, str] = {}
+        records = self.availability.guard(self._unit(spec), upstream(method.remote(*args)))
+        chunks = serving.chunks(without_served(records, served), body)
+        response = await respond(chunks, stream=serving.streams(body), collect=lambda c: serving.collect(c, body),
+                                 dump=lambda c: serving.dump(c, body), render=lambda x: serving.render(x, body),
+                                 timeout_s=self.settings.request_timeout_s)
+        response.headers.update(served)
+        return response
 
     @api.get("/v1/models")
     async def list_models(self) -> dict[str, Any]:
-        cards = [ModelCard(id=model, created=self._created) for model in self._specs]
-        return ModelList(data=cards).model_dump()
+        """Pinned models, then every allowed on-demand model this server can name, with its status."""
+        cards = [ModelCard(id=model, created=self._created, status="pinned") for model in self._specs]
+        if self._on_demand is not None:
+            names = await asyncio.to_thread(nameable_models, self._on_demand)  # reads directories
+            states = await self._on_demand_states()
+            cards += [self._on_demand_card(n, states) for n in names if n not in self._specs]
+        return ModelList(data=cards).model_dump(exclude_none=True)
 
     @api.get("/v1/models/{model:path}")
     async def get_model(self, model: str) -> dict[str, Any]:
-        if model not in self._specs:
+        if model in self._specs:
+            return ModelCard(id=model, created=self._created, status="pinned").model_dump(exclude_none=True)
+        if resolve_allowed(self._on_demand, model) is None:
             raise ModelNotFound(model)
-        return ModelCard(id=model, created=self._created).model_dump()
+        return self._on_demand_card(model, await self._on_demand_states()).model_dump(exclude_none=True)
+
+    def _on_demand_card(self, model: str, states: dict[str, dict[str, int]]) -> ModelCard:
+        counts = states.get(model, {})
+        status = "loaded" if counts.get("loaded") else "loading" if counts.get("loading") else "available"
+        return ModelCard(id=model, created=self._created, status=status,
+                         loaded_replicas=counts.get("loaded", 0))
+
+    async def _on_demand_states(self) -> dict[str, dict[str, int]]:
+        """Per model, on how many replicas it is loaded or loading (the directory; empty if it fails)."""
+        if self._directory is None:
+            return {}
+        try:
+            return await asyncio.wait_for(self._directory.snapshot.remote(), timeout=5)
+        except Exception:  # the listing still answers: every model shows as available
+            return {}
 
     @api.get("/health")
     async def health(self) -> JSONResponse:
-        """200 once every model deployment answers its health probe, else 503."""
-        probes = [h.check_health.remote() for h in self._handles.values()]
+        """Per-model readiness, answered from the availability view (no call waits for a missing replica).
+
+        200 ``{"status": "ok", "models": {id: state}}`` when every model has a running replica; else 503,
+        an OpenAI error (``code: not_ready``) whose body also holds the same ``models`` map. A state is
+        :class:`~app.availability.ModelState` plus ``config_error``: a refused live ``user_config``, as
+        reported by one replica's stats (null when none, or when the replica did not answer in time).
+        """
+        states = await self.availability.snapshot()
+        ready = [m for m, s in states.items() if s is not None and s.ready]
+        errors = dict(zip(ready, await asyncio.gather(*(self._config_error(m) for m in ready))))
+        models = {m: {**(s.as_dict() if s is not None else {"state": "unknown"}),
+                      "config_error": errors.get(m)} for m, s in states.items()}
+        waiting = [f"{m} ({s['state']})" for m, s in models.items() if s["state"] != "ready"]
+        if waiting:
+            raise NotReady(f"Not ready: {', '.join(waiting)}; see `models` for the reasons.", models)
+        return JSONResponse({"status": "ok", "models": models})
+
+    async def _config_error(self, model: str, timeout_s: float = 2.0) -> str | None:
         try:
-            await asyncio.wait_for(asyncio.gather(*probes), timeout=10)
-        except Exception as exc:
-            raise ReplicaUnavailable(f"not ready: {type(exc).__name__}", code="not_ready") from exc
-        return JSONResponse({"status": "ok", "models": list(self._specs)})
+            stats = await asyncio.wait_for(self._handles.get(model, self._multiplexed).stats.remote(), timeout_s)
+        except Exception:  # busy or just gone: readiness comes from Ray's view, not from this call
+            return None
+        return stats.get("config_error")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -66,6 +67,29 @@ async def upstream(response: Any) -> AsyncIterator[Any]:
     finally:
         if not finished:
             response.cancel()
+
+
+@dataclass(frozen=True)
+class Served:
+    """Where a request ran: a deployment may put it first in the first list of records it streams (the
+    multiplexed deployment does); :func:`without_served` takes it out for the ``x-replica-id`` header."""
+
+    replica_id: str
+    model: str
+
+
+async def without_served(records: AsyncIterator[list[Any]], headers: dict[str, str]) -> AsyncIterator[list[Any]]:
+    """``records`` without a leading :class:`Served`; its replica id goes to ``headers``
+    (``x-replica-id``). Closing this closes ``records`` (which cancels the upstream call)."""
+    try:
+        async for items in records:
+            if items and isinstance(items[0], Served):
+                headers["x-replica-id"] = items[0].replica_id
+                items = items[1:]
+            if items:
+                yield items
+    finally:
+        await records.aclose()
 
 
 async def with_deadline(chunks: AsyncIterator[Chunk], timeout_s: float) -> AsyncIterator[Chunk]:

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 from typing import Any, AsyncIterator, Callable
 
 from pydantic import ValidationError
 from ray import serve
 
 from app.config import BatchingSpec
+from deployments.logs import install_client_error_filter
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +70,7 @@ class BatchedDeployment:
     default_factory: str = ""
 
     def __init__(self, spec: Any, engine_factory: Callable[[Any], Any] | None = None) -> None:
+        install_client_error_filter()  # a 4xx raised to the caller is logged as one INFO line
         self.spec = spec
         self.engine = (engine_factory or load_factory(self.default_factory))(spec)
         self.config_error: str | None = None
@@ -107,9 +110,9 @@ class BatchedDeployment:
         return self.engine.submit(requests)
 
     def stats(self) -> dict[str, Any]:
-        """Engine counters, the live batching settings and any refused user_config."""
+        """Engine counters, the live batching settings, any refused user_config and the replica's pid."""
         return {**self.engine.stats(), "batching": self.batching.model_dump(),
-                "config_error": self.config_error}
+                "config_error": self.config_error, "pid": os.getpid()}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Ray Serve's custom autoscaling metrics hook: the engine's numeric counters (running and

@@ -6,11 +6,18 @@ of :class:`~deployments.engines.records.Delta` for that request. The wire reques
 must not stall the event loop, which streams every other request's tokens); the engine then prefills
 what was admitted during a step together and decodes all running requests together (continuous
 batching). One Ray message carries every token a request produced since the previous one.
+
+Preprocessing has two lanes, each one thread with a tokenizer of its own: prompts of at most
+:data:`SMALL_PROMPT_CHARS` characters never queue behind long ones (each long one can take a tokenizer
+~0.1 s). A prompt too long for the context by its size alone is refused before either lane tokenizes
+it (see ``chat_params.prompt_bytes_limit``); :meth:`prompt_limits` tells the ingress that bound, so it
+can refuse a huge body without even sending it here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Callable
 
@@ -21,6 +28,24 @@ from app.protocol.chat import ChatCompletionRequest
 from deployments.batched import BatchedDeployment
 from deployments.engines.records import Delta
 
+# Prompts up to this many characters take the small lane (tokenized in well under 0.1 s).
+SMALL_PROMPT_CHARS = 16 * 1024
+
+
+class _Lane:
+    """One preprocessing thread and the tokenizer only it uses (a Hugging Face fast tokenizer may reset
+    its truncation/padding state during a call, which another thread's call then trips over)."""
+
+    def __init__(self, name: str, tokenizer: Callable[[], Any]) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._make_tokenizer, self._tokenizer = tokenizer, None
+
+    def tokenizer(self) -> Any:
+        """This lane's tokenizer, made on first use (in the lane's thread: a copy is not free)."""
+        if self._tokenizer is None:
+            self._tokenizer = self._make_tokenizer()
+        return self._tokenizer
+
 
 @serve.deployment(ray_actor_options={"num_cpus": 1})
 class LLMDeployment(BatchedDeployment):
@@ -28,15 +53,28 @@ class LLMDeployment(BatchedDeployment):
 
     def __init__(self, spec: ChatModelSpec, engine_factory: Callable[[ChatModelSpec], Any] | None = None):
         super().__init__(spec, engine_factory)
-        # One thread: the tokenizer is not shared between threads, and a prompt that reaches it is
-        # already bounded by the context (see prompt_bytes_limit), so no request holds it for long.
-        self._preprocess = ThreadPoolExecutor(max_workers=1, thread_name_prefix="preprocess")
+        self._large = _Lane("preprocess", lambda: self.engine.tokenizer)
+        self._small = _Lane("preprocess-small", lambda: copy.deepcopy(self.engine.tokenizer))
+        self._limits: dict[str, int] | None = None
 
     async def chat(self, request: ChatCompletionRequest) -> AsyncIterator[list[Delta]]:
         """Stream the deltas of one chat request; raises ServingError subclasses for bad input."""
-        from deployments.engines.chat_params import to_generation_request
-
-        generation = await asyncio.get_running_loop().run_in_executor(
-            self._preprocess, to_generation_request, request, self.engine, self.spec.limits)
+        lane = self._small if request.text_size_over(SMALL_PROMPT_CHARS) is None else self._large
+        generation = await asyncio.get_running_loop().run_in_executor(lane.pool, self._preprocess, lane,
+                                                                      request)
         async for deltas in self._stream(generation):
             yield deltas
+
+    def _preprocess(self, lane: _Lane, request: ChatCompletionRequest) -> Any:
+        from deployments.engines.chat_params import to_generation_request
+
+        return to_generation_request(request, self.engine, self.spec.limits, lane.tokenizer())
+
+    async def prompt_limits(self) -> dict[str, int]:
+        """``{"context_len": tokens, "prompt_bytes": most UTF-8 bytes of message text that can fit}``:
+        the ingress refuses larger prompts itself."""
+        if self._limits is None:
+            from deployments.engines.chat_params import prompt_limits
+
+            self._limits = await asyncio.to_thread(prompt_limits, self.engine)
+        return self._limits

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+# A models root for the on-demand models: a broken checkpoint, and a symlink that leads out of the root.
+MODELS_ROOT = Path(tempfile.mkdtemp(prefix="test-models-root-"))
+(MODELS_ROOT / "local-broken").mkdir()
+(MODELS_ROOT / "local-broken" / "config.json").write_text("{this is not json")
+os.symlink(tempfile.gettempdir(), MODELS_ROOT / "local-escape")
+atexit.register(shutil.rmtree, MODELS_ROOT, True)
 
 # The app the integration tests serve: small replicas (fractional CPUs) so it fits 2 cores.
 TEST_APP_ARGS = {
@@ -21,6 +31,16 @@ TEST_APP_ARGS = {
          "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.1},
          "audio": {"max_upload_bytes": 4 * 1024 * 1024}},
     ],
+    # Every other demo chat model is loaded on demand by one multiplexed replica holding 2 at a time.
+    "on_demand": {
+        "allow": [{"pattern": "demo-*", "source": "demo",
+                   "batching": {"max_running_rows": 32},
+                   "limits": {"default_max_tokens": 16, "max_tokens": 512, "max_context_len": 256}},
+                  {"pattern": "local-*", "source": "models_root"}],
+        "models_root": str(MODELS_ROOT),
+        "max_models_per_replica": 2,
+        "load_timeout_s": 120,
+    },
 }
 
 
@@ -30,6 +50,7 @@ TEST_DEPLOYMENT_OPTIONS = {
     "demo-chat": {"max_ongoing_requests": 16, "max_queued_requests": 16,
                   "ray_actor_options": {"num_cpus": 1}},
     "demo-whisper": {"ray_actor_options": {"num_cpus": 0.5}},
+    "on-demand": {"max_ongoing_requests": 16, "max_queued_requests": 16, "ray_actor_options": {"num_cpus": 0.5}},
 }
 
 

@@ -2,24 +2,55 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Callable, Literal, Union
 
-from pydantic import BaseModel, Field, field_validator, model_serializer, model_validator
+from pydantic import (BaseModel, Discriminator, Field, StrictBool, StrictInt, Tag, field_validator,
+                      model_serializer, model_validator)
 
-from app.protocol.common import Usage, WireModel
+from app.protocol.common import Usage, WireModel, conflict, unsupported
 
 FinishReason = Literal["stop", "length"]
+PartType = Literal["text", "image_url", "input_audio", "file", "refusal"]
+Number = Annotated[float, Field(strict=True)]  # a JSON number (an int too), never a string or a bool
+
+MAX_LOGIT_BIAS = 300          # entries, as OpenAI's limit
+MAX_STOP_TOKEN_IDS = 64
+MAX_TEMPLATE_KWARGS = 32      # top-level keys of chat_template_kwargs
+MAX_TEMPLATE_KWARGS_ITEMS = 1024  # values in chat_template_kwargs, nested ones included
+MAX_TEMPLATE_KWARGS_DEPTH = 8
 
 
-class TextPart(WireModel):
-    type: Literal["text"]
-    text: str
+class ContentPart(WireModel):
+    """A part of a message's content. Every OpenAI part type parses (so a refusal names the type, not
+    a failed union); only ``text`` parts are served (see :data:`MESSAGE_REFUSALS`)."""
+
+    type: PartType
+    text: str | None = None
+
+    @model_validator(mode="after")
+    def _text_needs_text(self) -> "ContentPart":
+        if self.type == "text" and self.text is None:
+            raise ValueError("a text part needs 'text'")
+        return self
+
+
+def _content_kind(value: Any) -> str:
+    return "list[parts]" if isinstance(value, list) else "str"
+
+
+# A string or a list of parts, chosen by the JSON type, so that an error names the branch that applies
+# (the tags read as pydantic's own union tags, which app.errors leaves out of parameter paths).
+Content = Annotated[Union[Annotated[str, Tag("str")], Annotated[list[ContentPart], Tag("list[parts]")]],
+                    Discriminator(_content_kind)]
 
 
 class ChatMessage(WireModel):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: Content | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    function_call: dict[str, Any] | None = None
+    tool_call_id: str | None = None
 
     @model_validator(mode="after")
     def _content_required(self) -> "ChatMessage":
@@ -33,39 +64,77 @@ class ChatMessage(WireModel):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(part.text or "" for part in self.content)
 
 
 class StreamOptions(WireModel):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class ResponseFormat(WireModel):
-    type: Literal["text"] = Field(description="Only plain text is supported.")
+    type: Literal["text", "json_object", "json_schema"] = Field(
+        description="Only plain text is served; structured output is refused.")
+
+
+def _is_set(value: Any) -> bool:
+    """Whether a refusable parameter asks for something: absent, null, false and empty are not asks."""
+    return value is not None and value is not False and value != [] and value != {}
 
 
 class ChatCompletionRequest(WireModel):
-    """The request body. Fields this server does not implement are refused, not silently ignored."""
+    """The request body. Every OpenAI and vLLM parameter is either served, accepted as metadata, or
+    refused with a 400 naming it (:data:`REFUSALS`, :data:`CONFLICTS`); fields nobody defines are
+    ignored. Booleans and integers are strict: ``"yes"`` is not true and ``true`` is not 1."""
 
     model: str = Field(min_length=1)
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1, description="Extra: sample among the k likeliest; 0/-1 = off.")
-    n: int = Field(1, ge=1)
-    stream: bool = False
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    temperature: Number | None = Field(None, ge=0.0, le=2.0)
+    top_p: Number | None = Field(None, gt=0.0, le=1.0)
+    top_k: StrictInt | None = Field(None, ge=-1, description="Extra: sample among the k likeliest; 0/-1 = off.")
+    min_p: Number | None = Field(None, ge=0.0, le=1.0, description=(
+        "Extra: drop tokens less likely than min_p times the likeliest."))
+    n: StrictInt = Field(1, ge=1)
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = Field(None, ge=0.01, le=10.0, description="Extra (HF-style).")
-    logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = Field(
+        None, max_length=MAX_STOP_TOKEN_IDS, description="Extra: token ids that end the completion.")
+    seed: StrictInt | None = Field(None, ge=-(2**63), lt=2**64)
+    presence_penalty: Number | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: Number | None = Field(None, ge=-2.0, le=2.0)
+    repetition_penalty: Number | None = Field(None, ge=0.01, le=10.0, description="Extra (HF-style).")
+    logit_bias: dict[str, Annotated[Number, Field(ge=-100.0, le=100.0)]] | None = Field(
+        None, max_length=MAX_LOGIT_BIAS, description="Token id (as a string) -> bias added to its logit.")
+    min_tokens: StrictInt | None = Field(None, ge=0, description=(
+        "Extra: EOS and stop_token_ids cannot end the completion before this many tokens."))
+    ignore_eos: StrictBool = Field(False, description="Extra: keep generating past EOS.")
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: StrictBool | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    modalities: list[Literal["text", "audio"]] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    best_of: StrictInt | None = Field(None, ge=1, description="Extra: accepted only equal to n.")
+    echo: StrictBool = Field(False, description="Extra: prefix the answer with the last message when it "
+                             "has the answer's role (vLLM).")
+    chat_template_kwargs: dict[str, Any] | None = Field(None, description=(
+        "Extra: variables for the chat template (e.g. enable_thinking)."))
+    add_generation_prompt: StrictBool = Field(True, description="Extra: end the prompt with the "
+                                              "template's assistant header.")
+    continue_final_message: StrictBool = Field(False, description=(
+        "Extra: continue the final (assistant) message instead of starting a new one."))
+    # Metadata: accepted and not acted on (as OpenAI's own API treats them when nothing is stored).
+    store: StrictBool | None = None
+    metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = Field(None, max_length=16)
+    service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
     user: str | None = None
 
     @field_validator("stop")
@@ -76,19 +145,40 @@ class ChatCompletionRequest(WireModel):
             raise ValueError("stop sequences must be non-empty strings")
         return value
 
-    @field_validator("logprobs")
+    @field_validator("logit_bias")
     @classmethod
-    def _no_logprobs(cls, value: bool | None) -> bool | None:
-        if value:
-            raise ValueError("logprobs are not supported by this server")
+    def _token_id_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key in value or {}:
+            if not (key.isascii() and key.isdigit() and len(key) <= 10):
+                raise ValueError(f"keys must be token ids (non-negative integers as strings), got {key!r}")
         return value
 
-    @field_validator("tools")
+    @field_validator("chat_template_kwargs")
     @classmethod
-    def _no_tools(cls, value: list | None) -> list | None:
-        if value:
-            raise ValueError("tool calling is not supported by this server")
+    def _bounded_kwargs(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is None:
+            return value
+        if len(value) > MAX_TEMPLATE_KWARGS:
+            raise ValueError(f"at most {MAX_TEMPLATE_KWARGS} keys are allowed, got {len(value)}")
+        for key in value:
+            if not key.isidentifier():
+                raise ValueError(f"keys must be identifiers (template variable names), got {key!r}")
+        _check_json_bounds(value)
         return value
+
+    @model_validator(mode="after")
+    def _refusals(self) -> "ChatCompletionRequest":
+        for i, message in enumerate(self.messages):
+            for param, refused, reason in MESSAGE_REFUSALS:
+                if (where := refused(message)) is not None:
+                    raise unsupported(f"messages[{i}]{param}{where}", reason)
+        for param, refused, reason in REFUSALS:
+            if refused(self):
+                raise unsupported(param, reason)
+        for param, broken, message in CONFLICTS:
+            if broken(self):
+                raise conflict(param, message)
+        return self
 
     @property
     def stop_list(self) -> list[str]:
@@ -102,6 +192,91 @@ class ChatCompletionRequest(WireModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def echo_text(self) -> str:
+        """What ``echo`` prefixes every choice with: the last message's text when that message has the
+        answer's role (assistant, or with ``add_generation_prompt: false`` the last message's own), as
+        vLLM does; else nothing."""
+        last = self.messages[-1]
+        role = "assistant" if self.add_generation_prompt else last.role
+        return last.text() if self.echo and last.role == role else ""
+
+    def text_size_over(self, limit_bytes: int) -> int | None:
+        """The messages' text length in characters (contents and names) if its UTF-8 encoding takes
+        more than ``limit_bytes``, else None. Cheap whatever the size: since len(str) <= UTF-8 bytes
+        <= 4 * len(str), it encodes only text of at most ``limit_bytes`` characters."""
+        texts = [t for m in self.messages for t in (m.text(), m.name or "")]
+        chars = sum(map(len, texts))
+        if chars > limit_bytes or (4 * chars > limit_bytes and sum(
+                len(t.encode("utf-8", "surrogatepass")) for t in texts) > limit_bytes):
+            return chars
+        return None
+
+
+def _check_json_bounds(value: Any) -> None:
+    """Refuse JSON holding more than MAX_TEMPLATE_KWARGS_ITEMS values or nested deeper than
+    MAX_TEMPLATE_KWARGS_DEPTH (iteratively: deep input must not exhaust the stack)."""
+    stack, items = [(value, 0)], 0
+    while stack:
+        item, depth = stack.pop()
+        items += 1
+        if items > MAX_TEMPLATE_KWARGS_ITEMS or depth > MAX_TEMPLATE_KWARGS_DEPTH:
+            raise ValueError(f"at most {MAX_TEMPLATE_KWARGS_ITEMS} values nested at most "
+                             f"{MAX_TEMPLATE_KWARGS_DEPTH} deep are allowed")
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        stack.extend((child, depth + 1) for child in children)
+
+
+def _other_parts(message: ChatMessage) -> str | None:
+    parts = message.content if isinstance(message.content, list) else []
+    return next((f"[{j}].type" for j, part in enumerate(parts) if part.type != "text"), None)
+
+
+# What a message may hold that this server cannot honour: (field, where it is refused in the message
+# (None: not refused), why). The parameter reported is messages[i] + field + where.
+MESSAGE_REFUSALS: tuple[tuple[str, Callable[[ChatMessage], str | None], str], ...] = (
+    (".role", lambda m: "" if m.role in ("tool", "function") else None,
+     "tool and function messages belong to tool calling, which is not implemented"),
+    (".tool_calls", lambda m: "" if _is_set(m.tool_calls) else None, "tool calling is not implemented"),
+    (".function_call", lambda m: "" if _is_set(m.function_call) else None,
+     "function calling is not implemented"),
+    (".content", _other_parts, "only text content parts are served (no images, audio or files)"),
+)
+
+# Request parameters this server does not implement: (parameter, refused when, why).
+REFUSALS: tuple[tuple[str, Callable[[ChatCompletionRequest], bool], str], ...] = (
+    ("logprobs", lambda r: r.logprobs is True, "log probabilities are not implemented"),
+    ("tools", lambda r: _is_set(r.tools), "tool calling is not implemented"),
+    ("functions", lambda r: _is_set(r.functions), "function calling is not implemented"),
+    ("function_call", lambda r: _is_set(r.function_call), "function calling is not implemented"),
+    ("response_format.type", lambda r: r.response_format is not None and r.response_format.type != "text",
+     "structured output (json_object, json_schema) is not implemented; only 'text'"),
+    ("modalities", lambda r: "audio" in (r.modalities or ()), "audio output is not implemented"),
+    ("audio", lambda r: _is_set(r.audio), "audio output is not implemented"),
+    ("prediction", lambda r: _is_set(r.prediction), "predicted outputs are not implemented"),
+    ("reasoning_effort", lambda r: r.reasoning_effort is not None,
+     "the served models are not reasoning models"),
+    ("best_of", lambda r: r.best_of not in (None, r.n),
+     "choosing the best of several completions is not implemented (best_of must equal n)"),
+)
+
+# Parameters that are only valid with another one: (parameter, invalid when, message).
+CONFLICTS: tuple[tuple[str, Callable[[ChatCompletionRequest], bool], str], ...] = (
+    ("top_logprobs", lambda r: r.top_logprobs is not None and not r.logprobs,
+     "'top_logprobs' is only allowed when 'logprobs' is true"),
+    ("tool_choice", lambda r: r.tool_choice is not None and not r.tools,
+     "'tool_choice' is only allowed when 'tools' are specified"),
+    ("parallel_tool_calls", lambda r: r.parallel_tool_calls is True and not r.tools,
+     "'parallel_tool_calls' is only allowed when 'tools' are specified"),
+    ("stream_options", lambda r: r.stream_options is not None and not r.stream,
+     "'stream_options' is only allowed when 'stream' is true"),
+    ("continue_final_message", lambda r: r.continue_final_message and r.add_generation_prompt,
+     "'continue_final_message' and 'add_generation_prompt' cannot both be true "
+     "('add_generation_prompt' defaults to true: set it to false)"),
+    ("continue_final_message", lambda r: r.continue_final_message and r.messages[-1].role != "assistant",
+     "'continue_final_message' needs an assistant message last, to continue it"),
+)
 
 
 class AssistantMessage(BaseModel):

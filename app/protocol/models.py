@@ -12,6 +12,10 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "serve-transformers"
+    # Extensions: `pinned` = a deployment of its own; on-demand models are `loaded` (on `loaded_replicas`
+    # replicas), `loading`, or `available` (allowed, loaded on the first request).
+    status: Literal["pinned", "loaded", "loading", "available"] | None = None
+    loaded_replicas: int | None = None
 
 
 class ModelList(BaseModel):

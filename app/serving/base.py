@@ -7,6 +7,7 @@ way::
     inbound = await serving.read(request)          # raw payload and the requested model name
     spec    = lookup(inbound.model, serving.task)  # 404 for an unknown model, whatever else the body holds
     body    = await serving.validate(inbound, spec)
+    await serving.screen(body, inbound, spec, deployment)  # cheap refusals before the body travels
     records = deployment.<serving.method>(*await serving.args(body, inbound, spec))  # streamed over Ray
     respond(serving.chunks(records, body), stream=serving.streams(body), ...)
 
@@ -27,6 +28,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
 from app.errors import InvalidRequest, validation_error
+from app.protocol.common import INVALID_UNICODE, lone_surrogate_at
 
 # Bodies above this many bytes are parsed and validated on a worker thread: a 30 MB JSON document takes
 # long enough to stall every stream the ingress is serving.
@@ -54,7 +56,7 @@ class Serving:
         """The JSON body, parsed (off the event loop when large), and its ``model``."""
         raw = await request.body()
         try:
-            payload = await _maybe_off_loop(len(raw), json.loads, raw)
+            payload = await maybe_off_loop(len(raw), json.loads, raw)
         except (ValueError, RecursionError) as exc:
             raise InvalidRequest(f"We could not parse the JSON body of your request: {exc}.",
                                  code="invalid_json") from None
@@ -65,9 +67,13 @@ class Serving:
     async def validate(self, inbound: Inbound, spec: Any) -> BaseModel:
         """The payload as ``request_model``; InvalidRequest (400) names the first bad field."""
         try:
-            return await _maybe_off_loop(inbound.size, self.request_model.model_validate, inbound.payload)
+            return await maybe_off_loop(inbound.size, self.request_model.model_validate, inbound.payload)
         except ValidationError as exc:
             raise validation_error(exc.errors()) from None
+
+    async def screen(self, body: Any, inbound: Inbound, spec: Any, deployment: Any) -> None:
+        """Refuse, by raising a ServingError, what the model would refuse anyway and is costly to send
+        it (``deployment`` is the model's handle, to ask it for its limits). Default: nothing."""
 
     async def args(self, body: Any, inbound: Inbound, spec: Any) -> tuple:
         """Positional arguments of the deployment method."""
@@ -100,10 +106,13 @@ def model_name(value: Any) -> str:
         raise InvalidRequest("You must provide a model parameter.", param="model")
     if not isinstance(value, str):
         raise InvalidRequest("Invalid value for 'model': expected a string.", param="model")
+    if lone_surrogate_at(value) is not None:
+        raise InvalidRequest("Invalid value for 'model': the text is not valid Unicode (a lone surrogate).",
+                             param="model", code=INVALID_UNICODE)
     return value
 
 
-async def _maybe_off_loop(size: int, fn, *args):
+async def maybe_off_loop(size: int, fn, *args):
     if size > OFF_LOOP_BYTES:
         return await asyncio.to_thread(fn, *args)
     return fn(*args)

@@ -9,17 +9,19 @@ from typing import Any, AsyncIterator
 
 from app.protocol.chat import (AssistantMessage, ChatCompletionChunk, ChatCompletionRequest,
                                ChatCompletionResponse, Choice, ChunkChoice, Delta)
+from app.errors import ContextLengthExceeded
 from app.protocol.common import Usage
-from app.serving.base import Serving
+from app.serving.base import OFF_LOOP_BYTES, Inbound, Serving, maybe_off_loop
 
 
-async def chat_chunks(deltas: AsyncIterator[list[Any]], *, model: str,
-                      include_usage: bool) -> AsyncIterator[ChatCompletionChunk]:
+async def chat_chunks(deltas: AsyncIterator[list[Any]], *, model: str, include_usage: bool,
+                      echo: str = "") -> AsyncIterator[ChatCompletionChunk]:
     """Turn the deployment's stream of delta lists into OpenAI chunks.
 
-    Order per choice: one chunk with the role, content chunks (the deltas of one message for one choice
-    are coalesced into one chunk), one chunk with an empty delta and the finish_reason; then, if
-    ``include_usage``, one chunk with empty ``choices`` and the usage.
+    Order per choice: one chunk with the role, a chunk with ``echo`` (the request's echoed text) if any,
+    content chunks (the deltas of one message for one choice are coalesced into one chunk), one chunk
+    with an empty delta and the finish_reason; then, if ``include_usage``, one chunk with empty
+    ``choices`` and the usage.
     """
     chunk_id, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
 
@@ -36,6 +38,8 @@ async def chat_chunks(deltas: AsyncIterator[list[Any]], *, model: str,
             if index not in started:
                 started.add(index)
                 yield chunk([ChunkChoice(index=index, delta=Delta(role="assistant", content=""))])
+                if echo:
+                    yield chunk([ChunkChoice(index=index, delta=Delta(content=echo))])
             text = "".join(d.text for d in items)
             if text:
                 yield chunk([ChunkChoice(index=index, delta=Delta(content=text))])
@@ -75,9 +79,26 @@ class ChatServing(Serving):
     method = "chat"
     request_model = ChatCompletionRequest
 
+    def __init__(self) -> None:
+        self._limits: dict[str, dict[str, int]] = {}  # model id -> its deployment's prompt_limits()
+
+    async def screen(self, body: ChatCompletionRequest, inbound: Inbound, spec: Any, deployment: Any) -> None:
+        """A large body whose message text is longer than the model's context can hold (by UTF-8 size,
+        see the deployment's ``prompt_limits``) is refused here: sending megabytes to the replica only
+        for it to refuse them costs both processes seconds of event loop."""
+        if inbound.size <= OFF_LOOP_BYTES:
+            return  # cheap to send; the replica checks it
+        limits = self._limits.get(spec.id)
+        if limits is None:
+            limits = self._limits[spec.id] = await deployment.prompt_limits.remote()
+        chars = await maybe_off_loop(inbound.size, body.text_size_over, limits["prompt_bytes"])
+        if chars is not None:
+            raise ContextLengthExceeded.text_too_long(limits["context_len"], chars)
+
     def chunks(self, records: AsyncIterator[list[Any]], body: ChatCompletionRequest):
         # The collected (non-streamed) answer always needs usage.
-        return chat_chunks(records, model=body.model, include_usage=body.include_usage or not body.stream)
+        return chat_chunks(records, model=body.model, include_usage=body.include_usage or not body.stream,
+                           echo=body.echo_text)
 
     async def collect(self, chunks: AsyncIterator[ChatCompletionChunk], body: ChatCompletionRequest):
         return await collect_chat(chunks)

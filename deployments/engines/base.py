@@ -50,11 +50,20 @@ class Engine(Protocol):
 
 
 def release_memory(device_type: str) -> None:
-    """Return freed tensors' memory: collect garbage, and empty the CUDA cache on a GPU."""
+    """Return freed tensors' memory: collect garbage, empty the CUDA cache on a GPU, and on Linux ask
+    glibc to hand freed heap pages back to the OS (otherwise the process keeps them resident)."""
     import gc
+    import sys
 
     gc.collect()
     if device_type == "cuda":
         import torch
 
         torch.cuda.empty_cache()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl): nothing to trim
+            pass

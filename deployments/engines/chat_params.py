@@ -13,6 +13,7 @@ cannot fit the context is refused in time proportional to the number of messages
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any
 
 from app.config import GenerationLimits
@@ -26,33 +27,64 @@ def _longest_token_bytes(tokenizer: Any) -> int:
     return max((len(token.encode("utf-8", "surrogatepass")) for token in tokenizer.get_vocab()), default=1)
 
 
+def _normalizer_shrink(tokenizer: Any) -> int:
+    """How many bytes of input one byte of normalized text may stand for: 1 without a normalizer; 4
+    with one (Unicode normalization maps a 4-byte character to a 1-byte one at most) or when unknown."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return 1 if backend is not None and backend.normalizer is None else 4
+
+
 def prompt_bytes_limit(tokenizer: Any, context_len: int) -> int:
     """Most UTF-8 bytes of message text that could still fit ``context_len`` tokens.
 
     No token's text is longer than the longest vocabulary entry (byte-level markers and sentencepiece's
     '▁' only make entries longer than the text they stand for), so text of more bytes than this needs
-    more tokens than the context holds.
+    more tokens than the context holds. This holds for tokenizers that keep every input byte (byte-level
+    BPE, sentencepiece: what chat models use), with a factor for a normalizer's shrinking.
     """
-    return context_len * _longest_token_bytes(tokenizer)
+    return context_len * _longest_token_bytes(tokenizer) * _normalizer_shrink(tokenizer)
+
+
+def prompt_limits(engine: Any) -> dict[str, int]:
+    """``{"context_len": tokens, "prompt_bytes": most UTF-8 bytes of message text that can fit}`` of a
+    chat engine: what a deployment tells the ingress so it can refuse larger prompts itself."""
+    return {"context_len": engine.context_len,
+            "prompt_bytes": prompt_bytes_limit(engine.tokenizer, engine.context_len)}
 
 
 def _check_prompt_size(request: ChatCompletionRequest, tokenizer: Any, context_len: int) -> None:
-    limit = prompt_bytes_limit(tokenizer, context_len)
-    # len(str) <= UTF-8 bytes <= 4 * len(str): decide on character counts where that settles it.
-    chars = sum(len(m.text()) for m in request.messages)
-    if chars > limit or (4 * chars > limit and sum(len(m.text().encode("utf-8", "surrogatepass"))
-                                                   for m in request.messages) > limit):
-        raise ContextLengthExceeded(
-            f"This model's maximum context length is {context_len} tokens, but the messages hold "
-            f"{chars} characters, more than any {context_len} tokens can spell.", param="messages")
+    """ContextLengthExceeded if the messages' UTF-8 size alone proves they cannot fit ``context_len``;
+    never calls the tokenizer (only its vocabulary, once per tokenizer)."""
+    chars = request.text_size_over(prompt_bytes_limit(tokenizer, context_len))
+    if chars is not None:
+        raise ContextLengthExceeded.text_too_long(context_len, chars)
+
+
+@functools.lru_cache(maxsize=16)
+def _reserved_template_kwargs(tokenizer_type: type) -> frozenset[str]:
+    """Names chat_template_kwargs may not use: the arguments of ``apply_chat_template`` itself (a
+    client must not swap the template or the output type) and the variables it sets."""
+    parameters = inspect.signature(tokenizer_type.apply_chat_template).parameters
+    named = {name for name, p in parameters.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
+    return frozenset(named | {"messages", "conversation", "conversations", "self"})
 
 
 def render_prompt(tokenizer: Any, request: ChatCompletionRequest) -> list[int]:
-    """Token ids of the messages rendered with the tokenizer's chat template, generation prompt added."""
+    """Token ids of the messages rendered with the tokenizer's chat template: with the generation
+    prompt (``add_generation_prompt``, default) or continuing the final assistant message
+    (``continue_final_message``), and the request's ``chat_template_kwargs`` as template variables."""
     messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
                 for m in request.messages]
+    extra = dict(request.chat_template_kwargs or {})
+    clash = sorted(extra.keys() & _reserved_template_kwargs(type(tokenizer)))
+    if clash:
+        raise InvalidRequest(f"chat_template_kwargs may not set {', '.join(map(repr, clash))}: these are "
+                             "arguments of the template call itself (use the request's own "
+                             "add_generation_prompt / continue_final_message)", param="chat_template_kwargs")
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=request.add_generation_prompt,
+                                             continue_final_message=request.continue_final_message, **extra)
     except Exception as exc:  # templates raise for unsupported roles/orders (jinja's raise_exception)
         raise InvalidRequest(f"the messages cannot be rendered with this model's chat template: {exc}",
                              param="messages") from None
@@ -60,18 +92,28 @@ def render_prompt(tokenizer: Any, request: ChatCompletionRequest) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def to_generation_request(request: ChatCompletionRequest, engine: Any,
-                          limits: GenerationLimits) -> GenerationRequest:
-    """Render and tokenize the prompt with ``engine.tokenizer``, validate lengths and counts against
-    ``engine.context_len`` and ``limits``, fill OpenAI's defaults."""
-    context_len = engine.context_len
-    _check_prompt_size(request, engine.tokenizer, context_len)
-    return generation_request(request, render_prompt(engine.tokenizer, request), limits, context_len)
+def _token_ids(ids: Any, vocab_size: int, param: str) -> None:
+    bad = next((i for i in ids if not 0 <= int(i) < vocab_size), None)
+    if bad is not None:
+        raise InvalidRequest(f"{param} names token id {bad}, outside this model's vocabulary "
+                             f"(0..{vocab_size - 1})", param=param)
 
 
-def generation_request(request: ChatCompletionRequest, prompt_ids: list[int],
-                       limits: GenerationLimits, context_len: int) -> GenerationRequest:
-    """Validate lengths and counts of an already tokenized prompt; fill OpenAI's defaults."""
+def to_generation_request(request: ChatCompletionRequest, engine: Any, limits: GenerationLimits,
+                          tokenizer: Any = None) -> GenerationRequest:
+    """Render and tokenize the prompt with ``tokenizer`` (default ``engine.tokenizer``; a copy of it
+    for a thread of its own), validate lengths and counts against ``engine.context_len`` and ``limits``,
+    fill OpenAI's defaults."""
+    context_len, tokenizer = engine.context_len, tokenizer or engine.tokenizer
+    _check_prompt_size(request, tokenizer, context_len)
+    return generation_request(request, render_prompt(tokenizer, request), limits, context_len,
+                              vocab_size=engine.vocab_size)
+
+
+def generation_request(request: ChatCompletionRequest, prompt_ids: list[int], limits: GenerationLimits,
+                       context_len: int, vocab_size: int | None = None) -> GenerationRequest:
+    """Validate lengths and counts of an already tokenized prompt, and the token ids the request names
+    (logit_bias, stop_token_ids) against ``vocab_size``; fill OpenAI's defaults."""
     if request.n > limits.max_n:
         raise InvalidRequest(f"n must be at most {limits.max_n}, got {request.n}", param="n")
     stops = request.stop_list
@@ -93,9 +135,18 @@ def generation_request(request: ChatCompletionRequest, prompt_ids: list[int],
             f"This model's maximum context length is {context_len} tokens. However, you requested "
             f"{prompt_len + asked} tokens ({prompt_len} in the messages, {asked} in the completion). "
             f"Please reduce the length of the messages or the completion.", param=param)
+    max_new_tokens = asked if asked is not None else min(limits.default_max_tokens, room)
+    if (request.min_tokens or 0) > max_new_tokens:
+        raise InvalidRequest(f"min_tokens ({request.min_tokens}) must be at most the completion's maximum "
+                             f"length ({max_new_tokens})", param="min_tokens")
+    bias = tuple((int(token), value) for token, value in (request.logit_bias or {}).items())
+    stop_ids = tuple(request.stop_token_ids or ())
+    if vocab_size is not None:
+        _token_ids((token for token, _ in bias), vocab_size, "logit_bias")
+        _token_ids(stop_ids, vocab_size, "stop_token_ids")
     temperature = 1.0 if request.temperature is None else request.temperature
     params = SamplingParams(
-        max_new_tokens=asked if asked is not None else min(limits.default_max_tokens, room),
+        max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_p=1.0 if request.top_p is None else request.top_p,
         top_k=max(0, request.top_k or 0),
@@ -104,5 +155,10 @@ def generation_request(request: ChatCompletionRequest, prompt_ids: list[int],
         repetition_penalty=request.repetition_penalty or 1.0,
         seed=request.seed,
         stop=tuple(stops),
+        min_p=request.min_p or 0.0,
+        logit_bias=bias,
+        min_tokens=request.min_tokens or 0,
+        ignore_eos=request.ignore_eos,
+        stop_token_ids=stop_ids,
     )
     return GenerationRequest(prompt_ids=list(prompt_ids), params=params, n=request.n)

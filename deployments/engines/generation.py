@@ -109,6 +109,10 @@ class GenerationEngine:
         self.device = device
         self.context_len = context_len
         self.eos_token_ids = set(eos_token_ids)
+        self._eos = tuple(sorted(self.eos_token_ids))
+        # Token ids a request may name (logit_bias, stop_token_ids): known to the tokenizer and the model.
+        width = getattr(getattr(model, "config", None), "vocab_size", None)
+        self.vocab_size = min(len(tokenizer), width) if width else len(tokenizer)
         self.pad_token_id = pad_token_id
         self.max_running_rows = max_running_rows
         self.max_prefill_tokens = max_prefill_tokens
@@ -246,7 +250,7 @@ class GenerationEngine:
     def _advance(self, batch: Batch, logits: torch.Tensor) -> None:
         """Choose each row's next token and turn it into output."""
         self.steps += 1
-        tokens, failed = select_tokens(logits, batch.rows)
+        tokens, failed = select_tokens(logits, batch.rows, self._eos)
         batch.set_next(tokens)
         self.tokens_generated += len(tokens)
         for i, (seq, token) in enumerate(zip(batch.rows, tokens)):
@@ -262,14 +266,15 @@ class GenerationEngine:
 
     def _append(self, seq: _Sequence, token: int) -> None:
         seq.output_ids.append(token)
-        finish = None
-        if token in self.eos_token_ids:
+        finish, params = None, seq.params
+        # An ending token (EOS unless ignore_eos, or one of stop_token_ids) adds no text of its own.
+        if token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos):
             text, finish = seq.text.finish(), "stop"
         else:
             text = seq.text.push(token)
             if seq.text.stopped:
                 finish = "stop"
-            elif len(seq.output_ids) >= seq.params.max_new_tokens:
+            elif len(seq.output_ids) >= params.max_new_tokens:
                 text, finish = text + seq.text.finish(), "length"
         if finish is None:
             if text:

@@ -27,6 +27,11 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    min_p: float = 0.0  # drop tokens below min_p x the likeliest token's probability (sampled rows)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit), ids < vocab
+    min_tokens: int = 0  # EOS and stop_token_ids are masked until the completion has this many tokens
+    ignore_eos: bool = False  # EOS does not end the completion (it is generated like any token)
+    stop_token_ids: tuple[int, ...] = ()  # these end the completion ("stop"); their text is not emitted
 
     @property
     def greedy(self) -> bool:
@@ -36,6 +41,11 @@ class SamplingParams:
     @property
     def penalized(self) -> bool:
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether the row's logits change before a choice (so greedy is not the plain argmax)."""
+        return self.penalized or bool(self.logit_bias)
 
 
 @dataclass

@@ -12,12 +12,15 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from deployments.models.corpus import corpus
 from deployments.models.whisper_demo import WHISPER_DEMO
+
+_BUILD_LOCK = threading.Lock()
 
 # Bump when a builder's output changes, so stale caches are rebuilt rather than reused.
 BUILD_VERSION = 1
@@ -99,6 +102,15 @@ DEMO_MODELS: dict[str, CausalLMDemo] = {
     # Big enough (~30M parameters) that compute, not overhead, dominates on a CPU: for bench/.
     "bench": CausalLMDemo(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4,
                           intermediate_size=1408, initializer_range=0.05),
+    # On-demand (multiplexed) demo family: distinct seeds and sizes, so tests can tell them apart and
+    # exercise load, hit, evict and reload offline. chat-m has ~30M parameters (~120 MB in float32): big
+    # enough that freeing it shows in the replica's resident memory.
+    "chat-s1": CausalLMDemo(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                            intermediate_size=176, seed=1),
+    "chat-s2": CausalLMDemo(hidden_size=96, num_layers=3, num_heads=4, num_kv_heads=2,
+                            intermediate_size=256, seed=2),
+    "chat-m": CausalLMDemo(hidden_size=512, num_layers=10, num_heads=8, num_kv_heads=4,
+                           intermediate_size=1408, initializer_range=0.05, seed=3),
     "whisper": WHISPER_DEMO,  # speech-to-text: deployments/whisper_demo.py
 }
 
@@ -111,7 +123,10 @@ def demo_path(name: str, builders: dict[str, CausalLMDemo] | None = None) -> Pat
     target = demo_cache_root() / f"{name}-v{BUILD_VERSION}"
     if (target / "config.json").exists():
         return target
-    return _build_atomically(target, builders[name].build)
+    with _BUILD_LOCK:  # builds seed torch's process-global RNG: one at a time per process
+        if (target / "config.json").exists():
+            return target
+        return _build_atomically(target, builders[name].build)
 
 
 def _build_atomically(target: Path, build: Callable[[Path], None]) -> Path:

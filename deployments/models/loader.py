@@ -7,7 +7,10 @@ factory as an argument, so tests inject others.
 
 from __future__ import annotations
 
+import json
 import logging
+import threading
+from pathlib import Path
 
 import torch
 
@@ -17,6 +20,12 @@ from deployments.engines.whisper import WhisperEngine
 from deployments.models.sources import resolve_source
 
 logger = logging.getLogger(__name__)
+
+# transformers' from_pretrained is not thread-safe: it builds the model under process-global state (the
+# default dtype, a meta-device context, patched init and tie functions), and two threads loading at once
+# fail ("Cannot copy out of meta tensor") or, worse, leave weights uninitialised. Only that step is
+# serialised; fetching weights, tokenizers and moving to the device run in parallel.
+FROM_PRETRAINED_LOCK = threading.Lock()
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -49,8 +58,9 @@ def load_chat_engine(spec: ChatModelSpec) -> GenerationEngine:
     if not tokenizer.chat_template:
         raise ValueError(f"model {spec.id!r}: the tokenizer at {path} has no chat template; set "
                          "`chat_template` in the model's config")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
-                                                 trust_remote_code=spec.trust_remote_code)
+    with FROM_PRETRAINED_LOCK:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
+                                                     trust_remote_code=spec.trust_remote_code)
     model.to(device).eval()
     eos = model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -86,9 +96,53 @@ def load_whisper_engine(spec: TranscriptionModelSpec) -> WhisperEngine:
     if device.type == "cuda" and spec.dtype == "auto":
         dtype = torch.float16 if dtype == torch.float32 else dtype
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
-    model = WhisperForConditionalGeneration.from_pretrained(path, dtype=dtype)
+    with FROM_PRETRAINED_LOCK:
+        model = WhisperForConditionalGeneration.from_pretrained(path, dtype=dtype)
     model.to(device).eval()
     logger.info("loaded %s from %s on %s as %s", spec.id, path, device, dtype)
     return WhisperEngine(model, processor, device=device, dtype=dtype,
                          max_new_tokens=spec.audio.max_new_tokens_per_window,
                          max_windows_per_batch=spec.audio.max_windows_per_batch)
+
+
+# --- on-demand loading (deployments/multiplexed.py): split in two so the pool can make room in between --
+
+def import_model_code() -> None:
+    """Resolve transformers' lazy model-loading modules now: on a busy CPU that takes seconds, which a
+    replica should spend when it starts rather than in its first request's load."""
+    import transformers
+
+    for name in ("AutoModelForCausalLM", "AutoTokenizer", "PreTrainedModel"):
+        getattr(transformers, name)
+
+
+def prepare_chat(spec: ChatModelSpec) -> tuple[Path, int]:
+    """Fetch or build ``spec``'s checkpoint (no model in memory yet); return its directory and the bytes
+    its weights will take once loaded (file sizes scaled from the stored dtype to the loaded one)."""
+    path = resolve_source(spec.source, spec.revision)
+    return path, estimate_weight_bytes(path, spec)
+
+
+def load_prepared_chat(spec: ChatModelSpec, path: Path) -> tuple[GenerationEngine, int]:
+    """Load the checkpoint that :func:`prepare_chat` returned; return the engine and its weight bytes."""
+    engine = load_chat_engine(spec.model_copy(update={"source": str(path)}))
+    return engine, weight_bytes(engine.model)
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of a model's parameters and buffers (shared tensors counted once)."""
+    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def estimate_weight_bytes(path: Path, spec: ChatModelSpec) -> int:
+    """Weight files' size, scaled from the checkpoint's stored dtype to the dtype the spec loads."""
+    files = sorted(Path(path).glob("*.safetensors")) or sorted(Path(path).glob("*.bin"))
+    stored = sum(f.stat().st_size for f in files)
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+        stored_dtype = DTYPES.get(config.get("dtype") or config.get("torch_dtype") or "", torch.float32)
+    except (OSError, ValueError):
+        stored_dtype = torch.float32
+    target = pick_dtype(spec, pick_device(spec))
+    return int(stored * target.itemsize / stored_dtype.itemsize)

@@ -59,14 +59,19 @@ async def test_killed_replica_fails_in_flight_requests_cleanly_and_is_replaced(s
                 assert event["choices"] and event["choices"][0]["finish_reason"] is not None
     assert any(status != 200 or "error" in (payload or "") for _, status, payload in outcomes)
 
+    # Until the replacement runs, the model has no replica: each request is refused at once with a 503
+    # (or one already routed to the dead replica fails with one), not held until a replica exists.
     deadline = time.time() + 90
     while time.time() < deadline:
+        started = time.monotonic()
         resp = requests.post(f"{server}/v1/chat/completions", timeout=30,
                              json={"model": MODEL, "messages": msgs("hi"), "max_tokens": 4})
         if resp.status_code == 200:
             break
-        assert resp.status_code in (500, 503), resp.text
+        assert resp.status_code == 503 and time.monotonic() - started < 5, resp.text
         assert_valid(resp.json(), "ErrorResponse")
+        assert resp.json()["error"]["code"] in ("model_unavailable", "replica_unavailable")
+        assert resp.headers["Retry-After"]
         time.sleep(0.5)
     assert resp.status_code == 200, resp.text
     assert replica_actors(MODEL) and replica_actors(MODEL)[0] != victim

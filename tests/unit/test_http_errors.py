@@ -52,6 +52,21 @@ def test_framework_errors_become_openai_errors(http):
                     400)["code"] == "invalid_json"
 
 
+def test_unknown_route_names_the_request_and_the_routes(http):
+    err = error_of(http.post("/v1/responses", json={}), 404)
+    assert err["code"] == "unknown_route"
+    assert "POST /v1/responses" in err["message"] and "/v1/chat/completions" in err["message"]
+    assert "POST /echo" in err["message"] and "GET /boom" in err["message"]  # the routes that exist
+    assert "GET /nowhere" in error_of(http.get("/nowhere"), 404)["message"]
+
+
+def test_wrong_method_is_405_with_allow_header(http):
+    resp = http.get("/echo")
+    err = error_of(resp, 405)
+    assert resp.headers["allow"] == "POST"
+    assert "GET" in err["message"] and "/echo" in err["message"] and "POST" in err["message"]
+
+
 def test_unexpected_error_is_generic_500_without_traceback(http):
     err = error_of(http.get("/boom"), 500)
     assert "secret" not in err["message"] and "Traceback" not in err["message"]

@@ -94,3 +94,154 @@ def test_ray_errors_map_to_openai_errors():
     assert isinstance(err, Overloaded) and err.status_code == 503 and err.headers["Retry-After"]
     assert as_serving_error(KeyError("x")).status_code == 500
     assert "KeyError" not in as_serving_error(KeyError("x")).message
+
+
+def refusal(**fields) -> dict:
+    """The error body of a refused request (raises if it is accepted)."""
+    with pytest.raises(ValidationError) as info:
+        ChatCompletionRequest.model_validate({**BASE, **fields})
+    body = validation_error(info.value.errors()).body()
+    assert_valid(body, "ErrorResponse")
+    return body["error"]
+
+
+@pytest.mark.parametrize("fields,param", [
+    ({"stream": "yes"}, "stream"),
+    ({"stream": 1}, "stream"),
+    ({"max_tokens": True}, "max_tokens"),
+    ({"max_completion_tokens": 2.0}, "max_completion_tokens"),
+    ({"n": "2"}, "n"),
+    ({"seed": True}, "seed"),
+    ({"ignore_eos": "true"}, "ignore_eos"),
+    ({"temperature": "0.5"}, "temperature"),
+    ({"temperature": False}, "temperature"),
+    ({"stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
+    ({"stop_token_ids": [1, True]}, "stop_token_ids[1]"),
+])
+def test_booleans_and_integers_are_strict(fields, param):
+    err = refusal(**fields)
+    assert err["param"] == param, err
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("field", ["temperature", "top_p", "presence_penalty", "min_p"])
+def test_nan_and_infinity_are_refused_saying_so(field, value):
+    err = refusal(**{field: value})
+    assert err["param"] == field and "NaN and Infinity" in err["message"]
+    assert refusal(logit_bias={"3": value})["param"] == "logit_bias.3"
+
+
+@pytest.mark.parametrize("fields,param", [
+    ({"messages": [{"role": "user", "content": "a\ud800b"}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "ok"},
+                                                {"type": "text", "text": "\udfff"}]}]},
+     "messages[0].content[1].text"),
+    ({"messages": [{"role": "user", "content": "x", "name": "\udc00"}]}, "messages[0].name"),
+    ({"stop": "\ud800"}, "stop"),
+    ({"stop": ["a", "b\ud800"]}, "stop[1]"),
+    ({"user": "\ud800"}, "user"),
+    ({"chat_template_kwargs": {"a": {"b": ["x", "\ud800"]}}}, "chat_template_kwargs.a.b[1]"),
+    ({"chat_template_kwargs": {"\ud800": 1}}, "chat_template_kwargs"),
+    ({"metadata": {"k": "\ud800"}}, "metadata.k"),
+])
+def test_lone_surrogates_are_refused_naming_the_field(fields, param):
+    err = refusal(**fields)
+    assert (err["param"], err["code"]) == (param, "invalid_unicode"), err
+
+
+def test_other_unusual_text_is_accepted():
+    text = "nul\x00 rtl\u202e\u200f combining e\u0301 emoji \U0001f600 bom \ufeff nonchar \uffff"
+    req = ChatCompletionRequest.model_validate({**BASE, "messages": [{"role": "user", "content": text}],
+                                                "stop": ["\x00"], "user": "\u202e"})
+    assert req.messages[0].text() == text
+
+
+@pytest.mark.parametrize("fields,param", [
+    ({"logprobs": True}, "logprobs"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"functions": [{"name": "f"}]}, "functions"),
+    ({"function_call": "auto"}, "function_call"),
+    ({"response_format": {"type": "json_object"}}, "response_format.type"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format.type"),
+    ({"modalities": ["text", "audio"]}, "modalities"),
+    ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+    ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
+    ({"reasoning_effort": "low"}, "reasoning_effort"),
+    ({"best_of": 2}, "best_of"),
+    ({"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]},
+     "messages[0].content[1].type"),
+    ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]},
+     "messages[0].content[0].type"),
+    ({"messages": [{"role": "user", "content": "hi"},
+                   {"role": "assistant", "tool_calls": [{"id": "1", "type": "function"}]}]},
+     "messages[1].tool_calls"),
+    ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "1"}]}, "messages[0].role"),
+    ({"messages": [{"role": "function", "content": "42", "name": "f"}]}, "messages[0].role"),
+])
+def test_unsupported_features_are_refused_in_one_shape(fields, param):
+    err = refusal(**fields)
+    assert (err["param"], err["code"], err["type"]) == (param, "unsupported_parameter",
+                                                         "invalid_request_error"), err
+    assert err["message"].startswith(f"'{param}' is not supported by this server: ")
+
+
+@pytest.mark.parametrize("fields,param", [
+    ({"tool_choice": "bogus"}, "tool_choice"),
+    ({"tool_choice": "none"}, "tool_choice"),
+    ({"parallel_tool_calls": True}, "parallel_tool_calls"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"),
+    ({"stream": False, "stream_options": {"include_usage": False}}, "stream_options"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"logprobs": False, "top_logprobs": 0}, "top_logprobs"),
+    ({"messages": [{"role": "assistant", "content": "Once"}], "continue_final_message": True},
+     "continue_final_message"),
+    ({"continue_final_message": True, "add_generation_prompt": False}, "continue_final_message"),
+])
+def test_parameters_that_need_another_are_refused(fields, param):
+    err = refusal(**fields)
+    assert (err["param"], err["code"]) == (param, "invalid_parameter_combination"), err
+
+
+def test_metadata_and_defaults_are_accepted_as_no_ops():
+    req = ChatCompletionRequest.model_validate({
+        **BASE, "store": True, "metadata": {"team": "a"}, "service_tier": "auto", "modalities": ["text"],
+        "logprobs": False, "tools": [], "functions": [], "best_of": 1, "response_format": {"type": "text"},
+        "stream": True, "stream_options": {"include_usage": True}, "parallel_tool_calls": False})
+    assert req.store is True and req.include_usage
+    assert refusal(service_tier="bogus")["param"] == "service_tier"
+    assert refusal(metadata={str(i): "v" for i in range(17)})["param"] == "metadata"
+
+
+def test_vllm_extras_parse_and_bound():
+    req = ChatCompletionRequest.model_validate({
+        **BASE, "min_p": 0.1, "min_tokens": 2, "ignore_eos": True, "stop_token_ids": [3, 4],
+        "logit_bias": {"5": -100, "6": 2.5}, "chat_template_kwargs": {"enable_thinking": False},
+        "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "Once"}],
+        "add_generation_prompt": False, "continue_final_message": True, "echo": True, "best_of": 1})
+    assert req.logit_bias == {"5": -100.0, "6": 2.5} and req.stop_token_ids == [3, 4]
+    assert req.echo_text == "Once"
+    assert refusal(logit_bias={"x1": 1})["param"] == "logit_bias"
+    assert refusal(logit_bias={"1" * 11: 1})["param"] == "logit_bias"
+    assert refusal(logit_bias={"1": 101})["param"] == "logit_bias.1"
+    assert refusal(chat_template_kwargs={"not an identifier": 1})["param"] == "chat_template_kwargs"
+    deep: dict = {}
+    node = deep
+    for _ in range(2000):  # deeper than the stack: refused, not a RecursionError
+        node["a"] = {}
+        node = node["a"]
+    assert refusal(chat_template_kwargs={"x": deep})["param"] == "chat_template_kwargs"
+
+
+def test_echo_follows_the_answer_role():
+    def echo_of(**fields):
+        return ChatCompletionRequest.model_validate({**BASE, "echo": True, **fields}).echo_text
+
+    assert echo_of() == ""  # the last message is the user's; the answer is the assistant's
+    assert echo_of(add_generation_prompt=False) == "hi"  # vLLM: the answer then continues that role
+    assert echo_of(messages=[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]) == "b"
+
+
+def test_validation_error_without_location_does_not_crash():
+    assert validation_error([{"type": "value_error", "loc": (), "msg": "bad"}]).status_code == 400

@@ -49,3 +49,38 @@ def test_extreme_settings_degrade_or_fail_one_row_only():
     tokens, failed = select_tokens(logits, [tiny_temperature, tiny_top_p, broken])
     assert tokens[0] == int(torch.argmax(logits[0])) and tokens[1] == int(torch.argmax(logits[1]))
     assert list(failed) == [2]
+
+
+def test_logit_bias_applies_to_its_row_only_greedy_included():
+    from deployments.engines.sampling import apply_logit_bias
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(2))
+    assert apply_logit_bias(torch.zeros(4), ((1, 2.5), (3, -1.0))).tolist() == [0.0, 2.5, 0.0, -1.0]
+    plain = Row(SamplingParams(max_new_tokens=1, temperature=0.0))
+    forced = Row(SamplingParams(max_new_tokens=1, temperature=0.0, logit_bias=((7, 100.0),)))
+    sampled = SamplingParams(max_new_tokens=1, temperature=1.0, seed=5)
+    base, _ = select_tokens(logits, [plain, plain, Row(sampled, 5)])
+    tokens, failed = select_tokens(logits, [plain, forced, Row(sampled, 5)])
+    assert not failed and tokens[1] == 7
+    assert tokens[0] == base[0] and tokens[2] == base[2]  # the neighbours chose as before
+
+
+def test_min_p_keeps_tokens_near_the_likeliest():
+    from deployments.engines.sampling import filter_min_p
+
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    kept = ~torch.isinf(filter_min_p(logits, 0.5))  # threshold 0.25
+    assert kept.tolist() == [True, True, False, False]
+    assert torch.equal(filter_min_p(logits, 0.0), logits)
+
+
+def test_min_tokens_masks_eos_and_stop_ids_until_reached():
+    logits = torch.zeros(1, 10)
+    logits[0, 9] = 5.0  # EOS is the likeliest
+    params = SamplingParams(max_new_tokens=8, temperature=0.0, min_tokens=2, stop_token_ids=(8,))
+    logits[0, 8] = 4.0  # then the stop token
+    early = Row(params, output_ids=[1])
+    tokens, _ = select_tokens(logits, [early], eos_token_ids=(9,))
+    assert tokens[0] not in (8, 9)
+    tokens, _ = select_tokens(logits, [Row(params, output_ids=[1, 2])], eos_token_ids=(9,))
+    assert tokens == [9]
