@@ -71,7 +71,7 @@ def test_serve_deploy_brings_the_app_up_spread_over_the_nodes(local_cluster):
     assert placed["demo-chat"][0].startswith("worker"), placed  # it needs a (fake) GPU node
 
     client = OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=120)
-    assert {m.id for m in client.models.list().data} == {"demo-chat", "demo-whisper"}
+    assert {"demo-chat", "demo-whisper"} <= {m.id for m in client.models.list().data}
     out = client.chat.completions.create(model="demo-chat", messages=[{"role": "user", "content": "hi"}],
                                          max_tokens=8, temperature=0)
     assert out.choices[0].finish_reason in ("length", "stop") and out.usage.completion_tokens >= 1
