@@ -114,5 +114,11 @@ class BatchedDeployment:
         return {**self.engine.stats(), "batching": self.batching.model_dump(),
                 "config_error": self.config_error, "pid": os.getpid()}
 
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Ray Serve's custom autoscaling metrics hook: the engine's numeric counters (running and
+        waiting rows, waiting prompt tokens, ...), read by ``deployments.autoscaling.EngineLoadPolicy``."""
+        return {k: float(v) for k, v in self.engine.stats().items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
     async def check_health(self) -> None:
         """Ray Serve's replica health check (and /health's probe): answering proves the event loop runs."""

@@ -138,8 +138,14 @@ class GenerationEngine:
         self.max_prefill_tokens = getattr(batching, "max_prefill_tokens", self.max_prefill_tokens)
 
     def stats(self) -> dict[str, Any]:
+        waiting = [s for group in self._waiting for s in group if s.live]
         return {"steps": self.steps, "tokens_generated": self.tokens_generated,
                 "running_rows": self.running_rows, "waiting_groups": len(self._waiting),
+                # What the autoscaling policy reads (deployments/autoscaling.py): rows not yet prefilled
+                # and their prompt tokens (a request's n choices share one prompt).
+                "waiting_rows": len(waiting),
+                "waiting_prefill_tokens": sum(len(r.prompt_ids) for r in {id(s.request): s.request
+                                                                          for s in waiting}.values()),
                 "context_len": self.context_len}
 
     def close(self) -> None:
