@@ -32,6 +32,17 @@ def short_app(server):
     serve.delete("short")
 
 
+async def read_then_disconnect(server: str, body: dict, events: int = 3) -> None:
+    """Stream ``body`` from the chat route and hang up after ``events`` SSE events (mid-stream)."""
+    async with httpx.AsyncClient(timeout=60) as http:
+        async with http.stream("POST", f"{server}/v1/chat/completions", json={**body, "stream": True}) as r:
+            seen = 0
+            async for line in r.aiter_lines():
+                seen += line.startswith("data: ")
+                if seen >= events:
+                    return  # leaving the block closes the connection mid-stream
+
+
 def stats(deployment, app="openai"):
     return serve.get_deployment_handle(deployment, app_name=app).stats.remote().result()
 
@@ -91,18 +102,9 @@ async def test_disconnect_mid_stream_stops_generation_and_spares_neighbours(serv
                                                        max_tokens=40, temperature=0)
         return r.choices[0].message.content
 
-    async def quitter():
-        async with httpx.AsyncClient(timeout=60) as http:
-            async with http.stream("POST", f"{server}/v1/chat/completions", json={
-                    "model": MODEL, "messages": msgs("hi"), "max_tokens": 220, "temperature": 0,
-                    "stream": True}) as r:
-                seen = 0
-                async for line in r.aiter_lines():
-                    seen += line.startswith("data: ")
-                    if seen >= 3:
-                        return  # leaving the block closes the connection mid-stream
-
-    results = await asyncio.gather(neighbour(), quitter())
+    quitter = read_then_disconnect(server, {"model": MODEL, "messages": msgs("hi"), "max_tokens": 220,
+                                            "temperature": 0})
+    results = await asyncio.gather(neighbour(), quitter)
     assert results[0] == neighbour_alone
     after = await asyncio.to_thread(wait_idle, "demo-chat")
     # Had the stream run on, the engine would have made >= 220 + 40 tokens.

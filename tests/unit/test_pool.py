@@ -128,18 +128,24 @@ async def test_a_model_in_use_is_never_evicted():
     assert set(pool.states()) == {"a", "d"} and loader.count("unload", "a") == 0
 
 
-async def test_load_waits_for_room_while_every_model_is_in_use():
-    loader = FakeLoader()
-    pool = ModelPool(loader, max_models=1, load_timeout_s=5)
+async def held(pool, name):
+    """A task that holds model ``name`` in use until the returned event is set (once it is loaded)."""
     release = asyncio.Event()
 
     async def hold():
-        async with pool.use(spec("a")):
+        async with pool.use(spec(name)):
             await release.wait()
 
     holder = asyncio.create_task(hold())
-    while pool.states().get("a") != "loaded":
+    while pool.states().get(name) != "loaded":
         await asyncio.sleep(0.01)
+    return holder, release
+
+
+async def test_load_waits_for_room_while_every_model_is_in_use():
+    loader = FakeLoader()
+    pool = ModelPool(loader, max_models=1, load_timeout_s=5)
+    holder, release = await held(pool, "a")
     waiting = asyncio.create_task(ask(pool, "b"))
     await asyncio.sleep(0.2)
     assert not waiting.done() and loader.count("unload", "a") == 0
@@ -152,15 +158,7 @@ async def test_load_waits_for_room_while_every_model_is_in_use():
 async def test_no_room_within_the_timeout_is_a_503_with_retry_after():
     loader = FakeLoader()
     pool = ModelPool(loader, max_models=1, load_timeout_s=0.3)
-    release = asyncio.Event()
-
-    async def hold():
-        async with pool.use(spec("a")):
-            await release.wait()
-
-    holder = asyncio.create_task(hold())
-    while pool.states().get("a") != "loaded":
-        await asyncio.sleep(0.01)
+    holder, release = await held(pool, "a")
     with pytest.raises(ModelLoading) as err:
         await ask(pool, "b")
     assert err.value.status_code == 503 and "Retry-After" in err.value.headers
