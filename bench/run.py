@@ -97,7 +97,7 @@ def profiled(driver: Any, out_dir: Path, tag: str) -> Iterator[None]:
                         name = title.split()[0].replace("ray::", "").replace(":", "_")
                         out = out_dir / f"{tag}-{name}-{child.pid}.speedscope.json"
                         procs.append(subprocess.Popen(
-                            ["py-spy", "record", "--pid", str(child.pid), "--rate", "100", "--idle",
+                            ["py-spy", "record", "--pid", str(child.pid), "--rate", "100", "--nonblocking",
                              "--format", "speedscope", "-o", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     try:
