@@ -116,6 +116,10 @@ class ChatModelSpec(_ModelSpecBase):
         "CPU only: torch threads for prefill (decoding keeps Ray's choice, OMP_NUM_THREADS = the "
         "replica's num_cpus). Prefill is large matrix work that scales with cores while decoding "
         "competes with the proxy and ingress for them, so a 1-CPU replica may prefill on 2."))
+    decode_threads: int | None = Field(None, ge=1, le=256, description=(
+        "CPU only: torch threads for decoding; default Ray's choice (OMP_NUM_THREADS = the replica's "
+        "num_cpus). A memory-bound decode step runs faster on more cores even when the proxy and "
+        "ingress share them, once tokens travel several to a message (batching.stream_interval_s)."))
     chat_template: str | None = Field(None, description=(
         "Jinja chat template overriding the tokenizer's own (for checkpoints that ship none)."))
     batching: ChatBatchingSpec = Field(default_factory=ChatBatchingSpec, description=(

@@ -27,6 +27,8 @@ from deployments.engines.chat_params import to_generation_request
 class EngineDriver:
     """Owns one engine; ``run_level`` runs ``concurrency`` closed-loop in-process clients over it."""
 
+    tokens_counted = None
+
     def __init__(self, model_dir: Path | str, *, threads: int | None = 2, prefill_threads: int | None = 2,
                  batching: dict[str, Any] | None = None, device: str = "auto", dtype: str = "auto",
                  max_tokens: int = 4096) -> None:

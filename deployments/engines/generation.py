@@ -122,7 +122,8 @@ class GenerationEngine:
 
     def __init__(self, model: Any, tokenizer: Any, *, device: torch.device, eos_token_ids: set[int],
                  pad_token_id: int, context_len: int = 2048, max_running_rows: int = 64,
-                 max_prefill_tokens: int = 4096, prefill_threads: int | None = None) -> None:
+                 max_prefill_tokens: int = 4096, prefill_threads: int | None = None,
+                 decode_threads: int | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
@@ -132,7 +133,8 @@ class GenerationEngine:
         self.max_running_rows = max_running_rows
         self.max_prefill_tokens = max_prefill_tokens
         self.prefill_threads = prefill_threads
-        self.decode_threads = torch.get_num_threads()
+        cpu = device.type == "cpu"
+        self.decode_threads = (decode_threads if cpu else None) or torch.get_num_threads()
         self.can_concatenate = supports_concatenation(model)
         self._batch_class = Batch if self.can_concatenate else PlainBatch
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
@@ -248,6 +250,8 @@ class GenerationEngine:
                 torch.set_num_threads(self.decode_threads)
 
     def _decode(self) -> None:
+        if self.device.type == "cpu" and torch.get_num_threads() != self.decode_threads:
+            torch.set_num_threads(self.decode_threads)  # this thread is the process's only torch user
         with torch.inference_mode():  # filtering updates the batch's buffers in place
             batch = self._keep_live(self._running)
             if batch is None:
