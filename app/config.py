@@ -48,7 +48,7 @@ class ChatBatchingSpec(BatchingSpec):
         "time to first token is unaffected): tokens produced meanwhile travel together in the next "
         "message. Every message costs CPU in the replica, the ingress and the proxy; 0 = one message "
         "per decode step."))
-    stream_messages_per_s: float = Field(300.0, gt=0.0, description=(
+    stream_messages_per_s: float = Field(150.0, gt=0.0, description=(
         "Budget of stream messages per second for the whole replica: with many concurrent streams each "
         "stream's gap grows to streams / budget (capped at 0.25 s), so the cost of moving tokens stays "
         "bounded while the batch grows."))

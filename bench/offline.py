@@ -32,12 +32,14 @@ class _StepClock(StoppingCriteria):
 
 
 class OfflineDriver:
-    def __init__(self, model_dir: Path | str, threads: int | None = 2) -> None:
+    def __init__(self, model_dir: Path | str, threads: int | None = 2, device: str = "cpu",
+                 dtype: torch.dtype | None = None) -> None:
         if threads:
             torch.set_num_threads(threads)
+        self.device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.tokenizer.padding_side = "left"
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
         eos = self.model.generation_config.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos])
         if self.tokenizer.eos_token_id is not None:
@@ -48,7 +50,7 @@ class OfflineDriver:
                 for m in prompts]
 
     def _group(self, texts: list[str], first_index: int, max_tokens: int) -> list[RequestRecord]:
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         clock = _StepClock()
         start = time.perf_counter()
         with torch.inference_mode():
