@@ -43,12 +43,12 @@ class ChatBatchingSpec(BatchingSpec):
     max_running_rows: int = Field(64, ge=1, le=4096, description=(
         "Most sequences decoded together: batches admitted while others are still decoding join the "
         "running batch (continuous batching) up to this many rows; further batches wait."))
-    stream_interval_s: float = Field(0.02, ge=0.0, le=1.0, description=(
+    stream_interval_s: float = Field(0.05, ge=0.0, le=1.0, description=(
         "Shortest gap between two messages of one stream after its first (which goes out at once, so "
         "time to first token is unaffected): tokens produced meanwhile travel together in the next "
         "message. Every message costs CPU in the replica, the ingress and the proxy; 0 = one message "
         "per decode step."))
-    stream_messages_per_s: float = Field(150.0, gt=0.0, description=(
+    stream_messages_per_s: float = Field(100.0, gt=0.0, description=(
         "Budget of stream messages per second for the whole replica: with many concurrent streams each "
         "stream's gap grows to streams / budget (capped at 0.25 s), so the cost of moving tokens stays "
         "bounded while the batch grows."))
