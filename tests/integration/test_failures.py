@@ -99,8 +99,8 @@ async def test_disconnect_mid_stream_stops_generation_and_spares_neighbours(serv
                 seen = 0
                 async for line in r.aiter_lines():
                     seen += line.startswith("data: ")
-                    if seen >= 3:
-                        return  # leaving the block closes the connection mid-stream
+                    if seen >= 2:  # the role chunk and the first content chunk (later ones are paced,
+                        return  # several tokens each); leaving the block closes the connection mid-stream
 
     results = await asyncio.gather(neighbour(), quitter())
     assert results[0] == neighbour_alone
