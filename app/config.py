@@ -44,6 +44,15 @@ class EngineBatchingSpec(_Strict):
     max_running_rows: int = Field(64, ge=1, le=4096, description=(
         "Most sequences decoded together: batches admitted while others are still decoding join the "
         "running batch (continuous batching) up to this many rows; further batches wait."))
+    stream_interval_s: float = Field(0.05, ge=0.0, le=1.0, description=(
+        "Shortest gap between two messages of one stream after its first (which goes out at once, so "
+        "time to first token is unaffected): tokens produced meanwhile travel together in the next "
+        "message. Every message costs CPU in the replica, the ingress and the proxy; 0 = one message "
+        "per decode step."))
+    stream_messages_per_s: float = Field(100.0, gt=0.0, description=(
+        "Budget of stream messages per second for the whole replica: with many concurrent streams each "
+        "stream's gap grows to streams / budget (capped at 0.25 s), so the cost of moving tokens stays "
+        "bounded while the batch grows."))
 
 
 class ChatBatchingSpec(BatchingSpec, EngineBatchingSpec):
@@ -112,6 +121,10 @@ class ChatModelSpec(_ModelSpecBase):
         "CPU only: torch threads for prefill (decoding keeps Ray's choice, OMP_NUM_THREADS = the "
         "replica's num_cpus). Prefill is large matrix work that scales with cores while decoding "
         "competes with the proxy and ingress for them, so a 1-CPU replica may prefill on 2."))
+    decode_threads: int | None = Field(None, ge=1, le=256, description=(
+        "CPU only: torch threads for decoding; default Ray's choice (OMP_NUM_THREADS = the replica's "
+        "num_cpus). A memory-bound decode step runs faster on more cores even when the proxy and "
+        "ingress share them, once tokens travel several to a message (batching.stream_interval_s)."))
     chat_template: str | None = Field(None, description=(
         "Jinja chat template overriding the tokenizer's own (for checkpoints that ship none)."))
     batching: ChatBatchingSpec = Field(default_factory=ChatBatchingSpec, description=(

@@ -29,6 +29,14 @@ class PromptSpec(_Strict):
     system_share: float = Field(0.5, ge=0, le=1, description="Share of requests with a system message.")
 
 
+# The two prompt mixes of the headline: short chat turns (the shape of most chat traffic, where the
+# serving path's cost per token shows) and the prefill-heavy mix (long contexts among short ones).
+DEFAULT_MIXES = {
+    "short": PromptSpec(buckets=[(1.0, 2, 14)], system_share=0.0),  # 13-35 prompt tokens
+    "mixed": PromptSpec(),  # ~130 prompt tokens on average (23-530)
+}
+
+
 class OursSpec(_Strict):
     """How contenders (a) and (b), this server, are started (bench/serve_ours.py)."""
 
@@ -38,14 +46,19 @@ class OursSpec(_Strict):
         description="ChatBatchingSpec of contender (a).")
     prefill_threads: int | None = Field(2, ge=1, description=(
         "ChatModelSpec.prefill_threads of (a) and (b), as serve_config.yaml's demo-chat model."))
+    decode_threads: int | None = Field(2, ge=1, description=(
+        "ChatModelSpec.decode_threads of (a) and (b), as serve_config.yaml's demo-chat model."))
+    diagnostic_decode_threads: int = Field(1, ge=1, description=(
+        "decode_threads of the diagnostic contender ours-t1 (same batching as (a))."))
     batching_bs1: ChatBatchingSpec = Field(
         default=ChatBatchingSpec(max_batch_size=1, batch_wait_timeout_s=0.0, max_running_rows=1),
         description="ChatBatchingSpec of contender (b): one request at a time.")
     model_id: str = Field("bench", description="The model id clients send.")
-    env: dict[str, str] = Field(default={"RAY_worker_niceness": "0"}, description=(
+    env: dict[str, str] = Field(default={"RAY_worker_niceness": "0", "OMP_WAIT_POLICY": "PASSIVE"}, description=(
         "Env vars of the Ray instance of (a) and (b). Ray starts its workers (replicas, proxy) at nice 15 "
         "by default; the load generator and every other contender run at nice 0 on the same CPUs, so on a "
-        "shared machine the default would starve only our server. 0 makes the comparison even."))
+        "shared machine the default would starve only our server. 0 makes the comparison even. "
+        "OMP_WAIT_POLICY=PASSIVE as serve_config.yaml's demo-chat deployment sets it."))
     tuned_env: dict[str, str] = Field(default={"OMP_NUM_THREADS": "2"}, description=(
         "Extra env vars (on top of `env`) for the diagnostic contender ours-env (same batching as (a)): Ray "
         "sets OMP_NUM_THREADS to the actor's num_cpus (1 for the model replica), so torch in the "
@@ -54,8 +67,18 @@ class OursSpec(_Strict):
 
 class BenchConfig(_Strict):
     model: str = Field("demo:bench", description="demo:<name> or a local checkpoint directory.")
-    levels: list[int] = Field(default=[1, 4, 16, 32, 64], min_length=1,
+    levels: list[int] = Field(default=[1, 8, 32], min_length=1,
                               description="Concurrent streaming clients, one measured level each.")
+    mixes: dict[str, PromptSpec] = Field(default_factory=lambda: dict(DEFAULT_MIXES), min_length=1,
+                                         description="Prompt mixes, each measured at every level.")
+    rounds: int = Field(2, ge=1, description=(
+        "Times every contender is started and measured; rounds alternate the contender order (A B C, "
+        "then C B A) so that drift of a shared machine falls on all alike. A level's figures pool the "
+        "requests of all rounds."))
+    contender_levels: dict[str, list[int]] = Field(default={"ours-bs1": [1, 32]}, description=(
+        "Levels of slow contenders that only a target needs (else all of `levels`)."))
+    contender_mixes: dict[str, list[str]] = Field(default={"ours-bs1": ["short"]}, description=(
+        "Mixes of contenders that only a target needs (else all of `mixes`)."))
     requests_per_level: int = Field(16, ge=1, description="At least this many requests per level.")
     rounds_per_client: int = Field(2, ge=1, description="At least this many requests per client.")
     max_tokens: int = Field(64, ge=1, description="max_tokens of every request (greedy).")
@@ -63,14 +86,19 @@ class BenchConfig(_Strict):
         "Stop issuing new requests after this long in one level (0 = never); the level then reports the "
         "requests it finished, a prefix of the same prompt list."))
     warmup_requests: int = Field(2, ge=0, description="Unmeasured requests sent before the first level.")
-    prompts: PromptSpec = Field(default_factory=PromptSpec)
     contenders: list[str] = Field(
-        default=["ours", "ours-bs1", "tf-serve", "tf-serve-cb", "naive", "offline"], min_length=1)
+        default=["ours", "ours-bs1", "tf-serve-cb", "engine", "offline"], min_length=1)
     ours: OursSpec = Field(default_factory=OursSpec)
     startup_timeout_s: float = Field(300, description="How long a contender may take to become healthy.")
 
     def requests_at(self, level: int) -> int:
         return max(self.requests_per_level, self.rounds_per_client * level)
+
+    def plan(self, key: str) -> list[tuple[str, int]]:
+        """The (mix, level) pairs contender ``key`` is measured at."""
+        mixes = [m for m in self.mixes if m in self.contender_mixes.get(key, self.mixes)]
+        levels = [c for c in self.levels if c in self.contender_levels.get(key, self.levels)]
+        return [(m, c) for m in mixes for c in levels]
 
 
 def load_config(path: Path | str = DEFAULT_CONFIG, **overrides: Any) -> BenchConfig:

@@ -116,21 +116,23 @@ def managed_server(cmd: list[str], health_url: str, log_path: Path, timeout_s: f
         stop_process_tree(proc)
 
 
-def _ours(batching_field: str, tuned_env: bool = False
+def _ours(batching_field: str, tuned_env: bool = False, diagnostic_threads: bool = False
           ) -> Callable[[BenchConfig, RunContext], ContextManager[Driver]]:
     @contextlib.contextmanager
     def start(config: BenchConfig, ctx: RunContext) -> Iterator[Driver]:
         ours = config.ours
         batching = getattr(ours, batching_field).model_dump()
+        threads = ours.diagnostic_decode_threads if diagnostic_threads else ours.decode_threads
         args = {"models": [{"id": ours.model_id, "source": config.model, "task": "chat",
                             "batching": batching, "prefill_threads": ours.prefill_threads,
+                            "decode_threads": threads,
                             "limits": {"default_max_tokens": config.max_tokens, "max_tokens": 4096}}]}
         port = free_port()
         cmd = [sys.executable, "-m", "bench.serve_ours", "--port", str(port), "--args", json.dumps(args),
                "--num-cpus", str(ours.ray_num_cpus)]
         env = {**ours.env, **(ours.tuned_env if tuned_env else {})}
         cmd += ["--env", json.dumps(env)]  # for the workers; the raylet reads RAY_* from its own env
-        log = ctx.log_dir / f"ours-{batching_field}{'-env' if tuned_env else ''}.log"
+        log = ctx.log_dir / f"ours-{batching_field}{'-env' if tuned_env else ''}{'-t' if diagnostic_threads else ''}.log"
         with managed_server(cmd, f"http://127.0.0.1:{port}/health", log, config.startup_timeout_s,
                             env) as proc:
             yield HttpDriver(f"http://127.0.0.1:{port}", ours.model_id, server_pid=proc.pid)
@@ -170,14 +172,31 @@ def _naive(config: BenchConfig, ctx: RunContext) -> Iterator[Driver]:
 def _offline(config: BenchConfig, ctx: RunContext) -> Iterator[Driver]:
     from bench.offline import OfflineDriver
 
-    yield OfflineDriver(model_dir(config.model))
+    yield OfflineDriver(model_dir(config.model), threads=2)
+
+
+@contextlib.contextmanager
+def _engine(config: BenchConfig, ctx: RunContext) -> Iterator[Driver]:
+    from bench.engine_direct import EngineDriver
+
+    ours = config.ours
+    driver = EngineDriver(model_dir(config.model), threads=2, prefill_threads=ours.prefill_threads,
+                          batching=ours.batching.model_dump())
+    try:
+        yield driver
+    finally:
+        driver.close()
 
 
 CONTENDERS: dict[str, Contender] = {c.key: c for c in [
-    Contender("ours", "(a) ours", "this server, dynamic + continuous batching as configured",
-              _ours("batching")),
+    Contender("ours", "(a) ours", "this server (`serve run` path: HTTP proxy, ingress, model replica), "
+              "dynamic + continuous batching and threads as serve_config.yaml's demo-chat", _ours("batching")),
     Contender("ours-bs1", "(b) ours bs=1", "this server, max_batch_size=1 and max_running_rows=1 "
               "(one request at a time)", _ours("batching_bs1")),
+    # Diagnostic, not in the default list: (a) decoding on `ours.diagnostic_decode_threads` threads.
+    Contender("ours-t1", "(a1) ours 1 thread", "(a) with decode_threads from "
+              "`ours.diagnostic_decode_threads` (1: the other core left to the proxy and ingress)",
+              _ours("batching", diagnostic_threads=True)),
     # Diagnostic, not in the default list: (a) with ours.tuned_env (2 torch threads in the replica).
     Contender("ours-env", "(a*) ours + env", "(a) with the Ray workers' env from `ours.tuned_env` "
               "(OMP_NUM_THREADS=2: the replica's torch uses both cores)", _ours("batching", tuned_env=True)),
@@ -187,6 +206,8 @@ CONTENDERS: dict[str, Contender] = {c.key: c for c in [
               _transformers_serve(True)),
     Contender("naive", "(d) naive", "one Starlette app, one asyncio queue, one model thread, "
               "one request at a time", _naive),
-    Contender("offline", "(e) offline", "batched model.generate in-process, no HTTP (static batches "
-              "of `clients` requests)", _offline),
+    Contender("offline", "(e) HF generate", "batched model.generate in-process on 2 threads, no HTTP "
+              "(static batches of `clients` requests)", _offline),
+    Contender("engine", "(f) engine alone", "our GenerationEngine driven in-process on 2 threads: no "
+              "Ray, no HTTP (the ceiling of the serving path)", _engine),
 ]}

@@ -53,6 +53,8 @@ class LevelStats:
     e2e_p50: float | None
     e2e_p99: float | None
     chunks_per_request: float | None = None  # mean content chunks per ok request (coalescing shows here)
+    cpu_ms_per_token: dict[str, float] | None = None  # CPU ms per output token by process role (bench/cpu.py)
+    rounds: int = 1  # measured rounds pooled into these figures
     tokens_counted: str = "usage"  # "usage" | "chunks" (estimate) | "generate"
     first_error: str | None = None
 
@@ -90,7 +92,13 @@ def summarize(records: list[RequestRecord], concurrency: int, planned: int, wall
 class Driver(Protocol):
     """What a started contender offers the bench: one measured level at a time."""
 
+    tokens_counted: str | None  # how summarize() labels the token counts (None: from the records)
+
     async def warmup(self, prompts: list[list[dict[str, str]]], max_tokens: int) -> None: ...
+
+    async def measure(self, prompts: list[list[dict[str, str]]], concurrency: int, max_tokens: int,
+                      deadline_s: float = 0) -> tuple[list[RequestRecord], float]:
+        """One level: the records of the requests it finished, and its wall time in seconds."""
 
     async def run_level(self, prompts: list[list[dict[str, str]]], concurrency: int, max_tokens: int,
                         deadline_s: float = 0) -> LevelStats: ...
@@ -98,6 +106,8 @@ class Driver(Protocol):
 
 class HttpDriver:
     """Drives an OpenAI-compatible ``/v1/chat/completions`` with streaming clients."""
+
+    tokens_counted = None
 
     def __init__(self, base_url: str, model: str, timeout_s: float = 600,
                  server_pid: int | None = None) -> None:
@@ -147,8 +157,8 @@ class HttpDriver:
             record.error = f"{type(exc).__name__}: {exc}"[:400]
         return record
 
-    async def _drive(self, prompts: list[list[dict[str, str]]], concurrency: int, max_tokens: int,
-                     deadline_s: float) -> tuple[list[RequestRecord], float]:
+    async def measure(self, prompts: list[list[dict[str, str]]], concurrency: int, max_tokens: int,
+                      deadline_s: float = 0) -> tuple[list[RequestRecord], float]:
         queue = list(enumerate(prompts))
         queue.reverse()
         records: list[RequestRecord] = []
@@ -169,12 +179,12 @@ class HttpDriver:
 
     async def warmup(self, prompts: list[list[dict[str, str]]], max_tokens: int) -> None:
         if prompts:
-            records, _ = await self._drive(prompts, 1, max_tokens, 0)
+            records, _ = await self.measure(prompts, 1, max_tokens, 0)
             failed = [r.error for r in records if r.error]
             if failed:
                 raise RuntimeError(f"warmup failed: {failed[0]}")
 
     async def run_level(self, prompts: list[list[dict[str, str]]], concurrency: int, max_tokens: int,
                         deadline_s: float = 0) -> LevelStats:
-        records, wall = await self._drive(prompts, concurrency, max_tokens, deadline_s)
+        records, wall = await self.measure(prompts, concurrency, max_tokens, deadline_s)
         return summarize(records, concurrency, len(prompts), wall)

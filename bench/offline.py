@@ -32,10 +32,14 @@ class _StepClock(StoppingCriteria):
 
 
 class OfflineDriver:
-    def __init__(self, model_dir: Path | str) -> None:
+    def __init__(self, model_dir: Path | str, threads: int | None = 2, device: str = "cpu",
+                 dtype: torch.dtype | None = None) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.tokenizer.padding_side = "left"
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
         eos = self.model.generation_config.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos])
         if self.tokenizer.eos_token_id is not None:
@@ -46,7 +50,7 @@ class OfflineDriver:
                 for m in prompts]
 
     def _group(self, texts: list[str], first_index: int, max_tokens: int) -> list[RequestRecord]:
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         clock = _StepClock()
         start = time.perf_counter()
         with torch.inference_mode():
@@ -62,8 +66,10 @@ class OfflineDriver:
                                          output_tokens=count, tokens_from_usage=True))
         return records
 
-    def _run(self, prompts: list[list[dict[str, str]]], concurrency: int, max_tokens: int,
-             deadline_s: float) -> LevelStats:
+    tokens_counted = "generate"
+
+    def _measure(self, prompts: list[list[dict[str, str]]], concurrency: int, max_tokens: int,
+                 deadline_s: float) -> tuple[list[RequestRecord], float]:
         texts = self._texts(prompts)
         records: list[RequestRecord] = []
         start = time.perf_counter()
@@ -71,13 +77,17 @@ class OfflineDriver:
             if deadline_s and time.perf_counter() - start > deadline_s:
                 break
             records += self._group(texts[first:first + concurrency], first, max_tokens)
-        return summarize(records, concurrency, len(prompts), time.perf_counter() - start,
-                         tokens_counted="generate")
+        return records, time.perf_counter() - start
 
     async def warmup(self, prompts: list[list[dict[str, str]]], max_tokens: int) -> None:
         if prompts:
-            await asyncio.to_thread(self._run, prompts, 1, max_tokens, 0)
+            await asyncio.to_thread(self._measure, prompts, 1, max_tokens, 0)
+
+    async def measure(self, prompts: list[list[dict[str, str]]], concurrency: int, max_tokens: int,
+                      deadline_s: float = 0) -> tuple[list[RequestRecord], float]:
+        return await asyncio.to_thread(self._measure, prompts, concurrency, max_tokens, deadline_s)
 
     async def run_level(self, prompts: list[list[dict[str, str]]], concurrency: int, max_tokens: int,
                         deadline_s: float = 0) -> LevelStats:
-        return await asyncio.to_thread(self._run, prompts, concurrency, max_tokens, deadline_s)
+        records, wall = await self.measure(prompts, concurrency, max_tokens, deadline_s)
+        return summarize(records, concurrency, len(prompts), wall, tokens_counted=self.tokens_counted)

@@ -1,8 +1,9 @@
 """Summarise py-spy speedscope profiles (from ``python -m bench.run --profile KEY:CLIENTS``).
 
 ``python -m bench.profile_summary bench/results/profiles/*.speedscope.json [--top 15]`` prints, per
-profiled process and thread, the share of samples where the thread was busy, and the functions with the
-most self ("leaf") and inclusive samples; idle frames (waiting in select/epoll/locks) are counted apart.
+profiled process, each thread's share of the process's samples, and the functions with the most self
+("leaf") and inclusive samples. The profiles are recorded without ``--idle``, so samples are on-CPU time:
+a thread's share is where the process spent its CPU.
 """
 
 from __future__ import annotations
@@ -11,9 +12,6 @@ import argparse
 import json
 from collections import Counter
 from pathlib import Path
-
-_IDLE = ("select", "epoll_wait", "poll", "wait", "_wait_for_tstate_lock", "acquire", "sleep", "get",
-         "_worker", "run_forever", "recv", "accept")
 
 
 def _label(frame: dict) -> str:
@@ -24,31 +22,25 @@ def _label(frame: dict) -> str:
 def summarize(path: Path, top: int = 15) -> str:
     data = json.loads(path.read_text())
     frames = data["shared"]["frames"]
-    out = [f"== {path.name}"]
+    threads: Counter = Counter()
+    leaf: Counter = Counter()
+    inclusive: Counter = Counter()
     for profile in data["profiles"]:
-        samples, weights = profile["samples"], profile.get("weights") or [1] * len(profile["samples"])
-        total = sum(weights)
-        if not total:
-            continue
-        leaf, inclusive = Counter(), Counter()
-        idle = 0
-        for stack, w in zip(samples, weights):
+        weights = profile.get("weights") or [1] * len(profile["samples"])
+        for stack, w in zip(profile["samples"], weights):
             if not stack:
                 continue
-            name = frames[stack[-1]]["name"]
-            if name in _IDLE:
-                idle += w
-                continue
+            threads[profile.get("name")] += w
             leaf[_label(frames[stack[-1]])] += w
             for f in set(stack):
                 inclusive[_label(frames[f])] += w
-        busy = total - idle
-        out.append(f"-- thread {profile.get('name')}: {total} samples, busy {busy / total:.0%}")
-        if busy:
-            out.append("   self:")
-            out += [f"     {n / busy:6.1%}  {k}" for k, n in leaf.most_common(top)]
-            out.append("   inclusive:")
-            out += [f"     {n / busy:6.1%}  {k}" for k, n in inclusive.most_common(top)]
+    total = sum(threads.values())
+    out = [f"== {path.name}: {total:g} samples"]
+    if not total:
+        return "\n".join(out)
+    out += ["   threads:", *[f"     {n / total:6.1%}  {name}" for name, n in threads.most_common(top)]]
+    out += ["   self:", *[f"     {n / total:6.1%}  {k}" for k, n in leaf.most_common(top)]]
+    out += ["   inclusive:", *[f"     {n / total:6.1%}  {k}" for k, n in inclusive.most_common(top)]]
     return "\n".join(out)
 
 

@@ -1,7 +1,8 @@
-"""The report: a Markdown table (with ratios to (a) and to (e)), the JSON results and a PNG plot.
+"""The report: Markdown tables (headline per prompt mix, the issue's targets as ratios, CPU per token by
+process, all figures), the JSON results and a PNG plot.
 
 ``results`` is the dict :func:`bench.run.run_bench` builds: ``command``, ``machine``, ``config`` and
-``contenders`` = {key: {label, description, status, error, levels: [LevelStats dicts]}}.
+``contenders`` = {key: {label, description, status, error, mixes: {mix: [LevelStats dicts]}}}.
 """
 
 from __future__ import annotations
@@ -10,8 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-BASE, CEILING = "ours", "offline"  # the issue's (a) and (e)
-TARGET_LEVEL = 32
+BASE, ENGINE, COMPETITOR, BS1 = "ours", "engine", "tf-serve-cb", "ours-bs1"
 
 
 def _fmt(value: float | None, scale: float = 1.0, digits: int = 0) -> str:
@@ -22,87 +22,132 @@ def _ratio(a: float | None, b: float | None) -> str:
     return "–" if a is None or not b else f"{a / b:.2f}×"
 
 
-def _by_level(results: dict[str, Any], key: str) -> dict[int, dict[str, Any]]:
+def _mixes(results: dict[str, Any]) -> list[str]:
+    seen: dict[str, None] = {}
+    for entry in results["contenders"].values():
+        seen.update(dict.fromkeys(entry.get("mixes") or {}))
+    return list(seen)
+
+
+def _levels(results: dict[str, Any], mix: str | None = None) -> list[int]:
+    return sorted({lv["concurrency"] for e in results["contenders"].values()
+                   for m, lvs in (e.get("mixes") or {}).items() if mix in (None, m) for lv in lvs})
+
+
+def _stat(results: dict[str, Any], key: str, mix: str, level: int, name: str) -> Any:
     entry = results["contenders"].get(key) or {}
-    return {lv["concurrency"]: lv for lv in entry.get("levels") or []}
+    for lv in (entry.get("mixes") or {}).get(mix) or []:
+        if lv["concurrency"] == level:
+            return lv.get(name)
+    return None
 
 
-def _stat(results: dict[str, Any], key: str, level: int, name: str) -> float | None:
-    return (_by_level(results, key).get(level) or {}).get(name)
-
-
-def table(results: dict[str, Any]) -> str:
-    head = ("| contender | clients | done/planned | errors | req/s | out tok/s | TTFT p50 ms | TTFT p99 ms "
-            "| ITL p50 ms | ITL p99 ms | E2E p50 s | E2E p99 s | tok/s ÷ (a) | tok/s ÷ (e) "
-            "| TTFT p50 ÷ (a) | TTFT p50 ÷ (e) |")
-    rows = [head, "|" + "---|" * (head.count("|") - 1)]
-    for key, entry in results["contenders"].items():
-        if entry.get("status") != "ok":
-            rows.append(f"| {entry['label']} | – | – | – | – | **did not run** (see notes) |"
-                        + " – |" * 10)
-            continue
-        for lv in entry["levels"]:
-            c = lv["concurrency"]
-            rows.append(
-                f"| {entry['label']} | {c} | {lv['requests']}/{lv['planned']} | {lv['errors']} "
-                f"| {_fmt(lv['requests_per_s'], digits=2)} | {_fmt(lv['tokens_per_s'], digits=1)} "
-                f"| {_fmt(lv['ttft_p50'], 1e3)} | {_fmt(lv['ttft_p99'], 1e3)} "
-                f"| {_fmt(lv['itl_p50'], 1e3, 1)} | {_fmt(lv['itl_p99'], 1e3, 1)} "
-                f"| {_fmt(lv['e2e_p50'], digits=2)} | {_fmt(lv['e2e_p99'], digits=2)} "
-                f"| {_ratio(lv['tokens_per_s'], _stat(results, BASE, c, 'tokens_per_s'))} "
-                f"| {_ratio(lv['tokens_per_s'], _stat(results, CEILING, c, 'tokens_per_s'))} "
-                f"| {_ratio(lv['ttft_p50'], _stat(results, BASE, c, 'ttft_p50'))} "
-                f"| {_ratio(lv['ttft_p50'], _stat(results, CEILING, c, 'ttft_p50'))} |")
-    return "\n".join(rows)
-
-
-def summary(results: dict[str, Any]) -> str:
-    """Output tokens/s per contender (rows) and level (columns): the headline pivot."""
-    levels = sorted({lv["concurrency"] for e in results["contenders"].values() for lv in e.get("levels") or []})
-    head = "| out tok/s | " + " | ".join(f"{c} clients" for c in levels) + " |"
+def summary(results: dict[str, Any], mix: str) -> str:
+    """Output tokens/s (TTFT p50) per contender (rows) and level (columns) for one mix: the headline."""
+    levels = _levels(results, mix)
+    head = "| out tok/s (TTFT p50) | " + " | ".join(f"{c} client{'s' * (c > 1)}" for c in levels) + " |"
     rows = [head, "|---|" + "---:|" * len(levels)]
     for key, entry in results["contenders"].items():
+        if mix not in (entry.get("mixes") or {}) and entry.get("status") == "ok":
+            continue
         cells = []
         for c in levels:
-            tps = _stat(results, key, c, "tokens_per_s")
-            cells.append("–" if tps is None else f"{tps:,.0f}")
+            tps, ttft = _stat(results, key, mix, c, "tokens_per_s"), _stat(results, key, mix, c, "ttft_p50")
+            cells.append("–" if tps is None else f"{tps:,.0f} ({_fmt(ttft, 1e3)} ms)")
         rows.append(f"| {entry['label']} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
-def targets(results: dict[str, Any], level: int = TARGET_LEVEL) -> list[tuple[str, str, bool | None]]:
-    """The issue's targets: (what, measured figures, met?); met is None where a figure is missing."""
-    ours = _stat(results, BASE, level, "tokens_per_s")
+def targets(results: dict[str, Any], mix: str) -> list[tuple[str, str, bool | None]]:
+    """The issue's targets for one mix: (what, measured figures, met?); met is None where a figure is
+    missing."""
     checks: list[tuple[str, str, bool | None]] = []
 
-    def check(what: str, value: float | None, bound: float | None, factor: float, unit: str) -> None:
+    def tps(key: str, level: int) -> float | None:
+        return _stat(results, key, mix, level, "tokens_per_s")
+
+    def check(what: str, value: float | None, bound: float | None, factor: float) -> None:
         if value is None or bound is None:
             checks.append((what, "not measured", None))
             return
-        checks.append((what, f"{value:,.1f} vs {factor}× {bound:,.1f} {unit} (= {value / bound:.2f}×)",
+        checks.append((what, f"{value:,.0f} vs {bound:,.0f} tok/s = **{value / bound:.2f}×**",
                        value >= factor * bound))
 
-    tf = [t for t in (_stat(results, k, level, "tokens_per_s") for k in ("tf-serve", "tf-serve-cb"))
-          if t is not None]
-    check(f"tok/s at {level} clients ≥ 2× transformers serve's best mode", ours, max(tf, default=None),
-          2, "tok/s")
-    check(f"tok/s at {level} clients ≥ 0.8× offline ceiling", ours,
-          _stat(results, CEILING, level, "tokens_per_s"), 0.8, "tok/s")
-    check(f"tok/s at {level} clients ≥ 5× ours max_batch_size=1", ours,
-          _stat(results, "ours-bs1", level, "tokens_per_s"), 5, "tok/s")
-    ttft, direct = _stat(results, BASE, 1, "ttft_p50"), _stat(results, CEILING, 1, "ttft_p50")
+    for level in _levels(results, mix):
+        check(f"{level} client{'s' * (level > 1)}: tok/s ≥ 1.5× transformers serve --cb", tps(BASE, level),
+              tps(COMPETITOR, level), 1.5)
+    for level in (lv for lv in _levels(results, mix) if lv >= 8):
+        check(f"{level} clients: tok/s ≥ 0.8× engine alone", tps(BASE, level), tps(ENGINE, level), 0.8)
+    ttft, direct = _stat(results, BASE, mix, 1, "ttft_p50"), _stat(results, ENGINE, mix, 1, "ttft_p50")
+    what = "1 client: TTFT p50 ≤ engine alone's + 10 ms"
     if ttft is None or direct is None:
-        checks.append(("TTFT p50 at 1 client ≤ 1.2× direct generate + 10 ms", "not measured", None))
+        checks.append((what, "not measured", None))
     else:
-        bound = 1.2 * direct + 0.010
-        checks.append(("TTFT p50 at 1 client ≤ 1.2× direct generate + 10 ms",
-                       f"{ttft * 1e3:,.1f} ms vs bound {bound * 1e3:,.1f} ms (direct {direct * 1e3:,.1f} ms)",
-                       ttft <= bound))
+        checks.append((what, f"{ttft * 1e3:,.0f} ms vs {direct * 1e3:,.0f} + 10 ms", ttft <= direct + 0.010))
+    top = max(_levels(results, mix), default=None)
+    if top is not None and tps(BS1, top) is not None:
+        check(f"{top} clients: tok/s ≥ 5× ours max_batch_size=1 (batching gain)", tps(BASE, top),
+              tps(BS1, top), 5)
     return checks
+
+
+def cpu_table(results: dict[str, Any], key: str = BASE) -> str:
+    """CPU milliseconds per output token by process role of one server contender, per mix and level."""
+    roles = sorted({r for m in _mixes(results) for c in _levels(results, m)
+                    for r in (_stat(results, key, m, c, "cpu_ms_per_token") or {})})
+    if not roles:
+        return "(not measured)"
+    rows = ["| mix | clients | " + " | ".join(roles) + " | total | tokens per message |",
+            "|---|---:|" + "---:|" * (len(roles) + 2)]
+    for mix in _mixes(results):
+        for c in _levels(results, mix):
+            cpu = _stat(results, key, mix, c, "cpu_ms_per_token")
+            if not cpu:
+                continue
+            tokens = _stat(results, key, mix, c, "output_tokens") or 0
+            ok = (_stat(results, key, mix, c, "requests") or 0) - (_stat(results, key, mix, c, "errors") or 0)
+            chunks = (_stat(results, key, mix, c, "chunks_per_request") or 0) * ok
+            rows.append(f"| {mix} | {c} | " + " | ".join(_fmt(cpu.get(r), digits=2) for r in roles)
+                        + f" | {sum(cpu.values()):.2f} | {_fmt(tokens / chunks if chunks else None, digits=1)} |")
+    return "\n".join(rows)
+
+
+def table(results: dict[str, Any]) -> str:
+    head = ("| contender | mix | clients | done/planned | errors | req/s | out tok/s | TTFT p50 ms "
+            "| TTFT p99 ms | ITL p50 ms | ITL p99 ms | E2E p50 s | E2E p99 s | chunks/req "
+            "| tok/s ÷ (a) | tok/s ÷ engine |")
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    for key, entry in results["contenders"].items():
+        if entry.get("status") != "ok":
+            rows.append(f"| {entry['label']} | – | – | – | – | – | **did not run** (see notes) |"
+                        + " – |" * 9)
+            continue
+        for mix, levels in entry["mixes"].items():
+            for lv in levels:
+                c = lv["concurrency"]
+                rows.append(
+                    f"| {entry['label']} | {mix} | {c} | {lv['requests']}/{lv['planned']} | {lv['errors']} "
+                    f"| {_fmt(lv['requests_per_s'], digits=2)} | {_fmt(lv['tokens_per_s'], digits=1)} "
+                    f"| {_fmt(lv['ttft_p50'], 1e3)} | {_fmt(lv['ttft_p99'], 1e3)} "
+                    f"| {_fmt(lv['itl_p50'], 1e3, 1)} | {_fmt(lv['itl_p99'], 1e3, 1)} "
+                    f"| {_fmt(lv['e2e_p50'], digits=2)} | {_fmt(lv['e2e_p99'], digits=2)} "
+                    f"| {_fmt(lv.get('chunks_per_request'), digits=1)} "
+                    f"| {_ratio(lv['tokens_per_s'], _stat(results, BASE, mix, c, 'tokens_per_s'))} "
+                    f"| {_ratio(lv['tokens_per_s'], _stat(results, ENGINE, mix, c, 'tokens_per_s'))} |")
+    return "\n".join(rows)
+
+
+def _targets_md(results: dict[str, Any]) -> list[str]:
+    lines = ["| mix | target | measured | met |", "|---|---|---|---|"]
+    for mix in _mixes(results):
+        lines += [f"| {mix} | {what} | {fig} | {'–' if ok is None else ('yes' if ok else '**no**')} |"
+                  for what, fig, ok in targets(results, mix)]
+    return lines
 
 
 def markdown(results: dict[str, Any]) -> str:
     m, cfg = results["machine"], results["config"]
+    mixes = cfg.get("mixes") or {}
     lines = [
         "# Benchmark: streaming chat, side by side", "",
         f"Command: `{results['command']}`  ",
@@ -110,26 +155,33 @@ def markdown(results: dict[str, Any]) -> str:
         f"torch {m['torch']}, transformers {m['transformers']}, Ray {m['ray']}; {results['started']}  ",
         f"Server code: {m.get('code', 'unknown')}  ",
         f"Model: `{cfg['model']}` ({m.get('model_params', '?')} parameters); max_tokens {cfg['max_tokens']}, "
-        f"greedy, streaming, prompts seed {cfg['prompts']['seed']} (mixed lengths); requests per level = "
-        f"max({cfg['requests_per_level']}, {cfg['rounds_per_client']} × clients), capped at "
-        f"{cfg['max_level_seconds']:.0f} s of issuing per level.", "",
-        "## Output tokens/s", "", summary(results), "",
-        f"## Targets (at {TARGET_LEVEL} clients)", "",
-        "| target | measured | met |", "|---|---|---|",
-        *[f"| {what} | {fig} | {'–' if ok is None else ('yes' if ok else '**no**')} |"
-          for what, fig, ok in targets(results)], "",
-        "## All figures", "", table(results), "",
-        "TTFT: request sent → first non-empty content chunk. ITL: gap between consecutive non-empty content "
-        "chunks, **per chunk** (a chunk may carry several tokens when a server coalesces; the offline "
-        "contender has one token per step). Tokens/s: output tokens (counted from `usage`, not assumed) of "
-        "all requests ÷ the level's wall time. Ratios compare with (a) and (e) at the same client count.", "",
-        "## Contenders", "",
-        *[f"- **{e['label']}**: {e['description']}" for e in results["contenders"].values()], "",
-        "![tokens/s and TTFT p50 vs concurrency](latest.png)", "",
+        f"greedy, streaming; requests per level and round = max({cfg['requests_per_level']}, "
+        f"{cfg['rounds_per_client']} × clients), {cfg.get('rounds', 1)} round(s) in alternating contender "
+        f"order, pooled; at most {cfg['max_level_seconds']:.0f} s of issuing per level.  ",
+        "Prompt mixes: " + "; ".join(f"**{name}** = {spec.get('buckets')} (share, min words, max words), "
+                                     f"system share {spec.get('system_share')}" for name, spec in mixes.items()),
+        "",
     ]
+    for mix in _mixes(results):
+        lines += [f"## Output tokens/s (TTFT p50): {mix} prompts", "", summary(results, mix), ""]
+    lines += ["## Targets", "", *_targets_md(results), "",
+              "## CPU per output token by process, ours (a)", "",
+              "CPU milliseconds each process role spent per output token during the level (`bench/cpu.py`): "
+              "proxy = Ray Serve's HTTP proxy, ingress = the FastAPI replica, model = the model replica "
+              "(engine threads and its event loop), ray = Ray's daemons, client = the load generator.", "",
+              cpu_table(results), "",
+              "## All figures", "", table(results), "",
+              "TTFT: request sent → first non-empty content chunk. ITL: gap between consecutive non-empty "
+              "content chunks, **per chunk** (a chunk carries several tokens when a server coalesces; the "
+              "generate contender has one token per step). Tokens/s: output tokens (counted from `usage`, not "
+              "assumed) of all requests ÷ the level's wall time.", "",
+              "## Contenders", "",
+              *[f"- **{e['label']}**: {e['description']}" for e in results["contenders"].values()], "",
+              "![tokens/s and TTFT p50 vs concurrency](latest.png)", ""]
     notes = [(e["label"], e["error"]) for e in results["contenders"].values() if e.get("error")]
-    notes += [(e["label"], f"level {lv['concurrency']}: {lv['errors']} errors, first: {lv['first_error']}")
-              for e in results["contenders"].values() for lv in e.get("levels") or [] if lv["errors"]]
+    notes += [(e["label"], f"{mix} level {lv['concurrency']}: {lv['errors']} errors, first: {lv['first_error']}")
+              for e in results["contenders"].values() for mix, lvs in (e.get("mixes") or {}).items()
+              for lv in lvs if lv["errors"]]
     if notes:
         lines += ["## Notes", "", *[f"- {label}: ```{err.strip()[:1500]}```" for label, err in notes], ""]
     return "\n".join(lines)
@@ -138,23 +190,24 @@ def markdown(results: dict[str, Any]) -> str:
 def readme_section(results: dict[str, Any], results_dir: str = "bench/results") -> str:
     """The README's ``## Benchmarks`` section: command, machine, headline tables, plot, full table link."""
     m, cfg = results["machine"], results["config"]
-    body = markdown(results).split("## Output tokens/s", 1)[1].split("## Contenders", 1)[0]
-    body = body.replace("\n## ", "\n### ")
+    md = markdown(results)
+    body = md[md.index("## Output tokens/s"):md.index("## All figures")].replace("\n## ", "\n### ")
     return "\n".join([
         "## Benchmarks", "",
         "`bench/` starts every contender in turn on the same model and prompts, drives its streaming chat "
-        "endpoint at fixed client counts, stops it, and writes a table, JSON and a plot. Reproduce (about "
-        "20 minutes; needs the `bench` extra, `pip install -e .[bench]`):", "",
+        "endpoint at fixed client counts with each prompt mix, stops it, and writes a table, JSON and a "
+        "plot. Reproduce (about 30 minutes; needs the `bench` extra, `pip install -e .[bench]`):", "",
         f"```bash\n{results['command']}\n```", "",
         f"Machine: {m['cpu']}, {m['cpus']} CPUs, {m['memory_gib']:.0f} GiB, no GPU (a small machine "
-        f"whose timings vary run to run: compare contenders within one run); torch {m['torch']}, transformers {m['transformers']}, "
-        f"Ray {m['ray']}; run {results['started']} at commit {m.get('code', 'unknown')}. Model `{cfg['model']}` ({m.get('model_params', '?')} "
-        f"parameters, Qwen2-style, hidden 512, 8 layers), max_tokens {cfg['max_tokens']}, greedy.", "",
+        f"whose timings vary run to run: compare contenders within one run); torch {m['torch']}, "
+        f"transformers {m['transformers']}, Ray {m['ray']}; run {results['started']} at commit "
+        f"{m.get('code', 'unknown')}. Model `{cfg['model']}` ({m.get('model_params', '?')} parameters, "
+        f"Qwen2-style, hidden 512, 8 layers), max_tokens {cfg['max_tokens']}, greedy.", "",
         f"![tokens/s and TTFT p50 vs concurrency]({results_dir}/latest.png)", "",
-        "### Output tokens/s" + body.rstrip(), "",
+        "#" + body.rstrip(), "",
         "Contenders: " + "; ".join(f"**{e['label']}** = {e['description']}"
                                    for e in results["contenders"].values()) + ".", "",
-        f"Full report with notes: [{results_dir}/latest.md]({results_dir}/latest.md).", ""])
+        f"Full report with every figure and notes: [{results_dir}/latest.md]({results_dir}/latest.md).", ""])
 
 
 BEGIN, END = "<!-- bench.run: begin (generated by python -m bench.run --readme) -->", "<!-- bench.run: end -->"
@@ -184,28 +237,30 @@ def plot(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_tps, ax_ttft) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for entry in results["contenders"].values():
-        levels = sorted(entry.get("levels") or [], key=lambda lv: lv["concurrency"])
-        if not levels:
-            continue
-        xs = [lv["concurrency"] for lv in levels]
-        ax_tps.plot(xs, [lv["tokens_per_s"] for lv in levels], marker="o", label=entry["label"])
-        ttft = [(lv["concurrency"], lv["ttft_p50"] * 1e3) for lv in levels if lv["ttft_p50"] is not None]
-        if ttft:
-            ax_ttft.plot(*zip(*ttft), marker="o", label=entry["label"])
-    for ax, title, unit in ((ax_tps, "output tokens/s", "tokens/s"), (ax_ttft, "TTFT p50", "ms")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("concurrent streaming clients")
-        ax.set_ylabel(unit)
-        ax.set_title(title)
-        ax.grid(True, alpha=0.3)
-    ax_ttft.set_yscale("log")
-    ax_tps.legend(fontsize=8)
+    mixes = _mixes(results) or ["-"]
+    fig, axes = plt.subplots(len(mixes), 2, figsize=(12, 4.2 * len(mixes)), squeeze=False)
+    for (ax_tps, ax_ttft), mix in zip(axes, mixes):
+        for entry in results["contenders"].values():
+            levels = sorted((entry.get("mixes") or {}).get(mix) or [], key=lambda lv: lv["concurrency"])
+            if not levels:
+                continue
+            xs = [lv["concurrency"] for lv in levels]
+            ax_tps.plot(xs, [lv["tokens_per_s"] for lv in levels], marker="o", label=entry["label"])
+            ttft = [(lv["concurrency"], lv["ttft_p50"] * 1e3) for lv in levels if lv["ttft_p50"] is not None]
+            if ttft:
+                ax_ttft.plot(*zip(*ttft), marker="o", label=entry["label"])
+        for ax, title, unit in ((ax_tps, "output tokens/s", "tokens/s"), (ax_ttft, "TTFT p50", "ms")):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("concurrent streaming clients")
+            ax.set_ylabel(unit)
+            ax.set_title(f"{title}, {mix} prompts")
+            ax.grid(True, alpha=0.3)
+        ax_ttft.set_yscale("log")
+        ax_tps.legend(fontsize=8)
     fig.suptitle(f"{results['config']['model']}, max_tokens {results['config']['max_tokens']}, "
                  f"{results['machine']['cpus']}-CPU machine")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 

@@ -1,11 +1,14 @@
 """One command for the whole comparison:
 
-    python -m bench.run --levels 1,4,16,32 --max-tokens 64
+    python -m bench.run --levels 1,8,32 --max-tokens 64
 
 Starts every contender of the config in turn (see bench/contenders.py), warms it up, drives it at each
-concurrency level with the same prompt list, stops it, and writes bench/results/latest.{md,json,png}
-(rewritten after every contender, so an interrupted run still leaves a report). A contender that cannot
-start or fails is reported with its error, never silently omitted.
+concurrency level with each prompt mix (the same prompt lists for all), stops it, and writes
+bench/results/latest.{md,json,png} (rewritten after every contender, so an interrupted run still leaves a
+report). ``rounds`` repeats the whole sequence in alternating order (A B C, C B A) and pools the rounds,
+so the drift of a shared machine falls on every contender alike. A contender that cannot start or fails
+is reported with its error, never silently omitted. For servers, the CPU time of each process role
+(proxy, ingress, model replica, Ray daemons; the load generator as ``client``) is recorded per level.
 
 ``--profile ours:32`` also records py-spy profiles (speedscope JSON) of contender ``ours``'s Ray processes
 (replica, ingress, proxy) during its 32-client level, into bench/results/profiles/.
@@ -30,8 +33,10 @@ from typing import Any, Iterator
 
 import psutil
 
+from bench import cpu
 from bench.config import DEFAULT_CONFIG, RESULTS_DIR, BenchConfig, load_config, model_dir
 from bench.contenders import CONTENDERS, RunContext
+from bench.load import summarize
 from bench.prompts import make_prompts
 from bench.report import readme_section, update_readme, write_report
 
@@ -97,7 +102,7 @@ def profiled(driver: Any, out_dir: Path, tag: str) -> Iterator[None]:
                         name = title.split()[0].replace("ray::", "").replace(":", "_")
                         out = out_dir / f"{tag}-{name}-{child.pid}.speedscope.json"
                         procs.append(subprocess.Popen(
-                            ["py-spy", "record", "--pid", str(child.pid), "--rate", "100", "--idle",
+                            ["py-spy", "record", "--pid", str(child.pid), "--rate", "100", "--nonblocking",
                              "--format", "speedscope", "-o", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     try:
@@ -110,36 +115,56 @@ def profiled(driver: Any, out_dir: Path, tag: str) -> Iterator[None]:
                 p.wait(60)
 
 
-async def run_contender(key: str, config: BenchConfig, prompts: list, ctx: RunContext,
+async def run_contender(key: str, config: BenchConfig, prompt_sets: dict[str, list], ctx: RunContext,
                         profile: set[tuple[str, int]], log=print) -> dict[str, Any]:
+    """Start contender ``key``, measure its (mix, level) plan once; returns {"error", "runs"}, where
+    runs maps (mix, level) to (records, wall seconds, CPU seconds per role)."""
     contender = CONTENDERS[key]
-    entry: dict[str, Any] = {"label": contender.label, "description": contender.description,
-                             "status": "ok", "error": None, "levels": []}
+    runs: dict[tuple[str, int], tuple[list, float, dict[str, float]]] = {}
+    error = None
     started = time.perf_counter()
     try:
         with contender.start(config, ctx) as driver:
             log(f"[{key}] up after {time.perf_counter() - started:.0f}s; warming up")
-            await driver.warmup(prompts[-config.warmup_requests:] if config.warmup_requests else [],
+            warm = prompt_sets[next(iter(prompt_sets))]
+            await driver.warmup(warm[-config.warmup_requests:] if config.warmup_requests else [],
                                 config.max_tokens)
-            for level in config.levels:
-                n = config.requests_at(level)
-                with (profiled(driver, ctx.log_dir.parent / "profiles", f"{key}-c{level}")
-                      if (key, level) in profile else contextlib.nullcontext()):
-                    stats = await driver.run_level(prompts[:n], level, config.max_tokens,
-                                                   config.max_level_seconds)
-                entry["levels"].append(stats.to_dict())
-                log(f"[{key}] clients={level} done={stats.requests}/{n} err={stats.errors} "
+            for mix, level in config.plan(key):
+                prompts = prompt_sets[mix][:config.requests_at(level)]
+                spent: dict[str, float] = {}
+                server = getattr(driver, "server_pid", None)
+                with (profiled(driver, ctx.log_dir.parent / "profiles", f"{key}-{mix}-c{level}")
+                      if (key, level) in profile else contextlib.nullcontext()), cpu.measured(server, spent):
+                    records, wall = await driver.measure(prompts, level, config.max_tokens,
+                                                         config.max_level_seconds)
+                runs[(mix, level)] = (records, wall, spent)
+                stats = summarize(records, level, len(prompts), wall, driver.tokens_counted)
+                log(f"[{key}] {mix} clients={level} done={stats.requests}/{len(prompts)} err={stats.errors} "
                     f"tok/s={stats.tokens_per_s:.1f} ttft_p50={_ms(stats.ttft_p50)} "
-                    f"itl_p50={_ms(stats.itl_p50)} e2e_p50={stats.e2e_p50 or 0:.2f}s")
+                    f"itl_p50={_ms(stats.itl_p50)} chunks/req={stats.chunks_per_request or 0:.1f}")
     except Exception as exc:  # noqa: BLE001 - reported, never silently omitted
-        entry["error"] = f"{type(exc).__name__}: {exc}"
-        entry["status"] = "ok" if entry["levels"] else "failed"
-        log(f"[{key}] FAILED: {entry['error']}\n{traceback.format_exc(limit=3)}")
-    return entry
+        error = f"{type(exc).__name__}: {exc}"
+        log(f"[{key}] FAILED: {error}\n{traceback.format_exc(limit=3)}")
+    return {"error": error, "runs": runs}
 
 
 def _ms(value: float | None) -> str:
     return "–" if value is None else f"{value * 1e3:.0f}ms"
+
+
+def pool(rounds: list[dict[str, Any]], level: int, planned: int, tokens_counted: str | None) -> dict[str, Any]:
+    """One level's figures from the runs of all rounds: requests pooled, wall times and CPU added."""
+    records = [r for records, _, _ in rounds for r in records]
+    wall = sum(w for _, w, _ in rounds)
+    stats = summarize(records, level, planned * len(rounds), wall, tokens_counted)
+    cpu_s: dict[str, float] = {}
+    for _, _, spent in rounds:
+        for role, seconds in spent.items():
+            cpu_s[role] = cpu_s.get(role, 0.0) + seconds
+    if stats.output_tokens:
+        stats.cpu_ms_per_token = {role: 1e3 * s / stats.output_tokens for role, s in sorted(cpu_s.items())}
+    stats.rounds = len(rounds)
+    return stats.to_dict()
 
 
 async def run_bench(config: BenchConfig, out_dir: Path, command: str, stem: str = "latest",
@@ -147,22 +172,44 @@ async def run_bench(config: BenchConfig, out_dir: Path, command: str, stem: str 
     unknown = [k for k in config.contenders if k not in CONTENDERS]
     if unknown:
         raise SystemExit(f"unknown contenders {unknown}; known: {', '.join(CONTENDERS)}")
-    prompts = make_prompts(max(config.requests_at(level) for level in config.levels), config.prompts)
+    most = max(config.requests_at(level) for level in config.levels)
+    prompt_sets = {mix: make_prompts(most, spec) for mix, spec in config.mixes.items()}
     ctx = RunContext(log_dir=out_dir / "logs")
     results: dict[str, Any] = {
         "command": command, "started": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": machine_info(config), "config": config.model_dump(), "contenders": {}}
-    for key in config.contenders:
-        results["contenders"][key] = await run_contender(key, config, prompts, ctx, profile, log)
-        write_report(results, out_dir, stem)
+    collected: dict[str, list[dict[str, Any]]] = {key: [] for key in config.contenders}
+    for round_ in range(config.rounds):
+        order = config.contenders if round_ % 2 == 0 else config.contenders[::-1]
+        for key in order:
+            log(f"== round {round_ + 1}/{config.rounds}: {key}")
+            collected[key].append(await run_contender(key, config, prompt_sets, ctx, profile, log))
+            results["contenders"] = {k: _entry(k, config, collected[k]) for k in config.contenders}
+            write_report(results, out_dir, stem)
     return results
+
+
+def _entry(key: str, config: BenchConfig, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    contender = CONTENDERS[key]
+    errors = [r["error"] for r in runs if r["error"]]
+    mixes: dict[str, list[dict[str, Any]]] = {}
+    for mix, level in config.plan(key):
+        done = [r["runs"][(mix, level)] for r in runs if (mix, level) in r["runs"]]
+        if done:
+            counted = "generate" if key == "offline" else None
+            mixes.setdefault(mix, []).append(pool(done, level, config.requests_at(level), counted))
+    return {"label": contender.label, "description": contender.description,
+            "status": "ok" if mixes else ("failed" if errors else "pending"),
+            "error": "; ".join(dict.fromkeys(errors)) or None, "mixes": mixes}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
-    p.add_argument("--levels", type=ints, help="comma-separated client counts, e.g. 1,4,16,32,64")
+    p.add_argument("--levels", type=ints, help="comma-separated client counts, e.g. 1,8,32")
+    p.add_argument("--mixes", type=lambda s: s.split(","), help="subset of the config's prompt mixes")
+    p.add_argument("--rounds", type=int, help="times each contender is started and measured")
     p.add_argument("--requests-per-level", type=int)
     p.add_argument("--rounds-per-client", type=int)
     p.add_argument("--max-tokens", type=int)
@@ -182,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(args.config, levels=args.levels, requests_per_level=args.requests_per_level,
                          rounds_per_client=args.rounds_per_client, max_tokens=args.max_tokens,
                          max_level_seconds=args.max_level_seconds, warmup_requests=args.warmup_requests,
-                         contenders=args.contenders)
+                         contenders=args.contenders, rounds=args.rounds)
+    if args.mixes:
+        config = config.model_copy(update={"mixes": {m: config.mixes[m] for m in args.mixes}})
     profile = {(k, int(c)) for k, c in (p.split(":") for p in args.profile)}
     command = "python -m bench.run " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
     results = asyncio.run(run_bench(config, Path(args.out_dir), command.strip(), args.stem, profile))

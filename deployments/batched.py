@@ -26,6 +26,9 @@ from deployments.logs import install_client_error_filter
 
 logger = logging.getLogger(__name__)
 
+# However many streams are open, a stream's tokens are not held back longer than this.
+_MAX_STREAM_INTERVAL_S = 0.25
+
 
 def load_factory(path: str) -> Callable[[Any], Any]:
     """``"module:function"`` -> the function (default engine factories are named, not imported, so that
@@ -73,6 +76,7 @@ class BatchedDeployment:
         install_client_error_filter()  # a 4xx raised to the caller is logged as one INFO line
         self.spec = spec
         self.engine = (engine_factory or load_factory(self.default_factory))(spec)
+        self._streams = 0  # requests being streamed (queued or generating)
         self.config_error: str | None = None
         self._apply(spec.batching)
 
@@ -95,13 +99,31 @@ class BatchedDeployment:
 
     async def _stream(self, request: Any) -> AsyncIterator[list[Any]]:
         """Admit ``request`` (with whatever else arrives for the same @serve.batch) and stream its
-        records. Leaving early (the caller went away) cancels it in the engine."""
+        records. Leaving early (the caller went away) cancels it in the engine.
+
+        Each yielded list is one Ray message (and one SSE event at the ingress). After the first, a
+        stream that supports ``hold`` is paced by :meth:`stream_interval`: records produced in between
+        travel together, so the message rate stays within what the path carries."""
+        self._streams += 1
         try:
             stream = await self._admit(request)
+            hold = getattr(stream, "hold", None)
             async for items in stream:
                 yield items
+                if hold is not None:
+                    hold(self.stream_interval())
         finally:
+            self._streams -= 1
             request.cancelled = True  # frees the request's engine rows, even if it is still queued
+
+    def stream_interval(self) -> float:
+        """Gap before a stream's next message: the batching's ``stream_interval_s``, stretched so that
+        all open streams together send at most ``stream_messages_per_s`` messages (0 when unset)."""
+        floor = getattr(self.batching, "stream_interval_s", 0.0)
+        budget = getattr(self.batching, "stream_messages_per_s", None)
+        if not budget:
+            return floor
+        return max(floor, min(_MAX_STREAM_INTERVAL_S, self._streams / budget))
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def _admit(self, requests: list[Any]) -> list[Any]:

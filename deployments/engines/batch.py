@@ -1,10 +1,20 @@
 """The tensors of a running batch and the operations on them (TGI-style): prefill, decode one step,
 filter out finished rows, concatenate a newly prefilled batch into the running one.
 
-Layout: rows are left-padded. ``mask`` [rows, T] marks real tokens (1) against padding (0) for every
-cached position; ``positions`` [rows] is the position id of the token in ``next_ids`` [rows], the last
-token chosen for each row and not yet fed to the model. Position ids count real tokens only, so a row's
+Layout: rows are left-padded against a shared time axis. Every layer's keys/values, the attention mask
+and the per-row state live in buffers with spare capacity (rows and columns): the live region is rows
+``[:n]`` and columns ``[start:end]``. ``mask`` marks real tokens (1) against padding (0) for every cached
+position; ``positions`` [rows] is the position id of the token in ``next_ids`` [rows], the last token
+chosen for each row and not yet fed to the model. Position ids count real tokens only, so a row's
 positions, and hence its outputs, are the same whatever padding its neighbours force on it.
+
+Why buffers: with ``torch.cat`` / ``index_select`` every decode step, every join and every finished row
+copied the whole KV cache of the batch (several times the cache per event: at 32 streams an event
+happens about every step, and the copies cost more memory traffic than the step's own weights). Here a
+decode step writes one column in place; a joining batch is written into spare rows, right-aligned to
+the running batch's end (its left columns masked); a finished row is replaced by the last row (one row
+copied); columns that became padding in every row are dropped by moving ``start``. Buffers are only
+reallocated (one copy of the live region) when they run out of room, growing geometrically.
 
 Everything here is synchronous and runs on the engine's model thread.
 """
@@ -17,20 +27,97 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+_SPARE_COLUMNS = 32  # at least this many free columns after a (re)allocation
+_SPARE_ROWS = 8
+
+
+class _Geometry:
+    """The live region shared by all layers and the mask of one batch: rows [:n], columns [start:end]."""
+
+    __slots__ = ("n", "start", "end")
+
+    def __init__(self, n: int, start: int = 0, end: int = 0) -> None:
+        self.n, self.start, self.end = n, start, end
+
+
+class SlotLayer(DynamicLayer):
+    """One full-attention layer's keys/values in buffers [row_cap, heads, col_cap, dim].
+
+    ``update`` (called by the model) writes the new positions at ``geometry.end`` in place and returns
+    the live views; the :class:`Batch` moves ``end`` after the forward pass, and reallocates through
+    :meth:`reserve` before a forward pass could overflow a buffer.
+    """
+
+    def __init__(self, geometry: _Geometry) -> None:
+        super().__init__()
+        self.geometry = geometry
+        self.k_buf: torch.Tensor | None = None
+        self.v_buf: torch.Tensor | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        g = self.geometry
+        q = key_states.shape[-2]
+        if self.k_buf is None:
+            self.lazy_initialization(key_states, value_states)
+            rows, heads, _, dim = key_states.shape
+            shape = (rows, heads, g.end + q + _SPARE_COLUMNS, dim)
+            self.k_buf, self.v_buf = key_states.new_zeros(shape), value_states.new_zeros(shape)
+        self.k_buf[:g.n, :, g.end:g.end + q] = key_states
+        self.v_buf[:g.n, :, g.end:g.end + q] = value_states
+        self.keys, self.values = self.k_buf[:g.n, :, g.start:g.end + q], self.v_buf[:g.n, :, g.start:g.end + q]
+        return self.keys, self.values
+
+    def sync(self) -> None:
+        """Point ``keys``/``values`` at the live region (after the geometry changed)."""
+        g = self.geometry
+        self.keys, self.values = self.k_buf[:g.n, :, g.start:g.end], self.v_buf[:g.n, :, g.start:g.end]
+
+    def reserve(self, rows: int, left: int, right: int) -> None:
+        """Reallocate so that ``rows`` rows, ``left`` free columns before the live region and ``right``
+        free columns after it fit; copies the live region once. The geometry's start/end move with it."""
+        g = self.geometry
+        cols = left + (g.end - g.start) + right
+        shape = (rows, self.k_buf.shape[1], cols, self.k_buf.shape[3])
+        k, v = self.k_buf.new_zeros(shape), self.v_buf.new_zeros(shape)
+        k[:g.n, :, left:left + g.end - g.start] = self.k_buf[:g.n, :, g.start:g.end]
+        v[:g.n, :, left:left + g.end - g.start] = self.v_buf[:g.n, :, g.start:g.end]
+        self.k_buf, self.v_buf = k, v
+
 
 class Batch:
-    """A left-padded batch with its KV cache. Rows correspond to ``rows[i]`` (opaque to this class)."""
+    """A left-padded batch with its KV cache. Rows correspond to ``rows[i]`` (opaque to this class);
+    :meth:`filter` may reorder them (``rows`` is reordered the same way)."""
 
-    def __init__(self, rows: list[Any], cache: DynamicCache, mask: torch.Tensor,
+    def __init__(self, rows: list[Any], cache: DynamicCache, geometry: _Geometry, mask: torch.Tensor,
                  positions: torch.Tensor, next_ids: torch.Tensor | None = None) -> None:
         self.rows = rows
         self.cache = cache
-        self.mask = mask
-        self.positions = positions
-        self.next_ids = next_ids
+        self.geometry = geometry
+        self._mask = mask  # buffer [row_cap, col_cap], same columns as the layers' buffers
+        self._positions = positions  # buffer [row_cap]
+        self._next_ids = next_ids  # buffer [row_cap] once set
+        self.padded = True  # whether the live mask may hold a 0 (else decode passes no mask at all)
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    @property
+    def mask(self) -> torch.Tensor:
+        g = self.geometry
+        return self._mask[:g.n, g.start:g.end]
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return self._positions[:self.geometry.n]
+
+    @property
+    def next_ids(self) -> torch.Tensor | None:
+        return None if self._next_ids is None else self._next_ids[:self.geometry.n]
+
+    @property
+    def layers(self) -> list[SlotLayer]:
+        return self.cache.layers
 
     @classmethod
     def prefill(cls, model: Any, rows: list[Any], prompts: Sequence[list[int]], pad_id: int,
@@ -51,118 +138,201 @@ class Batch:
             mask[i, width - len(prompt):] = 1
         ids, mask = ids.to(device), mask.to(device)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
-                    past_key_values=new_cache(model), use_cache=True, logits_to_keep=1)
-        batch = cls(rows, out.past_key_values, mask, mask.sum(-1))
+        geometry = _Geometry(len(distinct))
+        cache = new_cache(model, geometry)
+        padded = bool((mask == 0).any())
+        out = model(input_ids=ids, attention_mask=mask if padded else None, position_ids=position_ids,
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+        geometry.end = width
+        cols = cache.layers[0].k_buf.shape[2]
+        mask_buf = mask.new_zeros((len(distinct), cols))
+        mask_buf[:, :width] = mask
+        batch = cls(rows, cache, geometry, mask_buf, mask.sum(-1))
+        batch.padded = padded
         logits = out.logits[:, -1, :]
         if len(distinct) < len(prompts):
             index = torch.tensor(order, dtype=torch.long, device=mask.device)
-            batch._select(index)
+            batch._repeat(index)
             logits = logits.index_select(0, index)
+        for layer in batch.layers:
+            layer.sync()
         return batch, logits
 
     def decode(self, model: Any) -> torch.Tensor:
         """Feed ``next_ids``; return the logits for the following token [rows, V]."""
-        mask = torch.cat([self.mask, self.mask.new_ones((len(self), 1))], dim=1)
+        g = self.geometry
+        if g.end == self._mask.shape[1]:
+            self._reserve(self._mask.shape[0], 0, max(_SPARE_COLUMNS, (g.end - g.start) // 2))
+        self._mask[:g.n, g.end] = 1
+        mask = self._mask[:g.n, g.start:g.end + 1] if self.padded else None
         out = model(input_ids=self.next_ids[:, None], attention_mask=mask,
                     position_ids=self.positions[:, None], past_key_values=self.cache, use_cache=True)
-        self.mask = mask
+        g.end += 1
+        self._positions[:g.n] += 1
+        return out.logits[:, -1, :]
+
+    def set_next(self, token_ids: list[int]) -> None:
+        tokens = torch.tensor(token_ids, dtype=torch.long, device=self._mask.device)
+        if self._next_ids is None:
+            self._next_ids = tokens.new_zeros(self._mask.shape[0])
+        self._next_ids[:len(token_ids)] = tokens
+
+    def filter(self, keep: list[int]) -> "Batch | None":
+        """Keep only rows ``keep`` (indices into ``rows``): each removed row is overwritten by a kept row
+        from the end of the batch, so only moved rows are copied; columns that became padding in every
+        kept row are dropped. ``rows`` is reordered like the tensors."""
+        if not keep:
+            return None
+        n = len(self.rows)
+        if len(keep) == n:
+            return self
+        g = self.geometry
+        kept = set(keep)
+        size = len(keep)
+        holes = [i for i in range(size) if i not in kept]  # slots to refill
+        movers = [i for i in keep if i >= size]  # kept rows beyond the new end
+        rows = list(self.rows)
+        if holes:
+            dst = torch.tensor(holes, dtype=torch.long, device=self._mask.device)
+            src = torch.tensor(movers, dtype=torch.long, device=self._mask.device)
+            for layer in self.layers:
+                layer.k_buf[dst] = layer.k_buf[src]
+                layer.v_buf[dst] = layer.v_buf[src]
+            for buf in (self._mask, self._positions, self._next_ids):
+                if buf is not None:
+                    buf[dst] = buf[src]
+            for d, s in zip(holes, movers):
+                rows[d] = rows[s]
+        self.rows = rows[:size]
+        g.n = size
+        live = self._mask[:size, g.start:g.end].any(dim=0)
+        g.start += int(live.nonzero()[0]) if bool(live.any()) else g.end - g.start
+        self.padded = bool((self._mask[:size, g.start:g.end] == 0).any())
+        for layer in self.layers:
+            layer.sync()
+        return self
+
+    def concatenate(self, other: "Batch") -> "Batch":
+        """Append ``other``'s rows to this batch in place: its live columns are right-aligned to this
+        batch's end, columns to their left are padding for them (and the other way round when ``other``
+        is the wider one)."""
+        g, o = self.geometry, other.geometry
+        width, theirs = g.end - g.start, o.end - o.start
+        rows = g.n + o.n
+        row_cap, col_cap = self._mask.shape
+        if rows > row_cap or theirs - width > g.start:  # out of rows, or of free columns on the left
+            self._reserve(row_cap if rows <= row_cap else max(2 * row_cap, rows + _SPARE_ROWS),
+                          max(0, theirs - width), max(_SPARE_COLUMNS, col_cap - g.end))
+        if theirs > width:  # expose columns on the left: padding for the rows already here
+            new_start = g.end - theirs
+            for layer in self.layers:
+                layer.k_buf[:g.n, :, new_start:g.start] = 0
+                layer.v_buf[:g.n, :, new_start:g.start] = 0
+            self._mask[:g.n, new_start:g.start] = 0
+            g.start = new_start
+            self.padded = True
+        lo = g.end - theirs
+        for mine, their in zip(self.layers, other.layers):
+            for buf, src in ((mine.k_buf, their.k_buf), (mine.v_buf, their.v_buf)):
+                buf[g.n:rows, :, g.start:lo] = 0
+                buf[g.n:rows, :, lo:g.end] = src[:o.n, :, o.start:o.end]
+        self._mask[g.n:rows, g.start:lo] = 0
+        self._mask[g.n:rows, lo:g.end] = other._mask[:o.n, o.start:o.end]
+        self._positions[g.n:rows] = other.positions
+        if self._next_ids is None:
+            self._next_ids = self._positions.new_zeros(self._mask.shape[0])
+        self._next_ids[g.n:rows] = other.next_ids
+        self.padded = self.padded or other.padded or lo > g.start
+        g.n = rows
+        self.rows = self.rows + other.rows
+        for layer in self.layers:
+            layer.sync()
+        return self
+
+    def _reserve(self, rows: int, left: int, right: int) -> None:
+        """Reallocate every buffer for ``rows`` rows and ``left``/``right`` free columns around the live
+        region (one copy of it); the live region then starts at column ``left``."""
+        g = self.geometry
+        for layer in self.layers:
+            layer.reserve(rows, left, right)
+        width = g.end - g.start
+        mask = self._mask.new_zeros((rows, left + width + right))
+        mask[:g.n, left:left + width] = self._mask[:g.n, g.start:g.end]
+        self._mask = mask
+        for name in ("_positions", "_next_ids"):
+            buf = getattr(self, name)
+            if buf is not None:
+                grown = buf.new_zeros(rows)
+                grown[:g.n] = buf[:g.n]
+                setattr(self, name, grown)
+        g.start, g.end = left, left + width
+
+    def _repeat(self, index: torch.Tensor) -> None:
+        """Rows become ``index`` (repeats allowed), right after prefill; ``rows`` is the caller's."""
+        g = self.geometry
+        for layer in self.layers:
+            layer.k_buf, layer.v_buf = layer.k_buf.index_select(0, index), layer.v_buf.index_select(0, index)
+        self._mask = self._mask.index_select(0, index)
+        self._positions = self._positions.index_select(0, index)
+        g.n = len(index)
+
+
+class PlainBatch:
+    """The batch of a model whose cache is not plain full attention (sliding-window or static layers):
+    transformers' own cache, one prefill group at a time (no :meth:`concatenate`), rows filtered by
+    copying."""
+
+    padded = True
+
+    def __init__(self, rows: list[Any], cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor
+                 ) -> None:
+        self.rows, self.cache, self.mask, self.positions = rows, cache, mask, positions
+        self.next_ids: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @classmethod
+    def prefill(cls, model: Any, rows: list[Any], prompts: Sequence[list[int]], pad_id: int,
+                device: torch.device) -> tuple["PlainBatch", torch.Tensor]:
+        width = max(map(len, prompts))
+        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, prompt in enumerate(prompts):
+            ids[i, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+            mask[i, width - len(prompt):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                    past_key_values=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
+        return cls(rows, out.past_key_values, mask, mask.sum(-1)), out.logits[:, -1, :]
+
+    def decode(self, model: Any) -> torch.Tensor:
+        self.mask = torch.cat([self.mask, self.mask.new_ones((len(self), 1))], dim=1)
+        out = model(input_ids=self.next_ids[:, None], attention_mask=self.mask,
+                    position_ids=self.positions[:, None], past_key_values=self.cache, use_cache=True)
         self.positions = self.positions + 1
         return out.logits[:, -1, :]
 
     def set_next(self, token_ids: list[int]) -> None:
         self.next_ids = torch.tensor(token_ids, dtype=torch.long, device=self.mask.device)
 
-    def filter(self, keep: list[int]) -> "Batch | None":
-        """Keep only rows ``keep`` (indices into ``rows``); drop columns that became all padding."""
+    def filter(self, keep: list[int]) -> "PlainBatch | None":
         if not keep:
             return None
-        if len(keep) == len(self.rows):
-            return self
-        index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
-        self._select(index)
-        self.rows = [self.rows[i] for i in keep]
-        first = int(self.mask.any(dim=0).nonzero()[0])  # columns that are padding in every kept row
-        if first:
+        if len(keep) < len(self.rows):
+            index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
             for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, first:, :], layer.values[:, :, first:, :]
-            self.mask = self.mask[:, first:]
+                layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
+            self.mask, self.positions = self.mask.index_select(0, index), self.positions.index_select(0, index)
+            self.next_ids = self.next_ids.index_select(0, index)
+            self.rows = [self.rows[i] for i in keep]
         return self
 
-    def _select(self, index: torch.Tensor) -> None:
-        """Keep (or repeat) the tensor rows ``index``, in that order; ``rows`` is the caller's job."""
-        for layer in self.cache.layers:
-            layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
-        self.mask = self.mask.index_select(0, index)
-        self.positions = self.positions.index_select(0, index)
-        if self.next_ids is not None:
-            self.next_ids = self.next_ids.index_select(0, index)
 
-    def concatenate(self, other: "Batch") -> "Batch":
-        """Append ``other``'s rows to this batch, left-padding whichever is shorter."""
-        width = max(self.mask.shape[1], other.mask.shape[1])
-        mine, theirs = self._padded_to(width), other._padded_to(width)
-        for a, b in zip(self.cache.layers, other.cache.layers):
-            a.keys = torch.cat([mine(a.keys), theirs(b.keys)], dim=0)
-            a.values = torch.cat([mine(a.values), theirs(b.values)], dim=0)
-        mask = torch.cat([mine(self.mask), theirs(other.mask)], dim=0)
-        return Batch(self.rows + other.rows, self.cache, mask,
-                     torch.cat([self.positions, other.positions]), torch.cat([self.next_ids, other.next_ids]))
-
-    def _padded_to(self, width: int):
-        extra = width - self.mask.shape[1]
-
-        def pad(t: torch.Tensor) -> torch.Tensor:
-            if extra == 0:
-                return t
-            # The cache is [rows, heads, T, dim]; the mask is [rows, T]: pad the T axis on the left.
-            shape = list(t.shape)
-            axis = 2 if t.dim() == 4 else 1
-            shape[axis] = extra
-            return torch.cat([t.new_zeros(shape), t], dim=axis)
-
-        return pad
-
-
-class GrowingLayer(DynamicLayer):
-    """A full-attention cache layer whose keys/values live in a buffer with spare room along the sequence
-    axis: a decode step writes its token in place instead of copying the whole cache (``torch.cat``
-    in :class:`DynamicLayer` costs a full copy per layer per step). ``keys``/``values`` stay the views
-    the model and :class:`Batch` see; when Batch replaces them (filter, concatenate), the next update
-    moves them into a fresh buffer."""
-
-    _SPARE_MIN = 32
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        length = self.get_seq_length()
-        end = length + key_states.shape[-2]
-        k_buf, v_buf = self._buffers if self._buffers is not None else (None, None)
-        if (k_buf is None or end > k_buf.shape[-2] or self.keys.data_ptr() != k_buf.data_ptr()
-                or self.keys.shape[0] != k_buf.shape[0]):
-            shape = (*key_states.shape[:2], end + max(self._SPARE_MIN, end // 2), key_states.shape[-1])
-            k_buf, v_buf = key_states.new_empty(shape), value_states.new_empty(shape)
-            if length:
-                k_buf[:, :, :length] = self.keys
-                v_buf[:, :, :length] = self.values
-            self._buffers = (k_buf, v_buf)
-        k_buf[:, :, length:end] = key_states
-        v_buf[:, :, length:end] = value_states
-        self.keys, self.values = k_buf[:, :, :end], v_buf[:, :, :end]
-        return self.keys, self.values
-
-
-def new_cache(model: Any) -> DynamicCache:
-    """A DynamicCache for ``model``, with in-place growing layers where every layer is full attention."""
+def new_cache(model: Any, geometry: _Geometry) -> DynamicCache:
+    """A DynamicCache for ``model`` whose layers are :class:`SlotLayer` over ``geometry``."""
     cache = DynamicCache(config=model.config)
-    if cache.layers and all(type(layer) is DynamicLayer for layer in cache.layers):
-        cache.layers = [GrowingLayer() for _ in cache.layers]
+    cache.layers = [SlotLayer(geometry) for _ in cache.layers]
     return cache
 
 

@@ -27,7 +27,7 @@ import torch
 from app.config import BatchingSpec
 from app.errors import InternalError, ServingError
 from deployments.engines.base import release_memory
-from deployments.engines.batch import Batch, supports_concatenation
+from deployments.engines.batch import Batch, PlainBatch, supports_concatenation
 from deployments.engines.detokenize import TextStream
 from deployments.engines.records import Delta, GenerationRequest, SamplingParams
 from deployments.engines.sampling import make_generator, select_tokens
@@ -42,8 +42,11 @@ class RequestStream:
         self.request = request
         self._pending: list[Delta] = []
         self._ready = asyncio.Event()
+        self._ended = asyncio.Event()
         self._unfinished = request.n
         self._error: ServingError | None = None
+        # Loop time before which the next item is not handed out unless the request ended (see hold).
+        self._not_before = 0.0
 
     @property
     def done(self) -> bool:
@@ -56,6 +59,15 @@ class RequestStream:
         self._unfinished -= sum(d.finish_reason is not None for d in deltas)
         self._error = error
         self._ready.set()
+        if self.done:
+            self._ended.set()
+
+    def hold(self, seconds: float) -> None:
+        """Coalescing: hand out the next item no sooner than ``seconds`` from now, with everything
+        produced by then, unless the request ends first (its last item never waits). A consumer whose
+        every item costs a message (a Ray hop, an SSE event) calls this after each item to bound its
+        message rate; the first item, asked for before any hold, goes out as soon as it exists."""
+        self._not_before = asyncio.get_running_loop().time() + seconds
 
     def __aiter__(self) -> "RequestStream":
         return self
@@ -64,6 +76,13 @@ class RequestStream:
         while not self._pending and not self.done:
             await self._ready.wait()
             self._ready.clear()
+        delay = self._not_before - asyncio.get_running_loop().time()
+        if delay > 0 and not self.done:
+            try:
+                async with asyncio.timeout(delay):
+                    await self._ended.wait()
+            except TimeoutError:
+                pass
         if self._pending:
             out, self._pending = self._pending, []
             return out
@@ -103,7 +122,8 @@ class GenerationEngine:
 
     def __init__(self, model: Any, tokenizer: Any, *, device: torch.device, eos_token_ids: set[int],
                  pad_token_id: int, context_len: int = 2048, max_running_rows: int = 64,
-                 max_prefill_tokens: int = 4096, prefill_threads: int | None = None) -> None:
+                 max_prefill_tokens: int = 4096, prefill_threads: int | None = None,
+                 decode_threads: int | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
@@ -117,8 +137,10 @@ class GenerationEngine:
         self.max_running_rows = max_running_rows
         self.max_prefill_tokens = max_prefill_tokens
         self.prefill_threads = prefill_threads
-        self.decode_threads = torch.get_num_threads()
+        cpu = device.type == "cpu"
+        self.decode_threads = (decode_threads if cpu else None) or torch.get_num_threads()
         self.can_concatenate = supports_concatenation(model)
+        self._batch_class = Batch if self.can_concatenate else PlainBatch
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._waiting: deque[list[_Sequence]] = deque()
         self._admitted: list[_Sequence] = []  # sequences whose output may still need publishing
@@ -228,8 +250,8 @@ class GenerationEngine:
         try:
             with torch.inference_mode():
                 for group in _length_groups([s for s in seqs if s.live]):
-                    batch, logits = Batch.prefill(self.model, group, [s.request.prompt_ids for s in group],
-                                                  self.pad_token_id, self.device)
+                    batch, logits = self._batch_class.prefill(
+                        self.model, group, [s.request.prompt_ids for s in group], self.pad_token_id, self.device)
                     self._advance(batch, logits)
                     if (batch := self._keep_live(batch)) is not None:
                         self._running = batch if self._running is None else self._running.concatenate(batch)
@@ -238,11 +260,13 @@ class GenerationEngine:
                 torch.set_num_threads(self.decode_threads)
 
     def _decode(self) -> None:
-        batch = self._keep_live(self._running)
-        if batch is None:
-            self._running = None
-            return
-        with torch.inference_mode():
+        if self.device.type == "cpu" and torch.get_num_threads() != self.decode_threads:
+            torch.set_num_threads(self.decode_threads)  # this thread is the process's only torch user
+        with torch.inference_mode():  # filtering updates the batch's buffers in place
+            batch = self._keep_live(self._running)
+            if batch is None:
+                self._running = None
+                return
             logits = batch.decode(self.model)
             self._advance(batch, logits)
             self._running = self._keep_live(batch)

@@ -72,7 +72,7 @@ def load_chat_engine(spec: ChatModelSpec) -> GenerationEngine:
                             context_len=context_length(spec.limits, model.config, tokenizer),
                             max_running_rows=spec.batching.max_running_rows,
                             max_prefill_tokens=spec.batching.max_prefill_tokens,
-                            prefill_threads=spec.prefill_threads)
+                            prefill_threads=spec.prefill_threads, decode_threads=spec.decode_threads)
 
 
 def context_length(limits: GenerationLimits, config, tokenizer) -> int:

@@ -32,8 +32,10 @@ def short_app(server):
     serve.delete("short")
 
 
-async def read_then_disconnect(server: str, body: dict, events: int = 3) -> None:
-    """Stream ``body`` from the chat route and hang up after ``events`` SSE events (mid-stream)."""
+async def read_then_disconnect(server: str, body: dict, events: int = 2) -> None:
+    """Stream ``body`` from the chat route and hang up after ``events`` SSE events (mid-stream). The
+    default is the role chunk and the first content chunk: later chunks are paced (several tokens each),
+    so waiting for more would let the stream run further before the hang-up."""
     async with httpx.AsyncClient(timeout=60) as http:
         async with http.stream("POST", f"{server}/v1/chat/completions", json={**body, "stream": True}) as r:
             seen = 0

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from bench.config import BenchConfig, PromptSpec, load_config
+from bench.config import DEFAULT_MIXES, BenchConfig, PromptSpec, load_config
 from bench.contenders import CONTENDERS
 from bench.load import RequestRecord, summarize
 from bench.prompts import make_prompts
@@ -34,58 +34,75 @@ def test_prompts_are_reproducible_with_a_stable_prefix_and_mixed_lengths():
     assert min(lengths) < 40 and max(lengths) > 64
 
 
-def test_config_overrides_and_request_counts(tmp_path):
+def test_config_overrides_request_counts_and_plans(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("levels: [1, 4]\nrequests_per_level: 5\nrounds_per_client: 2\n")
     config = load_config(path, max_tokens=8, levels=None)
     assert config.levels == [1, 4] and config.max_tokens == 8
     assert [config.requests_at(c) for c in (1, 4, 32)] == [5, 8, 64]
     assert set(BenchConfig().contenders) <= set(CONTENDERS)
+    assert config.plan("ours") == [("short", 1), ("short", 4), ("mixed", 1), ("mixed", 4)]
+    assert config.plan("ours-bs1") == [("short", 1)]  # only what its target needs
 
 
-def _level(c, tps, ttft):
-    return {"concurrency": c, "requests": 8, "planned": 8, "errors": 0, "wall_s": 1.0, "output_tokens": 1,
+def test_short_mix_is_short_and_mixed_mix_is_prefill_heavy():
+    short, mixed = (make_prompts(64, DEFAULT_MIXES[m]) for m in ("short", "mixed"))
+    words = lambda ps: [len(m[-1]["content"].split()) for m in ps]  # noqa: E731
+    assert max(words(short)) <= 14 and all(len(m) == 1 for m in short)
+    assert sum(words(mixed)) > 4 * sum(words(short))
+
+
+def _level(c, tps, ttft, cpu=None):
+    return {"concurrency": c, "requests": 8, "planned": 8, "errors": 0, "wall_s": 1.0, "output_tokens": 64,
             "requests_per_s": 1.0, "tokens_per_s": tps, "ttft_p50": ttft, "ttft_p99": ttft,
             "itl_p50": 0.01, "itl_p99": 0.02, "e2e_p50": 0.5, "e2e_p99": 0.6, "chunks_per_request": 4.0,
-            "tokens_counted": "usage", "first_error": None}
+            "cpu_ms_per_token": cpu, "rounds": 2, "tokens_counted": "usage", "first_error": None}
 
 
 def _results():
-    def entry(label, levels, status="ok", error=None):
-        return {"label": label, "description": label, "status": status, "error": error, "levels": levels}
+    def entry(label, mixes, status="ok", error=None):
+        return {"label": label, "description": label, "status": status, "error": error, "mixes": mixes}
 
+    both = lambda levels: {"short": levels, "mixed": levels}  # noqa: E731
     return {
         "command": "python -m bench.run --levels 1,32", "started": "2026-01-01T00:00:00",
         "machine": {"cpu": "test cpu", "cpus": 2, "memory_gib": 24, "python": "3.11", "torch": "x",
                     "transformers": "y", "ray": "z", "gpu": False, "model_params": "24.1M"},
         "config": BenchConfig(levels=[1, 32]).model_dump(),
         "contenders": {
-            "ours": entry("(a) ours", [_level(1, 50, 0.060), _level(32, 800, 0.2)]),
-            "ours-bs1": entry("(b) ours bs=1", [_level(1, 40, 0.05), _level(32, 100, 5.0)]),
-            "tf-serve": entry("(c) transformers serve", [], "failed", "RuntimeError: boom"),
-            "tf-serve-cb": entry("(c) transformers serve --cb", [_level(1, 30, 0.1), _level(32, 300, 1.0)]),
-            "offline": entry("(e) offline", [_level(1, 60, 0.040), _level(32, 900, 0.3)]),
+            "ours": entry("(a) ours", both([_level(1, 150, 0.030, {"proxy": 0.5, "model": 2.0}),
+                                            _level(32, 800, 0.2, {"proxy": 0.1, "model": 1.0})])),
+            "ours-bs1": entry("(b) ours bs=1", {"short": [_level(1, 40, 0.05), _level(32, 100, 5.0)]}),
+            "tf-serve": entry("(c) transformers serve", {}, "failed", "RuntimeError: boom"),
+            "tf-serve-cb": entry("(c) transformers serve --cb", both([_level(1, 90, 0.1), _level(32, 300, 1.0)])),
+            "engine": entry("(f) engine alone", both([_level(1, 160, 0.025), _level(32, 900, 0.3)])),
         }}
 
 
 def test_targets_are_checked_from_the_figures():
-    checks = targets(_results())
-    # 800 vs 2 x 300 (best tf mode), 800 vs 0.8 x 900, 800 vs 5 x 100; TTFT 60 ms > 1.2 x 40 ms + 10 ms
-    assert [ok for _, _, ok in checks] == [True, True, True, False]
-    assert "0.89×" in checks[1][1] and "58.0 ms" in checks[3][1]
+    checks = targets(_results(), "short")
+    # 150 vs 1.5 x 90 and 800 vs 1.5 x 300 (tf-serve-cb); 800 vs 0.8 x 900 (engine);
+    # TTFT 30 ms <= 25 + 10 ms; 800 vs 5 x 100 (bs=1)
+    assert [ok for _, _, ok in checks] == [True, True, True, True, True]
+    assert "0.89×" in checks[2][1] and "8.00×" in checks[4][1]
+    mixed = targets(_results(), "mixed")
+    assert len(mixed) == 4  # no bs=1 figures on that mix: no batching-gain line
 
 
-def test_report_writes_table_json_and_png(tmp_path):
+def test_report_writes_tables_json_and_png(tmp_path):
     pytest.importorskip("matplotlib")  # the `bench` extra
     results = _results()
     paths = write_report(results, tmp_path)
     md = paths["md"].read_text()
     assert md == markdown(results)
-    assert "| (b) ours bs=1 | 32 | 8/8 | 0 | 1.00 | 100.0 |" in md
+    assert "| (a) ours | 150 (30 ms) | 800 (200 ms) |" in md
+    assert "| (b) ours bs=1 | short | 32 | 8/8 | 0 | 1.00 | 100.0 |" in md
     assert "| 0.12× | 0.11× |" in md  # (b) at 32 clients: 100/800 and 100/900 tok/s
+    assert "| short | 32 | 1.00 | 0.10 | 1.10 | 2.0 |" in md  # CPU ms per token by role, 64 tokens / 32 chunks
     assert "**did not run**" in md and "RuntimeError: boom" in md
     assert "![tokens/s and TTFT p50 vs concurrency](latest.png)" in md
-    assert json.loads(paths["json"].read_text())["contenders"]["ours"]["levels"][1]["tokens_per_s"] == 800
+    saved = json.loads(paths["json"].read_text())
+    assert saved["contenders"]["ours"]["mixes"]["short"][1]["tokens_per_s"] == 800
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -100,11 +117,12 @@ def test_readme_block_is_replaced_between_markers_only(tmp_path):
     for kept in ("keep me", "intro", "### Other\n\nkeep too", "## Later"):
         assert kept in text
     assert text.count("## Benchmarks") == 1 and "python -m bench.run --levels 1,32" in text
-    assert "bench/results/latest.png" in text and "| (a) ours | 50 | 800 |" in text
+    assert "bench/results/latest.png" in text and "| (a) ours | 150 (30 ms) | 800 (200 ms) |" in text
+    assert "### Targets" in text and "### Output tokens/s (TTFT p50): mixed prompts" in text
     assert text.index("## Benchmarks") < text.index("python -m bench.run") < text.index("### Other")
     update_readme(readme, readme_section(_results()).replace("800", "900"))  # idempotent replacement
     again = readme.read_text()
-    assert again.count("python -m bench.run --levels 1,32") == 1 and "| (a) ours | 50 | 900 |" in again
+    assert again.count("python -m bench.run --levels 1,32") == 1 and "| (a) ours | 150 (30 ms) | 900 (200 ms) |" in again
     assert again.count("<!-- bench.run: begin") == 1 and "### Other\n\nkeep too" in again
     readme.write_text("# y\n")
     update_readme(readme, readme_section(_results()))

@@ -155,3 +155,17 @@ async def test_small_prefill_budget_still_gives_identical_output(demo_engine_fac
     assert [text_of(d[0]) for d in together] == alone
     # admitted one by one, interleaved with decode steps: 8 prefills + 24 decode steps or more
     assert engine.steps - steps >= len(PROMPTS) + 24
+
+
+async def test_held_stream_coalesces_without_delaying_first_or_last_item(engine):
+    plain = (await collect(engine, [request(engine, PROMPTS[1], max_new_tokens=40)]))[0]
+    (stream,) = engine.submit([request(engine, PROMPTS[1], max_new_tokens=40)])
+    loop = asyncio.get_running_loop()
+    items, start = [], loop.time()
+    async for deltas in stream:
+        items.append((loop.time() - start, deltas))
+        stream.hold(10.0)  # far longer than the whole generation: only the end may cut it short
+    assert len(items) == 2  # the first token at once, then everything else when the request ended
+    assert items[1][0] < 10.0
+    assert [t for _, ds in items for d in ds for t in d.token_ids] == [t for d in plain for t in d.token_ids]
+    assert items[-1][1][-1].finish_reason == "length"

@@ -1,0 +1,70 @@
+"""The batch's in-place buffers (deployments/engines/batch.py) against each row decoded alone.
+
+Rows join (narrower and wider than the running batch, past the row capacity), finish in any order and
+are replaced by rows from the end, columns that become padding are dropped, buffers run out of room and
+grow: through all of it every row's greedy tokens must be those of the same prompt decoded alone.
+"""
+
+import random
+
+import pytest
+import torch
+
+from deployments.engines.batch import Batch, PlainBatch
+
+
+@pytest.fixture(scope="module")
+def model(demo_engine_factory):
+    return demo_engine_factory().model
+
+
+def alone(model, prompt, steps):
+    with torch.inference_mode():
+        batch, logits = PlainBatch.prefill(model, [0], [prompt], 0, torch.device("cpu"))
+        tokens = [int(logits.argmax(-1))]
+        for _ in range(steps - 1):
+            batch.set_next(tokens[-1:])
+            tokens.append(int(batch.decode(model).argmax(-1)))
+    return tokens
+
+
+def test_joins_and_finishes_in_any_order_match_each_row_alone(model):
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 400) for _ in range(rng.choice([1, 3, 9, 30, 70]))] for _ in range(14)]
+    lengths = [rng.randint(2, 40) for _ in prompts]
+    expected = [alone(model, p, n) for p, n in zip(prompts, lengths)]
+    got: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
+    waiting = list(range(len(prompts)))
+    running = None
+    with torch.inference_mode():
+        while waiting or running is not None:
+            joining = waiting and (running is None or rng.random() < 0.3)
+            if joining:
+                group = [waiting.pop(0) for _ in range(min(len(waiting), rng.choice([1, 2, 3])))]
+                batch, logits = Batch.prefill(model, group, [prompts[i] for i in group], 0, torch.device("cpu"))
+            else:
+                batch, logits = running, running.decode(model)
+            tokens = logits.argmax(-1).tolist()
+            batch.set_next(tokens)
+            for row, token in zip(batch.rows, tokens):
+                got[row].append(token)
+            batch = batch.filter([k for k, row in enumerate(batch.rows) if len(got[row]) < lengths[row]])
+            if not joining:
+                running = batch
+            elif batch is not None:
+                running = batch if running is None else running.concatenate(batch)
+            if running is not None:
+                assert running.mask.shape == (len(running), running.geometry.end - running.geometry.start)
+                assert bool(running.mask.any(dim=0)[0])  # no column of padding only is kept
+    assert [got[i] for i in range(len(prompts))] == expected
+
+
+def test_repeated_prompts_share_one_prefill_and_decode_alike(model):
+    prompt = [5, 6, 7, 8]
+    with torch.inference_mode():
+        batch, logits = Batch.prefill(model, ["a", "b", "c"], [prompt, [9, 10], prompt], 0,
+                                      torch.device("cpu"))
+        assert torch.equal(logits[0], logits[2])
+        batch.set_next(logits.argmax(-1).tolist())
+        step = batch.decode(model)
+    assert torch.allclose(step[0], step[2], atol=1e-4) and int(step[0].argmax()) == int(step[2].argmax())
