@@ -31,6 +31,19 @@ _SPARE_COLUMNS = 32  # at least this many free columns after a (re)allocation
 _SPARE_ROWS = 8
 
 
+def left_padded(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, mask)`` [rows, longest prompt] on ``device``: each prompt right-aligned after ``pad_id``
+    padding, the mask 1 on real tokens."""
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, prompt in enumerate(prompts):
+        ids[i, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        mask[i, width - len(prompt):] = 1
+    return ids.to(device), mask.to(device)
+
+
 class _Geometry:
     """The live region shared by all layers and the mask of one batch: rows [:n], columns [start:end]."""
 
@@ -130,23 +143,17 @@ class Batch:
         unique: dict[tuple[int, ...], int] = {}
         order = [unique.setdefault(tuple(p), len(unique)) for p in prompts]
         distinct = list(unique)
-        width = max(map(len, distinct))
-        ids = torch.full((len(distinct), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(distinct), width), dtype=torch.long)
-        for i, prompt in enumerate(distinct):
-            ids[i, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-            mask[i, width - len(prompt):] = 1
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = left_padded(distinct, pad_id, device)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         geometry = _Geometry(len(distinct))
         cache = new_cache(model, geometry)
         padded = bool((mask == 0).any())
         out = model(input_ids=ids, attention_mask=mask if padded else None, position_ids=position_ids,
                     past_key_values=cache, use_cache=True, logits_to_keep=1)
-        geometry.end = width
+        geometry.end = ids.shape[1]
         cols = cache.layers[0].k_buf.shape[2]
         mask_buf = mask.new_zeros((len(distinct), cols))
-        mask_buf[:, :width] = mask
+        mask_buf[:, :mask.shape[1]] = mask
         batch = cls(rows, cache, geometry, mask_buf, mask.sum(-1))
         batch.padded = padded
         logits = out.logits[:, -1, :]
@@ -295,13 +302,7 @@ class PlainBatch:
     @classmethod
     def prefill(cls, model: Any, rows: list[Any], prompts: Sequence[list[int]], pad_id: int,
                 device: torch.device) -> tuple["PlainBatch", torch.Tensor]:
-        width = max(map(len, prompts))
-        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, prompt in enumerate(prompts):
-            ids[i, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-            mask[i, width - len(prompt):] = 1
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = left_padded(prompts, pad_id, device)
         out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                     past_key_values=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
         return cls(rows, out.past_key_values, mask, mask.sum(-1)), out.logits[:, -1, :]
