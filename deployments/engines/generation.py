@@ -10,15 +10,18 @@ one item, and a fast one gets each step's token at once). A choice's last delta 
 
 Groups submitted while others decode are prefilled and concatenated into the running batch at the next
 step (up to ``max_running_rows``), so a new request does not wait for a long one. All model work runs on
-one dedicated thread; the event loop only schedules and hands out deltas.
+one dedicated model thread that steps on its own for as long as there is work: it never waits for the
+event loop between steps (on a busy replica the loop may be late by milliseconds, which would idle the
+model that long per step). Each step's output is handed to the submitting loop with
+``call_soon_threadsafe``; the loop only hands out deltas.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,10 +39,12 @@ logger = logging.getLogger(__name__)
 
 
 class RequestStream:
-    """The output of one request (all its choices). Filled on the event loop by the engine."""
+    """The output of one request (all its choices). Filled on its event loop (the one that submitted it)
+    with what the model thread produced."""
 
     def __init__(self, request: GenerationRequest) -> None:
         self.request = request
+        self.loop = asyncio.get_running_loop()
         self._pending: list[Delta] = []
         self._ready = asyncio.Event()
         self._ended = asyncio.Event()
@@ -141,11 +146,14 @@ class GenerationEngine:
         self.decode_threads = (decode_threads if cpu else None) or torch.get_num_threads()
         self.can_concatenate = supports_concatenation(model)
         self._batch_class = Batch if self.can_concatenate else PlainBatch
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        # Shared with the model thread (under _lock): groups waiting for admission, the stop flag.
+        self._lock = threading.Condition()
         self._waiting: deque[list[_Sequence]] = deque()
-        self._admitted: list[_Sequence] = []  # sequences whose output may still need publishing
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        # Model thread only: admitted sequences whose output may still need publishing, the batch.
+        self._admitted: list[_Sequence] = []
         self._running: Batch | None = None
-        self._loop_task: asyncio.Task | None = None
         # Counters for metrics and tests (e.g. that a cancelled request stopped consuming steps).
         self.steps = 0
         self.tokens_generated = 0
@@ -160,7 +168,8 @@ class GenerationEngine:
         self.max_prefill_tokens = getattr(batching, "max_prefill_tokens", self.max_prefill_tokens)
 
     def stats(self) -> dict[str, Any]:
-        waiting = [s for group in self._waiting for s in group if s.live]
+        with self._lock:
+            waiting = [s for group in self._waiting for s in group if s.live]
         return {"steps": self.steps, "tokens_generated": self.tokens_generated,
                 "running_rows": self.running_rows, "waiting_groups": len(self._waiting),
                 # What the autoscaling policy reads (deployments/autoscaling.py): rows not yet prefilled
@@ -171,40 +180,56 @@ class GenerationEngine:
                 "context_len": self.context_len}
 
     def close(self) -> None:
-        """Fail what is in flight, stop the model thread and drop the model."""
-        for seq in [*(self._running.rows if self._running else []), *self._admitted,
-                    *(s for group in self._waiting for s in group)]:
-            seq.out._put([], InternalError("the model was unloaded"))
+        """Stop the model thread (after its current step), fail what is in flight and drop the model."""
+        with self._lock:
+            self._closed = True
+            waiting = [s for group in self._waiting for s in group]
+            self._waiting.clear()
+            self._lock.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        in_flight = [*(self._running.rows if self._running else []), *self._admitted, *waiting]
+        _deliver_threadsafe([(seq.out, [], InternalError("the model was unloaded")) for seq in in_flight])
         self._running, self._admitted = None, []
-        self._waiting.clear()
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-        self._executor.shutdown(wait=True, cancel_futures=True)
         self.model = None
         release_memory(self.device.type)
 
     def submit(self, requests: list[GenerationRequest]) -> list[RequestStream]:
-        """Admit ``requests`` as one prefill group; must be called on the engine's event loop."""
+        """Admit ``requests`` as one prefill group; must be called on the event loop that consumes the
+        streams."""
         streams = [RequestStream(r) for r in requests]
-        self._waiting.append([
-            _Sequence(r, i, out, TextStream(self.tokenizer, r.params.stop, r.prompt_ids),
-                      None if r.params.greedy else make_generator(r.params.seed, i))
-            for r, out in zip(requests, streams) for i in range(r.n)])
-        if self._loop_task is None or self._loop_task.done():
-            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+        group = [_Sequence(r, i, out, TextStream(self.tokenizer, r.params.stop, r.prompt_ids),
+                           None if r.params.greedy else make_generator(r.params.seed, i))
+                 for r, out in zip(requests, streams) for i in range(r.n)]
+        with self._lock:
+            if self._closed:
+                raise InternalError("the model was unloaded")
+            self._waiting.append(group)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._model_loop, name="engine", daemon=True)
+                self._thread.start()
+            self._lock.notify()
         return streams
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self._waiting or self._running is not None:
-            admitted = self._admissible()
+    # --- model thread ---------------------------------------------------------------------------
+
+    def _model_loop(self) -> None:
+        """Step while there is work: admit what fits, prefill it, decode one token for every running
+        row; publish after each (first tokens go out before the next decode step)."""
+        while True:
+            with self._lock:
+                while not self._closed and not self._waiting and self._running is None:
+                    self._lock.wait()
+                if self._closed:
+                    return
+                admitted = self._admissible()
             self._admitted += admitted
             try:
                 if admitted:
-                    await loop.run_in_executor(self._executor, self._prefill, admitted)
-                    self._publish()  # first tokens go out before the next decode step
+                    self._prefill(admitted)
+                    self._publish()
                 if self._running is not None:
-                    await loop.run_in_executor(self._executor, self._decode)
+                    self._decode()
             except Exception:  # a bug or a device failure: fail what is in flight, keep serving
                 logger.exception("engine step failed")
                 for seq in [*(self._running.rows if self._running else []), *admitted]:
@@ -231,17 +256,17 @@ class GenerationEngine:
         return admitted
 
     def _publish(self) -> None:
-        """Hand each admitted sequence's new deltas (or error) to its request's stream."""
-        still = []
+        """Hand each admitted sequence's new deltas (or error) to its request's stream, on the stream's
+        event loop (one callback per loop and step)."""
+        still, out = [], []
         for seq in self._admitted:
             deltas, seq.pending = seq.pending, []
             if deltas or seq.error is not None:
-                seq.out._put(deltas, seq.error)
+                out.append((seq.out, deltas, seq.error))
             if seq.live:
                 still.append(seq)
         self._admitted = still
-
-    # --- model thread ---------------------------------------------------------------------------
+        _deliver_threadsafe(out)
 
     def _prefill(self, seqs: list[_Sequence]) -> None:
         threads = self.prefill_threads if self.device.type == "cpu" else None
@@ -311,6 +336,23 @@ class GenerationEngine:
     @staticmethod
     def _keep_live(batch: Batch) -> Batch | None:
         return batch.filter([i for i, s in enumerate(batch.rows) if s.live])
+
+
+def _deliver_threadsafe(items: list[tuple[RequestStream, list[Delta], ServingError | None]]) -> None:
+    """``stream._put(deltas, error)`` for each item, run on each stream's own event loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for item in items:
+        by_loop.setdefault(item[0].loop, []).append(item)
+    for loop, batch in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_deliver, batch)
+        except RuntimeError:  # that loop is closed: nobody is reading those streams any more
+            pass
+
+
+def _deliver(items: list[tuple[RequestStream, list[Delta], ServingError | None]]) -> None:
+    for stream, deltas, error in items:
+        stream._put(deltas, error)
 
 
 # Prompts prefilled together are left-padded to the longest; allow at most this much padding overall.
