@@ -125,6 +125,10 @@ class ChatModelSpec(_ModelSpecBase):
         "CPU only: torch threads for decoding; default Ray's choice (OMP_NUM_THREADS = the replica's "
         "num_cpus). A memory-bound decode step runs faster on more cores even when the proxy and "
         "ingress share them, once tokens travel several to a message (batching.stream_interval_s)."))
+    fast_decode: bool = Field(True, description=(
+        "Decode Llama-family models (llama, mistral, qwen2, qwen3 with sdpa attention) with the "
+        "engine's lean step, which computes the model's forward op for op (bit-identical logits) with "
+        "less Python per step; false = always the transformers forward. Other models always use it."))
     chat_template: str | None = Field(None, description=(
         "Jinja chat template overriding the tokenizer's own (for checkpoints that ship none)."))
     batching: ChatBatchingSpec = Field(default_factory=ChatBatchingSpec, description=(

@@ -165,18 +165,24 @@ class Batch:
             layer.sync()
         return batch, logits
 
-    def decode(self, model: Any) -> torch.Tensor:
-        """Feed ``next_ids``; return the logits for the following token [rows, V]."""
+    def decode(self, model: Any, fast: Any = None) -> torch.Tensor:
+        """Feed ``next_ids``; return the logits for the following token [rows, V]. ``fast`` (a
+        :class:`~deployments.engines.fast_decode.FastDecoder` of ``model``) computes the same step with
+        less Python around it."""
         g = self.geometry
         if g.end == self._mask.shape[1]:
             self._reserve(self._mask.shape[0], 0, max(_SPARE_COLUMNS, (g.end - g.start) // 2))
         self._mask[:g.n, g.end] = 1
         mask = self._mask[:g.n, g.start:g.end + 1] if self.padded else None
-        out = model(input_ids=self.next_ids[:, None], attention_mask=mask,
-                    position_ids=self.positions[:, None], past_key_values=self.cache, use_cache=True)
+        if fast is not None:
+            logits = fast(self.next_ids, self.positions, mask, self.layers)
+        else:
+            logits = model(input_ids=self.next_ids[:, None], attention_mask=mask,
+                           position_ids=self.positions[:, None], past_key_values=self.cache,
+                           use_cache=True).logits[:, -1, :]
         g.end += 1
         self._positions[:g.n] += 1
-        return out.logits[:, -1, :]
+        return logits
 
     def set_next(self, token_ids: list[int]) -> None:
         tokens = torch.tensor(token_ids, dtype=torch.long, device=self._mask.device)
@@ -307,7 +313,8 @@ class PlainBatch:
                     past_key_values=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
         return cls(rows, out.past_key_values, mask, mask.sum(-1)), out.logits[:, -1, :]
 
-    def decode(self, model: Any) -> torch.Tensor:
+    def decode(self, model: Any, fast: Any = None) -> torch.Tensor:
+        """As :meth:`Batch.decode`; ``fast`` is ignored (a fast decoder needs :class:`Batch`'s cache)."""
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(self), 1))], dim=1)
         out = model(input_ids=self.next_ids[:, None], attention_mask=self.mask,
                     position_ids=self.positions[:, None], past_key_values=self.cache, use_cache=True)

@@ -32,6 +32,7 @@ from app.errors import InternalError, ServingError
 from deployments.engines.base import release_memory
 from deployments.engines.batch import Batch, PlainBatch, supports_concatenation
 from deployments.engines.detokenize import TextStream
+from deployments.engines.fast_decode import fast_decoder
 from deployments.engines.records import Delta, GenerationRequest, SamplingParams
 from deployments.engines.sampling import make_generator, select_tokens
 
@@ -128,7 +129,7 @@ class GenerationEngine:
     def __init__(self, model: Any, tokenizer: Any, *, device: torch.device, eos_token_ids: set[int],
                  pad_token_id: int, context_len: int = 2048, max_running_rows: int = 64,
                  max_prefill_tokens: int = 4096, prefill_threads: int | None = None,
-                 decode_threads: int | None = None) -> None:
+                 decode_threads: int | None = None, fast_decode: bool = True) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
@@ -146,6 +147,8 @@ class GenerationEngine:
         self.decode_threads = (decode_threads if cpu else None) or torch.get_num_threads()
         self.can_concatenate = supports_concatenation(model)
         self._batch_class = Batch if self.can_concatenate else PlainBatch
+        # The lean decode step where it reproduces the model's forward exactly (fast_decode.FAMILIES).
+        self.fast_decoder = fast_decoder(model) if self.can_concatenate and fast_decode else None
         # Shared with the model thread (under _lock): groups waiting for admission, the stop flag.
         self._lock = threading.Condition()
         self._waiting: deque[list[_Sequence]] = deque()
@@ -292,7 +295,7 @@ class GenerationEngine:
             if batch is None:
                 self._running = None
                 return
-            logits = batch.decode(self.model)
+            logits = batch.decode(self.model, self.fast_decoder)
             self._advance(batch, logits)
             self._running = self._keep_live(batch)
 

@@ -72,7 +72,8 @@ def load_chat_engine(spec: ChatModelSpec) -> GenerationEngine:
                             context_len=context_length(spec.limits, model.config, tokenizer),
                             max_running_rows=spec.batching.max_running_rows,
                             max_prefill_tokens=spec.batching.max_prefill_tokens,
-                            prefill_threads=spec.prefill_threads, decode_threads=spec.decode_threads)
+                            prefill_threads=spec.prefill_threads, decode_threads=spec.decode_threads,
+                            fast_decode=spec.fast_decode)
 
 
 def context_length(limits: GenerationLimits, config, tokenizer) -> int:
