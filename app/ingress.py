@@ -28,6 +28,7 @@ from app.allowlist import nameable_models, resolve_allowed
 from app.availability import Availability, read_serve_status
 from app.config import IngressSpec, OnDemandSpec
 from app.errors import ModelNotFound, ModelTaskMismatch, NotReady, install_error_handlers
+from app.logs import write_logs_at_once
 from app.middleware import BodySizeLimit
 from app.protocol.models import ModelCard, ModelList
 from app.serving.audio import TRANSCRIPTION, TRANSLATION
@@ -94,6 +95,7 @@ class OpenAIIngress:
     def __init__(self, specs: list[Any], handles: dict[str, DeploymentHandle],
                  settings: IngressSpec | None = None, *, on_demand: OnDemandSpec | None = None,
                  multiplexed: DeploymentHandle | None = None, directory: DeploymentHandle | None = None) -> None:
+        write_logs_at_once()
         self._specs = {spec.id: spec for spec in specs}
         self._handles = handles
         self._on_demand, self._multiplexed, self._directory = on_demand, multiplexed, directory

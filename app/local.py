@@ -22,11 +22,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Ray Serve's throughput-optimized mode, as the README's `serve run` command sets it (README: "The
+# serving path"): HAProxy listens on the HTTP port and forwards to the ingress replica's own HTTP server
+# (direct ingress: no Python proxy hop), the ingress calls model replicas over gRPC, and replicas run
+# user code on their main event loop. One of that mode's settings is undone: a handle's router keeps
+# its own event loop, because on the ingress's busy loop a burst of requests counted as queued before
+# the router could assign any, and got 503 "queue full" while the model had free slots (a burst of 20
+# against max_ongoing_requests 16 + max_queued_requests 16, tests/integration/test_on_demand.py).
+# Ray reads these when its processes start, so they must be in the environment of whatever starts Ray
+# (`serve run`, `ray start`, or ray.init below).
+FAST_PATH_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
+                 "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1"}
+
+
+def fast_path_env() -> dict[str, str]:
+    """:data:`FAST_PATH_ENV` for a private local instance: free ports for HAProxy's stats and metrics
+    listeners (their fixed defaults, 8404 and 9101, would clash between two local instances), and a
+    short drain for a stopping ingress replica."""
+    return {**FAST_PATH_ENV, "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+            # An ingress replica that stops stays open this long so that load balancers can drop it
+            # (Ray's default: 30 s, which every shutdown would wait); HAProxy here is on this machine.
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
+
+
 def serve_locally(args: Mapping[str, Any], deployment_options: Mapping[str, Mapping[str, Any]] | None = None,
                   *, port: int | None = None, num_cpus: int = 4, env: Mapping[str, str] | None = None,
-                  timeout_s: float = 120.0) -> str:
+                  timeout_s: float = 120.0, fast_path: bool = True) -> str:
     """Start Ray and Serve, deploy ``compose_app(args, deployment_options)`` as app ``openai`` at ``/``;
-    return its base URL. Stop it with ``serve.shutdown(); ray.shutdown()``."""
+    return its base URL. Stop it with ``serve.shutdown(); ray.shutdown()``. ``fast_path``: run Ray in
+    the mode of :data:`FAST_PATH_ENV` (this process's environment gets those variables, which Ray's
+    processes inherit)."""
+    if fast_path:
+        os.environ.update(fast_path_env())
     import ray
     import requests
     from ray import serve

@@ -2,7 +2,7 @@
 
 Wall-clock figures on a shared 2-CPU machine move with whatever else runs; the CPU time each of the
 server's processes spends per output token does not (much). :func:`roles` sorts a server's process tree
-into the roles of the serving path: for our server ``proxy`` (Ray Serve's HTTP proxy), ``ingress`` (the
+into the roles of the serving path: for our server ``proxy`` (HAProxy and Ray Serve's HTTP proxy), ``ingress`` (the
 FastAPI replica), ``model`` (the model replica: engine threads and its event loop) and ``ray`` (raylet,
 GCS and other Ray daemons); any other server is one ``server`` role. ``client`` is the load generator
 (this process).
@@ -16,8 +16,10 @@ from typing import Iterator
 
 import psutil
 
-_ROLES = (("ProxyActor", "proxy"), ("OpenAIIngress", "ingress"), ("ServeReplica", "model"),
-          ("ServeController", "ray"))
+# First match wins. In Ray's throughput mode HAProxy (a child of the HAProxyManager actor) replaces the
+# Python proxy in front of the ingress; Ray's Python proxy may still run beside it, idle.
+_ROLES = (("ProxyActor", "proxy"), ("haproxy", "proxy"), ("HAProxyMan", "proxy"), ("OpenAIIngress", "ingress"),
+          ("ServeReplica", "model"), ("ServeController", "ray"))
 
 
 def _role(title: str) -> str | None:

@@ -115,6 +115,17 @@ def profiled(driver: Any, out_dir: Path, tag: str) -> Iterator[None]:
                 p.wait(60)
 
 
+def wait_until_quiet(log=print, busy_percent: float = 15.0, timeout_s: float = 60.0) -> None:
+    """Wait (up to ``timeout_s``) until the machine's CPUs are idle over one second: the processes of
+    the contender that just stopped (Ray's daemons exit over several seconds) must not run beside the
+    next one's first level."""
+    deadline = time.monotonic() + timeout_s
+    while (busy := psutil.cpu_percent(interval=1.0)) > busy_percent and time.monotonic() < deadline:
+        pass
+    if busy > busy_percent:
+        log(f"   (machine still {busy:.0f}% busy after {timeout_s:.0f}s; measuring anyway)")
+
+
 async def run_contender(key: str, config: BenchConfig, prompt_sets: dict[str, list], ctx: RunContext,
                         profile: set[tuple[str, int]], log=print) -> dict[str, Any]:
     """Start contender ``key``, measure its (mix, level) plan once; returns {"error", "runs"}, where
@@ -122,6 +133,7 @@ async def run_contender(key: str, config: BenchConfig, prompt_sets: dict[str, li
     contender = CONTENDERS[key]
     runs: dict[tuple[str, int], tuple[list, float, dict[str, float]]] = {}
     error = None
+    wait_until_quiet(log)
     started = time.perf_counter()
     try:
         with contender.start(config, ctx) as driver:

@@ -13,8 +13,7 @@ from __future__ import annotations
 import logging
 
 from app.errors import ServingError, current_request_id
-
-SERVE_LOGGER = "ray.serve"  # the logger Ray Serve's replica reports failed requests on
+from app.logs import SERVE_LOGGER, write_logs_at_once
 
 
 def is_client_error(exc: BaseException | None) -> bool:
@@ -35,7 +34,9 @@ class ClientErrorsAsInfo(logging.Filter):
 
 
 def install_client_error_filter(logger_name: str = SERVE_LOGGER) -> None:
-    """Add :class:`ClientErrorsAsInfo` to ``logger_name`` once per process (idempotent)."""
+    """Add :class:`ClientErrorsAsInfo` to ``logger_name`` once per process (idempotent), and have its
+    records written at once (:func:`app.logs.write_logs_at_once`)."""
+    write_logs_at_once(logger_name)
     logger = logging.getLogger(logger_name)
     if not any(isinstance(f, ClientErrorsAsInfo) for f in logger.filters):
         logger.addFilter(ClientErrorsAsInfo())

@@ -43,6 +43,7 @@ from app.config import ChatModelSpec, OnDemandSpec
 from app.errors import ModelNotFound
 from app.protocol.chat import ChatCompletionRequest
 from app.streaming import Served
+from deployments.logs import install_client_error_filter
 from deployments.pool import ModelPool
 
 logger = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ class MultiplexedChatDeployment:
     :class:`~deployments.llm.LLMDeployment`'s, with :class:`Served` first in its first list."""
 
     def __init__(self, on_demand: OnDemandSpec, directory: Any = None, loader: Any = None) -> None:
+        install_client_error_filter()  # a 4xx raised to the caller is logged as one INFO line
         self.on_demand = on_demand
         self.replica_id = replica_id()
         self._directory = directory

@@ -205,3 +205,20 @@ def test_the_local_and_gpu_configs_differ_only_where_they_must():
     chat = [next(d for d in a["deployments"] if d["name"] == (m.get("deployment") or m["id"]))
             for a in (la, ga) for m in a["args"]["models"] if m["task"] == "chat"]
     assert set(chat[0]["autoscaling_config"]) == set(chat[1]["autoscaling_config"])
+
+
+def test_every_way_to_start_the_server_selects_the_fast_serving_path():
+    """The README's serve command, the image (KubeRay) and `ray up` set every variable of FAST_PATH_ENV."""
+    from app.local import FAST_PATH_ENV
+
+    settings = [f"{name}={value}" for name, value in FAST_PATH_ENV.items()]
+    readme = (ROOT / "README.md").read_text()
+    command = next(line for line in readme.splitlines() if "serve run serve_config.yaml" in line
+                   and line.startswith("python3 -m venv"))
+    docker_env = next(line for line in (ROOT / "cluster" / "Dockerfile").read_text().splitlines()
+                      if line.startswith("ENV RAY_SERVE_"))
+    ray_up = yaml.safe_load((ROOT / "cluster" / "ray-up.yaml").read_text())
+    starts = [c for key in ("head_start_ray_commands", "worker_start_ray_commands") for c in ray_up[key]
+              if "ray start" in c]
+    for text in (command, docker_env, *starts):
+        assert all(setting in text for setting in settings), text
