@@ -25,14 +25,9 @@ def free_port() -> int:
 # Ray Serve's throughput-optimized mode, as the README's `serve run` command sets it (README: "The
 # serving path"): HAProxy listens on the HTTP port and forwards to the ingress replica's own HTTP server
 # (direct ingress: no Python proxy hop), the ingress calls model replicas over gRPC, and replicas run
-# user code on their main event loop. One of that mode's settings is undone: a handle's router keeps
-# its own event loop, because on the ingress's busy loop a burst of requests counted as queued before
-# the router could assign any, and got 503 "queue full" while the model had free slots (a burst of 20
-# against max_ongoing_requests 16 + max_queued_requests 16, tests/integration/test_on_demand.py).
-# Ray reads these when its processes start, so they must be in the environment of whatever starts Ray
-# (`serve run`, `ray start`, or ray.init below).
-FAST_PATH_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
-                 "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1"}
+# user code on their main event loop. Ray reads these when its processes start, so they must be in the
+# environment of whatever starts Ray (`serve run`, `ray start`, or ray.init below).
+FAST_PATH_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
 
 
 def fast_path_env() -> dict[str, str]:
