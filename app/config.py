@@ -123,12 +123,13 @@ class ChatModelSpec(_ModelSpecBase):
         "competes with the proxy and ingress for them, so a 1-CPU replica may prefill on 2."))
     decode_threads: int | None = Field(None, ge=1, le=256, description=(
         "CPU only: torch threads for decoding; default Ray's choice (OMP_NUM_THREADS = the replica's "
-        "num_cpus). A memory-bound decode step runs faster on more cores even when the proxy and "
-        "ingress share them, once tokens travel several to a message (batching.stream_interval_s)."))
+        "num_cpus). A small model's decode step is bound by memory bandwidth: where the replica shares "
+        "its cores with the ingress and HAProxy (2 CPUs), 1 thread decodes fastest (README: CPU threads)."))
     fast_decode: bool = Field(True, description=(
         "Decode Llama-family models (llama, mistral, qwen2, qwen3 with sdpa attention) with the "
         "engine's lean step, which computes the model's forward op for op (bit-identical logits) with "
-        "less Python per step; false = always the transformers forward. Other models always use it."))
+        "less Python per step; false = always the transformers forward (which models of other families "
+        "always use)."))
     chat_template: str | None = Field(None, description=(
         "Jinja chat template overriding the tokenizer's own (for checkpoints that ship none)."))
     batching: ChatBatchingSpec = Field(default_factory=ChatBatchingSpec, description=(

@@ -189,7 +189,7 @@ def _engine(config: BenchConfig, ctx: RunContext) -> Iterator[Driver]:
 
 
 CONTENDERS: dict[str, Contender] = {c.key: c for c in [
-    Contender("ours", "(a) ours", "this server (`serve run` path: HTTP proxy, ingress, model replica), "
+    Contender("ours", "(a) ours", "this server (the README's `serve run` path: HAProxy, ingress, model replica over gRPC), "
               "dynamic + continuous batching and threads as serve_config.yaml's demo-chat", _ours("batching")),
     Contender("ours-bs1", "(b) ours bs=1", "this server, max_batch_size=1 and max_running_rows=1 "
               "(one request at a time)", _ours("batching_bs1")),

@@ -167,7 +167,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines += ["## Targets", "", *_targets_md(results), "",
               "## CPU per output token by process, ours (a)", "",
               "CPU milliseconds each process role spent per output token during the level (`bench/cpu.py`): "
-              "proxy = Ray Serve's HTTP proxy, ingress = the FastAPI replica, model = the model replica "
+              "proxy = HAProxy in front of the ingress (and Ray Serve's idle Python proxy), ingress = the FastAPI replica, model = the model replica "
               "(engine threads and its event loop), ray = Ray's daemons, client = the load generator.", "",
               cpu_table(results), "",
               "## All figures", "", table(results), "",
