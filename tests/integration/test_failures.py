@@ -12,12 +12,14 @@ from ray import serve
 from tests.integration.test_chat_api import MODEL, msgs, sse_events
 from tests.openapi_schema import assert_valid
 
-# A second application in the same Serve instance, with a short deadline and a small body limit.
+# A second application in the same Serve instance, with a short deadline and a small body limit. Its
+# deadline tests ask for 4 x 1900 tokens with ignore_eos: sampled choices that hit EOS early finished
+# within the deadline once the lean decode step made the tiny model fast (about 0.9 s for 4 choices).
 SHORT_APP = {
     "models": [{"id": "slow-chat", "source": "demo:chat", "task": "chat",
                 "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.0},
                 "limits": {"max_tokens": 1900}}],
-    "ingress": {"request_timeout_s": 1.0, "max_request_body_bytes": 4096},
+    "ingress": {"request_timeout_s": 0.5, "max_request_body_bytes": 4096},
 }
 
 
@@ -64,7 +66,8 @@ def test_deadline_gives_504_and_stops_generation(short_app):
     before = wait_idle("slow-chat", "short")["tokens_generated"]
     started = time.time()
     resp = requests.post(f"{short_app}/v1/chat/completions", timeout=60, json={
-        "model": "slow-chat", "messages": msgs("hi"), "max_tokens": 1900, "n": 4, "temperature": 0})
+        "model": "slow-chat", "messages": msgs("hi"), "max_tokens": 1900, "n": 4, "temperature": 0,
+        "ignore_eos": True})
     assert resp.status_code == 504, resp.text
     assert_valid(resp.json(), "ErrorResponse")
     assert resp.json()["error"]["code"] == "timeout"
@@ -77,7 +80,7 @@ def test_deadline_gives_504_and_stops_generation(short_app):
 
 def test_deadline_mid_stream_ends_with_error_frame(short_app):
     with requests.post(f"{short_app}/v1/chat/completions", stream=True, timeout=60, json={
-            "model": "slow-chat", "messages": msgs("hi"), "max_tokens": 1900, "n": 4,
+            "model": "slow-chat", "messages": msgs("hi"), "max_tokens": 1900, "n": 4, "ignore_eos": True,
             "stream": True}) as r:
         assert r.status_code == 200
         events, done = sse_events(r)
