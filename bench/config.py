@@ -54,11 +54,10 @@ class OursSpec(_Strict):
         default=ChatBatchingSpec(max_batch_size=1, batch_wait_timeout_s=0.0, max_running_rows=1),
         description="ChatBatchingSpec of contender (b): one request at a time.")
     model_id: str = Field("bench", description="The model id clients send.")
-    env: dict[str, str] = Field(default={"RAY_worker_niceness": "0", "OMP_WAIT_POLICY": "PASSIVE"}, description=(
+    env: dict[str, str] = Field(default={"RAY_worker_niceness": "0"}, description=(
         "Env vars of the Ray instance of (a) and (b). Ray starts its workers (replicas, proxy) at nice 15 "
         "by default; the load generator and every other contender run at nice 0 on the same CPUs, so on a "
-        "shared machine the default would starve only our server. 0 makes the comparison even. "
-        "OMP_WAIT_POLICY=PASSIVE as serve_config.yaml's demo-chat deployment sets it."))
+        "shared machine the default would starve only our server. 0 makes the comparison even."))
     tuned_env: dict[str, str] = Field(default={"OMP_NUM_THREADS": "2"}, description=(
         "Extra env vars (on top of `env`) for the diagnostic contender ours-env (same batching as (a)): Ray "
         "sets OMP_NUM_THREADS to the actor's num_cpus (1 for the model replica), so torch in the "
