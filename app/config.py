@@ -127,8 +127,9 @@ class ChatModelSpec(_ModelSpecBase):
         "its cores with the ingress and HAProxy (2 CPUs), 1 thread decodes fastest (README: CPU threads)."))
     fast_decode: bool = Field(True, description=(
         "Decode Llama-family models (llama, mistral, qwen2, qwen3 with sdpa attention) with the "
-        "engine's lean step, which computes the model's forward op for op (bit-identical logits) with "
-        "less Python per step; false = always the transformers forward (which models of other families "
+        "engine's lean step: the forward's formulas in fewer ops (q/k/v and gate/up as one matrix product "
+        "each, grouped-query attention as two batched products), equal to the forward up to float "
+        "rounding; false = always the transformers forward, bit for bit (which models of other families "
         "always use)."))
     chat_template: str | None = Field(None, description=(
         "Jinja chat template overriding the tokenizer's own (for checkpoints that ship none)."))

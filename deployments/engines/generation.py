@@ -147,7 +147,7 @@ class GenerationEngine:
         self.decode_threads = (decode_threads if cpu else None) or torch.get_num_threads()
         self.can_concatenate = supports_concatenation(model)
         self._batch_class = Batch if self.can_concatenate else PlainBatch
-        # The lean decode step where it reproduces the model's forward exactly (fast_decode.FAMILIES).
+        # The lean decode step for the families it computes (fast_decode.FAMILIES).
         self.fast_decoder = fast_decoder(model) if self.can_concatenate and fast_decode else None
         # Shared with the model thread (under _lock): groups waiting for admission, the stop flag.
         self._lock = threading.Condition()
