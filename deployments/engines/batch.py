@@ -21,6 +21,8 @@ Everything here is synchronous and runs on the engine's model thread.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any, Sequence
 
 import torch
@@ -42,6 +44,22 @@ def left_padded(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.dev
         ids[i, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
         mask[i, width - len(prompt):] = 1
     return ids.to(device), mask.to(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(model_class: type) -> str:
+    """The forward's keyword for the KV cache: transformers 5 renamed ``past_key_values`` to ``cache``
+    (the old name is deprecated and goes in 5.40); remote-code models may still use the old one."""
+    try:
+        parameters = inspect.signature(model_class.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def forward(model: Any, cache: DynamicCache, **inputs: Any) -> Any:
+    """``model(**inputs)`` with ``cache`` as its KV cache (updated in place), whatever the keyword."""
+    return model(**inputs, **{_cache_keyword(type(model)): cache}, use_cache=True)
 
 
 class _Geometry:
@@ -148,8 +166,8 @@ class Batch:
         geometry = _Geometry(len(distinct))
         cache = new_cache(model, geometry)
         padded = bool((mask == 0).any())
-        out = model(input_ids=ids, attention_mask=mask if padded else None, position_ids=position_ids,
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = forward(model, cache, input_ids=ids, attention_mask=mask if padded else None,
+                      position_ids=position_ids, logits_to_keep=1)
         geometry.end = ids.shape[1]
         cols = cache.layers[0].k_buf.shape[2]
         mask_buf = mask.new_zeros((len(distinct), cols))
@@ -177,9 +195,8 @@ class Batch:
         if fast is not None:
             logits = fast(self.next_ids, self.positions, mask, self.layers)
         else:
-            logits = model(input_ids=self.next_ids[:, None], attention_mask=mask,
-                           position_ids=self.positions[:, None], past_key_values=self.cache,
-                           use_cache=True).logits[:, -1, :]
+            logits = forward(model, self.cache, input_ids=self.next_ids[:, None], attention_mask=mask,
+                             position_ids=self.positions[:, None]).logits[:, -1, :]
         g.end += 1
         self._positions[:g.n] += 1
         return logits
@@ -309,15 +326,16 @@ class PlainBatch:
     def prefill(cls, model: Any, rows: list[Any], prompts: Sequence[list[int]], pad_id: int,
                 device: torch.device) -> tuple["PlainBatch", torch.Tensor]:
         ids, mask = left_padded(prompts, pad_id, device)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                    past_key_values=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
-        return cls(rows, out.past_key_values, mask, mask.sum(-1)), out.logits[:, -1, :]
+        cache = DynamicCache(config=model.config)
+        out = forward(model, cache, input_ids=ids, attention_mask=mask,
+                      position_ids=(mask.cumsum(-1) - 1).clamp(min=0), logits_to_keep=1)
+        return cls(rows, cache, mask, mask.sum(-1)), out.logits[:, -1, :]
 
     def decode(self, model: Any, fast: Any = None) -> torch.Tensor:
         """As :meth:`Batch.decode`; ``fast`` is ignored (a fast decoder needs :class:`Batch`'s cache)."""
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(self), 1))], dim=1)
-        out = model(input_ids=self.next_ids[:, None], attention_mask=self.mask,
-                    position_ids=self.positions[:, None], past_key_values=self.cache, use_cache=True)
+        out = forward(model, self.cache, input_ids=self.next_ids[:, None], attention_mask=self.mask,
+                      position_ids=self.positions[:, None])
         self.positions = self.positions + 1
         return out.logits[:, -1, :]
 

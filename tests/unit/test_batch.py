@@ -68,3 +68,25 @@ def test_repeated_prompts_share_one_prefill_and_decode_alike(model):
         batch.set_next(logits.argmax(-1).tolist())
         step = batch.decode(model)
     assert torch.allclose(step[0], step[2], atol=1e-4) and int(step[0].argmax()) == int(step[2].argmax())
+
+
+def test_the_cache_goes_by_the_forwards_own_keyword(model):
+    """transformers 5 renamed ``past_key_values`` to ``cache`` (the old name is removed in 5.40): the
+    batch passes whichever the model's forward takes, so no deprecated keyword is ever used."""
+    import warnings
+
+    from deployments.engines.batch import _cache_keyword
+
+    class OldStyle(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None, use_cache=None, **kwargs):
+            raise NotImplementedError
+
+    assert _cache_keyword(OldStyle) == "past_key_values"
+    assert _cache_keyword(type(model)) == "cache"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        alone(model, [3, 4, 5], 3)
+        with torch.inference_mode():
+            batch, _ = Batch.prefill(model, [0, 1], [[3, 4], [5, 6, 7]], 0, torch.device("cpu"))
+            batch.set_next([1, 2])
+            batch.decode(model)
