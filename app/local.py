@@ -16,10 +16,20 @@ from typing import Any, Mapping
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free loopback ports (all held open while they are picked, so none repeats)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 # Ray Serve's throughput-optimized mode, as the README's `serve run` command sets it (README: "The
@@ -34,8 +44,9 @@ def fast_path_env() -> dict[str, str]:
     """:data:`FAST_PATH_ENV` for a private local instance: free ports for HAProxy's stats and metrics
     listeners (their fixed defaults, 8404 and 9101, would clash between two local instances), and a
     short drain for a stopping ingress replica."""
-    return {**FAST_PATH_ENV, "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
-            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+    stats, metrics = free_ports(2)
+    return {**FAST_PATH_ENV, "RAY_SERVE_HAPROXY_STATS_PORT": str(stats),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics),
             # An ingress replica that stops stays open this long so that load balancers can drop it
             # (Ray's default: 30 s, which every shutdown would wait); HAProxy here is on this machine.
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}

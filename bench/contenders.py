@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from typing import Callable, ContextManager, Iterator
 import httpx
 import psutil
 
+from app.local import free_port
 from bench.config import BenchConfig, model_dir
 from bench.load import Driver, HttpDriver
 
@@ -40,12 +40,6 @@ class Contender:
     label: str  # the letter of the issue and a short name, as shown in the report
     description: str
     start: Callable[[BenchConfig, RunContext], ContextManager[Driver]]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _log_tail(path: Path, lines: int = 25) -> str:
