@@ -185,8 +185,8 @@ class Batch:
 
     def decode(self, model: Any, fast: Any = None) -> torch.Tensor:
         """Feed ``next_ids``; return the logits for the following token [rows, V]. ``fast`` (a
-        :class:`~deployments.engines.fast_decode.FastDecoder` of ``model``) computes the same step with
-        less Python around it."""
+        :class:`~deployments.engines.fast_decode.FastDecoder` of ``model``) computes the same step in
+        fewer ops (equal up to float rounding)."""
         g = self.geometry
         if g.end == self._mask.shape[1]:
             self._reserve(self._mask.shape[0], 0, max(_SPARE_COLUMNS, (g.end - g.start) // 2))
