@@ -126,9 +126,9 @@ class ChatModelSpec(_ModelSpecBase):
         "num_cpus). A small model's decode step is bound by memory bandwidth: where the replica shares "
         "its cores with the ingress and HAProxy (2 CPUs), 1 thread decodes fastest (README: CPU threads)."))
     fast_decode: bool = Field(True, description=(
-        "Decode Llama-family models (llama, mistral, qwen2, qwen3 with sdpa attention) with the "
-        "engine's lean step: the forward's formulas in fewer ops (q/k/v and gate/up as one matrix product "
-        "each, grouped-query attention as two batched products), equal to the forward up to float "
+        "Prefill and decode Llama-family models (llama, mistral, qwen2, qwen3 with sdpa attention) with "
+        "the engine's lean forward: the forward's formulas in fewer ops (q/k/v and gate/up as one matrix "
+        "product each, grouped-query attention without repeated keys), equal to the forward up to float "
         "rounding; false = always the transformers forward, bit for bit (which models of other families "
         "always use)."))
     chat_template: str | None = Field(None, description=(

@@ -152,8 +152,10 @@ class Batch:
 
     @classmethod
     def prefill(cls, model: Any, rows: list[Any], prompts: Sequence[list[int]], pad_id: int,
-                device: torch.device) -> tuple["Batch", torch.Tensor]:
+                device: torch.device, fast: Any = None) -> tuple["Batch", torch.Tensor]:
         """Run the prompts through the model; return the batch and the last-position logits [rows, V].
+        ``fast`` (a :class:`~deployments.engines.fast_decode.FastDecoder` of ``model``) computes the same
+        prefill in fewer ops (equal up to float rounding).
 
         Identical prompts (the ``n`` choices of one request) are computed once and their cache rows
         copied, so ``n > 1`` costs one prefill.
@@ -166,15 +168,17 @@ class Batch:
         geometry = _Geometry(len(distinct))
         cache = new_cache(model, geometry)
         padded = bool((mask == 0).any())
-        out = forward(model, cache, input_ids=ids, attention_mask=mask if padded else None,
-                      position_ids=position_ids, logits_to_keep=1)
+        if fast is not None:
+            logits = fast.prefill(ids, position_ids, mask if padded else None, cache.layers)
+        else:
+            logits = forward(model, cache, input_ids=ids, attention_mask=mask if padded else None,
+                             position_ids=position_ids, logits_to_keep=1).logits[:, -1, :]
         geometry.end = ids.shape[1]
         cols = cache.layers[0].k_buf.shape[2]
         mask_buf = mask.new_zeros((len(distinct), cols))
         mask_buf[:, :mask.shape[1]] = mask
         batch = cls(rows, cache, geometry, mask_buf, mask.sum(-1))
         batch.padded = padded
-        logits = out.logits[:, -1, :]
         if len(distinct) < len(prompts):
             index = torch.tensor(order, dtype=torch.long, device=mask.device)
             batch._repeat(index)
@@ -324,7 +328,8 @@ class PlainBatch:
 
     @classmethod
     def prefill(cls, model: Any, rows: list[Any], prompts: Sequence[list[int]], pad_id: int,
-                device: torch.device) -> tuple["PlainBatch", torch.Tensor]:
+                device: torch.device, fast: Any = None) -> tuple["PlainBatch", torch.Tensor]:
+        """As :meth:`Batch.prefill`; ``fast`` is ignored (a fast decoder needs :class:`Batch`'s cache)."""
         ids, mask = left_padded(prompts, pad_id, device)
         cache = DynamicCache(config=model.config)
         out = forward(model, cache, input_ids=ids, attention_mask=mask,

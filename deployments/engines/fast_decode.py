@@ -1,4 +1,5 @@
-"""A lean decode step for Llama-family decoders: the transformers forward's arithmetic in fewer ops.
+"""A lean forward for Llama-family decoders: the transformers forward's arithmetic in fewer ops, for the
+prefill and for each decode step.
 
 At small batches a CPU decode step is a few milliseconds of weight reads plus a few milliseconds of
 per-op overhead: the forward's Python (module hooks, keyword plumbing, output records, mask and cache
@@ -7,16 +8,20 @@ runs one decode step (one new token per row) with the same weights and the same 
 
 - the q, k and v projections are one matrix product, and so are gate and up: at construction each
   layer's weights are concatenated once and the model's own ``nn.Linear`` weights become views into the
-  concatenation, so no memory is added and the model's forward (the prefill) reads the same storage;
+  concatenation, so no memory is added and the model's forward reads the same storage;
 - RMSNorm is ``torch.rms_norm`` (one op instead of six);
 - the rotary embedding turns q and k together, with the model's own ``cos``/``sin``;
 - attention over the cache is two batched matrix products and a softmax, grouped by key/value head
   (no repeated keys, no per-step mask conversion per layer).
 
+:meth:`FastDecoder.prefill` runs a batch of prompts the same way (attention through
+``scaled_dot_product_attention``, causal, padding skipped) and computes the last layer's attention and
+MLP for the last position only, the one whose logits are used.
+
 The results equal the forward's up to float rounding (different summation order in a fused op), not
-bit for bit: ``tests/unit/test_fast_decode.py`` checks that logits stay within 1e-4 of the forward's and
-that greedy decoding picks the same tokens, for every family, padded and not. ``fast_decode: false`` in
-a model's spec decodes through the transformers forward instead.
+bit for bit: ``tests/unit/test_fast_decode.py`` checks that logits stay within 1e-4 of the forward's, that
+greedy decoding picks the same tokens and that the cache holds the same keys/values, for every family,
+padded and not. ``fast_decode: false`` in a model's spec runs the transformers forward instead.
 
 Families are looked up in :data:`FAMILIES` by ``config.model_type``; :func:`fast_decoder` returns None for
 anything else (other families, another attention implementation, sliding-window layers, partial rotary,
@@ -92,7 +97,8 @@ def _norm(module: Any) -> Norm:
 
 
 class FastDecoder:
-    """One decode step of ``model`` over a :class:`~deployments.engines.batch.Batch`'s cache layers."""
+    """The prefill and one decode step of ``model`` over a :class:`~deployments.engines.batch.Batch`'s
+    cache layers."""
 
     def __init__(self, model: Any, qk_norm: bool) -> None:
         base = model.model
@@ -121,6 +127,25 @@ class FastDecoder:
                 gate_up=_stack([mlp.gate_proj, mlp.up_proj]), down=_linear(mlp.down_proj),
                 act=mlp.act_fn.forward, scaling=attn.scaling))
 
+    def _project(self, layer: _Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [..., heads, dim] and k, v [..., kv_heads, dim] of ``x`` [..., hidden], q and k rotated
+        (``cos``/``sin`` broadcast over the heads axis)."""
+        heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
+        qkv = F.linear(layer.norm_in(x), *layer.qkv)
+        qk = qkv[..., :(heads + kv_heads) * dim].unflatten(-1, (heads + kv_heads, dim))
+        if layer.q_norm is not None:
+            qk = torch.cat([layer.q_norm(qk[..., :heads, :]), layer.k_norm(qk[..., heads:, :])], dim=-2)
+        half = dim // 2
+        qk = qk * cos + torch.cat([-qk[..., half:], qk[..., :half]], dim=-1) * sin
+        v = qkv[..., (heads + kv_heads) * dim:].unflatten(-1, (kv_heads, dim))
+        return qk[..., :heads, :], qk[..., heads:, :], v
+
+    @staticmethod
+    def _mlp(layer: _Layer, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(layer.norm_post(x), *layer.gate_up).chunk(2, dim=-1)
+        return x + F.linear(layer.act(gate) * up, *layer.down)
+
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
                  cache_layers: list[SlotLayer]) -> torch.Tensor:
         """Logits [rows, vocab] for ``ids`` [rows] at ``positions`` [rows]; ``mask`` [rows, cached + 1]
@@ -129,30 +154,55 @@ class FastDecoder:
         heads, kv_heads = self.heads, self.kv_heads
         x = F.embedding(ids, self.embed)  # [rows, hidden]
         cos, sin = self.rotary(x[:, None], positions[:, None])  # [rows, 1, dim]: one per head below
-        half = dim // 2
         bias = None
         if mask is not None:  # additive, broadcast over [rows, kv_heads, group, keys]
             bias = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(mask == 0, float("-inf"))
             bias = bias[:, None, None, :]
         for layer, cache in zip(self.layers, cache_layers):
-            qkv = F.linear(layer.norm_in(x), *layer.qkv)
-            qk = qkv[:, :(heads + kv_heads) * dim].view(rows, heads + kv_heads, dim)
-            if layer.q_norm is not None:
-                qk = torch.cat([layer.q_norm(qk[:, :heads]), layer.k_norm(qk[:, heads:])], dim=1)
-            qk = qk * cos + torch.cat([-qk[..., half:], qk[..., :half]], dim=-1) * sin
-            k = qk[:, heads:, None]  # [rows, kv_heads, 1, dim]
-            v = qkv[:, (heads + kv_heads) * dim:].view(rows, kv_heads, 1, dim)
-            keys, values = cache.update(k, v)  # [rows, kv_heads, keys, dim]
+            q, k, v = self._project(layer, x, cos, sin)  # [rows, heads or kv_heads, dim]
+            keys, values = cache.update(k[:, :, None], v[:, :, None])  # [rows, kv_heads, keys, dim]
             # Query head h reads key/value head h // group: group the queries instead of repeating keys.
-            q = qk[:, :heads].reshape(rows, kv_heads, heads // kv_heads, dim) * layer.scaling
+            q = q.reshape(rows, kv_heads, heads // kv_heads, dim) * layer.scaling
             scores = torch.matmul(q, keys.transpose(-1, -2))
             if bias is not None:
                 scores = scores + bias
             out = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), values)
-            x = x + F.linear(out.reshape(rows, heads * dim), *layer.o)
-            gate, up = F.linear(layer.norm_post(x), *layer.gate_up).chunk(2, dim=-1)
-            x = x + F.linear(layer.act(gate) * up, *layer.down)
+            x = self._mlp(layer, x + F.linear(out.reshape(rows, heads * dim), *layer.o))
         return F.linear(self.norm(x), *self.lm_head)
+
+    def prefill(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
+                cache_layers: list[SlotLayer]) -> torch.Tensor:
+        """Logits [rows, vocab] at the last position of ``ids`` [rows, tokens] (left-padded prompts at
+        ``positions`` [rows, tokens]; ``mask`` [rows, tokens], 1 on real tokens, or None when no row is
+        padded), writing every position's keys/values into the empty cache layers.
+
+        Attention is causal and skips padding; a padding position also attends to itself, so that no
+        softmax row is empty (its output only feeds its own key/value, which real tokens never read).
+        The last layer computes attention and MLP for the last position only: nothing else reads them.
+        """
+        rows, tokens = ids.shape
+        x = F.embedding(ids, self.embed)  # [rows, tokens, hidden]
+        cos, sin = self.rotary(x, positions)
+        cos, sin = cos[:, :, None], sin[:, :, None]  # [rows, tokens, 1, dim]
+        allowed = last_allowed = None
+        if mask is not None:
+            real = mask.bool()
+            causal = torch.ones(tokens, tokens, dtype=torch.bool, device=x.device).tril_()
+            allowed = (causal & real[:, None, :]) | torch.eye(tokens, dtype=torch.bool, device=x.device)
+            allowed, last_allowed = allowed[:, None], real[:, None, None, :]  # [rows, 1, queries, keys]
+        last = len(self.layers) - 1
+        for i, (layer, cache) in enumerate(zip(self.layers, cache_layers)):
+            q, k, v = self._project(layer, x, cos, sin)  # [rows, tokens, heads or kv_heads, dim]
+            keys, values = cache.update(k.transpose(1, 2), v.transpose(1, 2))  # [rows, kv_heads, tokens, dim]
+            q = q.transpose(1, 2)
+            if i == last:
+                x, q = x[:, -1:], q[:, :, -1:]
+            out = F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=last_allowed if i == last else allowed,
+                is_causal=mask is None and i != last, scale=layer.scaling, enable_gqa=True)
+            out = out.transpose(1, 2).reshape(rows, x.shape[1], self.heads * self.head_dim)
+            x = self._mlp(layer, x + F.linear(out, *layer.o))
+        return F.linear(self.norm(x[:, -1]), *self.lm_head)
 
 
 def fast_decoder(model: Any) -> FastDecoder | None:

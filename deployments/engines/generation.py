@@ -147,7 +147,7 @@ class GenerationEngine:
         self.decode_threads = (decode_threads if cpu else None) or torch.get_num_threads()
         self.can_concatenate = supports_concatenation(model)
         self._batch_class = Batch if self.can_concatenate else PlainBatch
-        # The lean decode step for the families it computes (fast_decode.FAMILIES).
+        # The lean prefill and decode step for the families it computes (fast_decode.FAMILIES).
         self.fast_decoder = fast_decoder(model) if self.can_concatenate and fast_decode else None
         # Shared with the model thread (under _lock): groups waiting for admission, the stop flag.
         self._lock = threading.Condition()
@@ -279,7 +279,8 @@ class GenerationEngine:
             with torch.inference_mode():
                 for group in _length_groups([s for s in seqs if s.live]):
                     batch, logits = self._batch_class.prefill(
-                        self.model, group, [s.request.prompt_ids for s in group], self.pad_token_id, self.device)
+                        self.model, group, [s.request.prompt_ids for s in group], self.pad_token_id,
+                        self.device, self.fast_decoder)
                     self._advance(batch, logits)
                     if (batch := self._keep_live(batch)) is not None:
                         self._running = batch if self._running is None else self._running.concatenate(batch)

@@ -1,6 +1,7 @@
-"""The lean decode step computes what the model's forward computes: logits equal up to float rounding
-and the same greedy tokens, for every family it claims, with and without padding, over many steps; the
-model's own forward is unchanged by it; anything else falls back to None."""
+"""The lean prefill and decode step compute what the model's forward computes: logits equal up to float
+rounding and the same greedy tokens, for every family it claims, with and without padding, over many
+steps, and the same keys/values in the cache; the model's own forward is unchanged by it; anything else
+falls back to None."""
 
 import pytest
 import torch
@@ -29,10 +30,11 @@ FAMILY_MODELS = {
 
 
 def decode_steps(model, prompts, fast, steps=10):
-    """Greedy decode ``steps`` tokens for ``prompts`` as one batch; every step's logits."""
+    """Greedy decode ``steps`` tokens for ``prompts`` as one batch (prefill and steps through ``fast``
+    when given); the prefill's logits, then every step's."""
     with torch.inference_mode():
-        batch, logits = Batch.prefill(model, list(range(len(prompts))), prompts, 0, CPU)
-        out = []
+        batch, logits = Batch.prefill(model, list(range(len(prompts))), prompts, 0, CPU, fast)
+        out = [logits.clone()]
         for _ in range(steps):
             batch.set_next(logits.argmax(-1).tolist())
             logits = batch.decode(model, fast)
@@ -65,11 +67,28 @@ def test_logits_match_the_forward(family, prompts):
     assert_same_decoding(before, decode_steps(model, prompts, fast))
 
 
+@pytest.mark.parametrize("family", sorted(FAMILY_MODELS))
+def test_prefill_caches_the_forwards_keys_and_values(family):
+    """Real positions hold the forward's keys/values; padding positions hold finite values (a NaN there
+    would poison every later step, even though the mask gives it zero weight)."""
+    model = FAMILY_MODELS[family]()
+    fast = fast_decoder(model)
+    prompts = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8], [9]]
+    with torch.inference_mode():
+        plain, _ = Batch.prefill(model, [0, 1, 2], prompts, 0, CPU)
+        lean, _ = Batch.prefill(model, [0, 1, 2], prompts, 0, CPU, fast)
+    real = plain.mask.bool()[:, None, :, None]
+    for a, b in zip(plain.layers, lean.layers):
+        for x, y in ((a.keys, b.keys), (a.values, b.values)):
+            assert torch.isfinite(y).all()
+            torch.testing.assert_close(y * real, x * real, rtol=1e-5, atol=1e-5)
+
+
 def forced_steps(model, prompts, fast, tokens):
     """Each step's logits (as float32) when the batch is fed ``tokens`` (teacher forcing)."""
     with torch.inference_mode():
-        batch, _ = Batch.prefill(model, list(range(len(prompts))), prompts, 0, CPU)
-        out = []
+        batch, logits = Batch.prefill(model, list(range(len(prompts))), prompts, 0, CPU, fast)
+        out = [logits.float()]
         for step in tokens:
             batch.set_next(step)
             out.append(batch.decode(model, fast).float())
