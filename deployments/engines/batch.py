@@ -99,6 +99,17 @@ class SlotLayer(DynamicLayer):
         self.keys, self.values = self.k_buf[:g.n, :, g.start:g.end + q], self.v_buf[:g.n, :, g.start:g.end + q]
         return self.keys, self.values
 
+    def fill(self, keys: torch.Tensor, values: torch.Tensor, index: tuple[torch.Tensor, torch.Tensor],
+             width: int) -> None:
+        """Prefill into an empty layer: buffers for the geometry's rows and ``width`` columns (plus spare),
+        zero but for packed ``keys``/``values`` [tokens, heads, dim] written at (row, column) ``index``."""
+        g = self.geometry
+        self.lazy_initialization(keys, values)
+        shape = (g.n, keys.shape[1], width + _SPARE_COLUMNS, keys.shape[2])
+        self.k_buf, self.v_buf = keys.new_zeros(shape), values.new_zeros(shape)
+        self.k_buf.transpose(1, 2)[index] = keys  # [rows, columns, heads, dim] views of the buffers
+        self.v_buf.transpose(1, 2)[index] = values
+
     def sync(self) -> None:
         """Point ``keys``/``values`` at the live region (after the geometry changed)."""
         g = self.geometry
@@ -169,7 +180,7 @@ class Batch:
         cache = new_cache(model, geometry)
         padded = bool((mask == 0).any())
         if fast is not None:
-            logits = fast.prefill(ids, position_ids, mask if padded else None, cache.layers)
+            logits = fast.prefill(distinct, cache.layers)
         else:
             logits = forward(model, cache, input_ids=ids, attention_mask=mask if padded else None,
                              position_ids=position_ids, logits_to_keep=1).logits[:, -1, :]

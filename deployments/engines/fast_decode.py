@@ -14,9 +14,9 @@ runs one decode step (one new token per row) with the same weights and the same 
 - attention over the cache is two batched matrix products and a softmax, grouped by key/value head
   (no repeated keys, no per-step mask conversion per layer).
 
-:meth:`FastDecoder.prefill` runs a batch of prompts the same way (attention through
-``scaled_dot_product_attention``, causal, padding skipped) and computes the last layer's attention and
-MLP for the last position only, the one whose logits are used.
+:meth:`FastDecoder.prefill` runs a group of prompts the same way, packed into one sequence without
+padding (attention through ``scaled_dot_product_attention``, causal within each prompt), and computes the
+last layer's attention and MLP for each prompt's last token only, the one whose logits are used.
 
 The results equal the forward's up to float rounding (different summation order in a fused op), not
 bit for bit: ``tests/unit/test_fast_decode.py`` checks that logits stay within 1e-4 of the forward's, that
@@ -170,39 +170,45 @@ class FastDecoder:
             x = self._mlp(layer, x + F.linear(out.reshape(rows, heads * dim), *layer.o))
         return F.linear(self.norm(x), *self.lm_head)
 
-    def prefill(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
-                cache_layers: list[SlotLayer]) -> torch.Tensor:
-        """Logits [rows, vocab] at the last position of ``ids`` [rows, tokens] (left-padded prompts at
-        ``positions`` [rows, tokens]; ``mask`` [rows, tokens], 1 on real tokens, or None when no row is
-        padded), writing every position's keys/values into the empty cache layers.
+    def prefill(self, prompts: list[tuple[int, ...]] | list[list[int]], cache_layers: list[SlotLayer]
+                ) -> torch.Tensor:
+        """Logits [rows, vocab] at each prompt's last token, writing the prompts' keys/values into the
+        empty cache layers (prompt ``i`` in row ``i``, right-aligned to the longest, zeros before it).
 
-        Attention is causal and skips padding; a padding position also attends to itself, so that no
-        softmax row is empty (its output only feeds its own key/value, which real tokens never read).
-        The last layer computes attention and MLP for the last position only: nothing else reads them.
+        The prompts run packed, one after the other in one sequence with no padding, so a group of
+        short prompts reads the weights once and computes no padding; attention is causal within each
+        prompt (block-diagonal across them). The last layer computes attention and MLP for each prompt's
+        last token only: nothing else reads them.
         """
-        rows, tokens = ids.shape
-        x = F.embedding(ids, self.embed)  # [rows, tokens, hidden]
-        cos, sin = self.rotary(x, positions)
-        cos, sin = cos[:, :, None], sin[:, :, None]  # [rows, tokens, 1, dim]
-        allowed = last_allowed = None
-        if mask is not None:
-            real = mask.bool()
-            causal = torch.ones(tokens, tokens, dtype=torch.bool, device=x.device).tril_()
-            allowed = (causal & real[:, None, :]) | torch.eye(tokens, dtype=torch.bool, device=x.device)
-            allowed, last_allowed = allowed[:, None], real[:, None, None, :]  # [rows, 1, queries, keys]
-        last = len(self.layers) - 1
+        device = self.embed.device
+        lengths = torch.tensor([len(p) for p in prompts], device=device)
+        width, rows = int(lengths.max()), len(prompts)
+        ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=device)
+        segment = torch.repeat_interleave(torch.arange(rows, device=device), lengths)
+        ends = lengths.cumsum(0)
+        positions = torch.arange(len(ids), device=device) - (ends - lengths)[segment]
+        index = (segment, positions + (width - lengths)[segment])  # cache (row, column) of each token
+        last = ends - 1
+        allowed = None  # one prompt: plain causal attention
+        if rows > 1:
+            allowed = (segment[:, None] == segment[None, :]).tril_()
+        x = F.embedding(ids, self.embed)  # [tokens, hidden]
+        cos, sin = self.rotary(x[None], positions[None])
+        cos, sin = cos[0, :, None], sin[0, :, None]  # [tokens, 1, dim]
+        final = len(self.layers) - 1
         for i, (layer, cache) in enumerate(zip(self.layers, cache_layers)):
-            q, k, v = self._project(layer, x, cos, sin)  # [rows, tokens, heads or kv_heads, dim]
-            keys, values = cache.update(k.transpose(1, 2), v.transpose(1, 2))  # [rows, kv_heads, tokens, dim]
-            q = q.transpose(1, 2)
-            if i == last:
-                x, q = x[:, -1:], q[:, :, -1:]
+            q, k, v = self._project(layer, x, cos, sin)  # [tokens, heads or kv_heads, dim]
+            cache.fill(k, v, index, width)
+            q, mask = q.transpose(0, 1)[None], allowed  # [1, heads, tokens, dim]
+            if i == final:
+                x, q = x[last], q[:, :, last]
+                mask = None if allowed is None else allowed[last]
             out = F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=last_allowed if i == last else allowed,
-                is_causal=mask is None and i != last, scale=layer.scaling, enable_gqa=True)
-            out = out.transpose(1, 2).reshape(rows, x.shape[1], self.heads * self.head_dim)
-            x = self._mlp(layer, x + F.linear(out, *layer.o))
-        return F.linear(self.norm(x[:, -1]), *self.lm_head)
+                q, k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                attn_mask=None if mask is None else mask[None, None], is_causal=mask is None and i != final,
+                scale=layer.scaling, enable_gqa=True)
+            x = self._mlp(layer, x + F.linear(out[0].transpose(0, 1).reshape(x.shape[0], -1), *layer.o))
+        return F.linear(self.norm(x), *self.lm_head)
 
 
 def fast_decoder(model: Any) -> FastDecoder | None:

@@ -277,7 +277,9 @@ class GenerationEngine:
             torch.set_num_threads(threads)  # this thread is the process's only torch user
         try:
             with torch.inference_mode():
-                for group in _length_groups([s for s in seqs if s.live]):
+                live = [s for s in seqs if s.live]
+                # The lean prefill packs prompts without padding; the forward needs similar lengths.
+                for group in _packs(live) if self.fast_decoder else _length_groups(live):
                     batch, logits = self._batch_class.prefill(
                         self.model, group, [s.request.prompt_ids for s in group], self.pad_token_id,
                         self.device, self.fast_decoder)
@@ -361,6 +363,28 @@ def _deliver(items: list[tuple[RequestStream, list[Delta], ServingError | None]]
 
 # Prompts prefilled together are left-padded to the longest; allow at most this much padding overall.
 _PADDING_SLACK = 1.25
+
+# Most prompt tokens in one packed prefill (more prompts go to further packs; a longer prompt alone):
+# packing a group of short prompts saves a pass over the weights per prompt, but its attention is
+# computed over the whole pack (block-diagonal mask), which grows with the square of the pack.
+_PACK_TOKENS = 512
+
+
+def _packs(seqs: list[_Sequence]) -> list[list[_Sequence]]:
+    """Split ``seqs`` into groups of at most ``_PACK_TOKENS`` distinct prompt tokens (at least one request
+    each; a request's choices stay together, and share one prompt), in order."""
+    packs: list[list[_Sequence]] = []
+    tokens, previous = 0, None
+    for seq in seqs:
+        if seq.request is not previous:
+            length = len(seq.request.prompt_ids)
+            if not packs or tokens and tokens + length > _PACK_TOKENS:
+                packs.append([])
+                tokens = 0
+            tokens += length
+            previous = seq.request
+        packs[-1].append(seq)
+    return packs
 
 
 def _length_groups(seqs: list[_Sequence]) -> list[list[_Sequence]]:

@@ -140,6 +140,21 @@ def test_length_groups_bound_padding_and_keep_choices_together(engine):
             assert all(t in group for t in seqs if t.request is s.request)
 
 
+def test_packs_bound_tokens_and_keep_choices_together(engine):
+    from deployments.engines.generation import _PACK_TOKENS, _packs
+
+    reqs = [request(engine, "x" * k, n=2 if k == 40 else 1) for k in (1, 300, 40, 2, 700, 3, 200)]
+    seqs = [type("S", (), {"request": r, "index": i})() for r in reqs for i in range(r.n)]
+    packs = _packs(seqs)
+    assert [s for p in packs for s in p] == seqs  # every sequence once, in order
+    for pack in packs:
+        requests = list({id(s.request): s.request for s in pack}.values())
+        assert len(requests) == 1 or sum(len(r.prompt_ids) for r in requests) <= _PACK_TOKENS
+        for s in pack:  # a request's choices are prefilled together
+            assert all(t in pack for t in seqs if t.request is s.request)
+    assert len(packs) > 1 and any(len({id(s.request) for s in p}) > 1 for p in packs)
+
+
 async def test_n_choices_share_one_prefill_and_greedy_choices_agree(engine):
     deltas = (await collect(engine, [request(engine, PROMPTS[1], n=3, max_new_tokens=12)]))[0]
     assert text_of(deltas, 0) == text_of(deltas, 1) == text_of(deltas, 2)
