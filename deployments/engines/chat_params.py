@@ -121,6 +121,9 @@ def generation_request(request: ChatCompletionRequest, prompt_ids: list[int], li
         raise InvalidRequest(f"at most {limits.max_stop_sequences} stop sequences are allowed, got "
                              f"{len(stops)}", param="stop")
     prompt_len = len(prompt_ids)
+    if not prompt_len:  # e.g. a custom chat template that renders these messages as ""
+        raise InvalidRequest("the messages render to an empty prompt with this model's chat template: "
+                             "there is nothing to continue", param="messages")
     room = context_len - prompt_len
     if room < 1:
         raise ContextLengthExceeded(

@@ -40,6 +40,15 @@ def test_chat_template_kwargs_reach_the_template(tokenizer, monkeypatch):
     assert text(tokenizer, chat(chat_template_kwargs={"shout": True})) == "hi!!"
 
 
+def test_a_template_that_renders_nothing_is_a_bad_request(tokenizer, monkeypatch):
+    monkeypatch.setattr(tokenizer, "chat_template", "{% for m in messages %}{% endfor %}")
+    prompt = render_prompt(tokenizer, chat())
+    assert prompt == []
+    with pytest.raises(InvalidRequest) as info:
+        generation_request(chat(), prompt, GenerationLimits(), 64)
+    assert info.value.param == "messages" and "empty prompt" in info.value.message
+
+
 @pytest.mark.parametrize("key", ["chat_template", "tokenize", "add_generation_prompt", "messages",
                                  "return_tensors", "tools"])
 def test_chat_template_kwargs_cannot_set_the_call_itself(tokenizer, key):
