@@ -33,6 +33,7 @@ from deployments.engines.base import release_memory
 from deployments.engines.batch import Batch, PlainBatch, supports_concatenation
 from deployments.engines.detokenize import TextStream
 from deployments.engines.fast_decode import fast_decoder
+from deployments.engines.prefill_groups import length_groups, packs
 from deployments.engines.records import Delta, GenerationRequest, SamplingParams
 from deployments.engines.sampling import make_generator, select_tokens
 
@@ -279,7 +280,7 @@ class GenerationEngine:
             with torch.inference_mode():
                 live = [s for s in seqs if s.live]
                 # The lean prefill packs prompts without padding; the forward needs similar lengths.
-                for group in _packs(live) if self.fast_decoder else _length_groups(live):
+                for group in packs(live) if self.fast_decoder else length_groups(live):
                     batch, logits = self._batch_class.prefill(
                         self.model, group, [s.request.prompt_ids for s in group], self.pad_token_id,
                         self.device, self.fast_decoder)
@@ -359,48 +360,3 @@ def _deliver_threadsafe(items: list[tuple[RequestStream, list[Delta], ServingErr
 def _deliver(items: list[tuple[RequestStream, list[Delta], ServingError | None]]) -> None:
     for stream, deltas, error in items:
         stream._put(deltas, error)
-
-
-# Prompts prefilled together are left-padded to the longest; allow at most this much padding overall.
-_PADDING_SLACK = 1.25
-
-# Most prompt tokens in one packed prefill (more prompts go to further packs; a longer prompt alone):
-# packing a group of short prompts saves a pass over the weights per prompt, but its attention is
-# computed over the whole pack (block-diagonal mask), which grows with the square of the pack.
-_PACK_TOKENS = 512
-
-
-def _packs(seqs: list[_Sequence]) -> list[list[_Sequence]]:
-    """Split ``seqs`` into groups of at most ``_PACK_TOKENS`` distinct prompt tokens (at least one request
-    each; a request's choices stay together, and share one prompt), in order."""
-    packs: list[list[_Sequence]] = []
-    tokens, previous = 0, None
-    for seq in seqs:
-        if seq.request is not previous:
-            length = len(seq.request.prompt_ids)
-            if not packs or tokens and tokens + length > _PACK_TOKENS:
-                packs.append([])
-                tokens = 0
-            tokens += length
-            previous = seq.request
-        packs[-1].append(seq)
-    return packs
-
-
-def _length_groups(seqs: list[_Sequence]) -> list[list[_Sequence]]:
-    """Split ``seqs`` into prefill groups of similar prompt length (a request's choices stay together),
-    so padding stays within ``_PADDING_SLACK`` of the real prompt tokens of each group."""
-    groups: list[list[_Sequence]] = []
-    lengths: list[int] = []  # prompt length of each request in the current group
-    previous = None
-    for seq in sorted(seqs, key=lambda s: (len(s.request.prompt_ids), id(s.request), s.index)):
-        length = len(seq.request.prompt_ids)
-        if seq.request is not previous:
-            if lengths and length * (len(lengths) + 1) > _PADDING_SLACK * (sum(lengths) + length):
-                lengths = []
-            if not lengths:
-                groups.append([])
-            lengths.append(length)
-            previous = seq.request
-        groups[-1].append(seq)
-    return groups

@@ -126,11 +126,11 @@ async def test_failing_request_fails_alone(engine, monkeypatch):
 
 
 def test_length_groups_bound_padding_and_keep_choices_together(engine):
-    from deployments.engines.generation import _length_groups
+    from deployments.engines.prefill_groups import length_groups
 
     reqs = [request(engine, "x" * k, n=2 if k == 40 else 1) for k in (1, 2, 3, 40, 41, 300)]
     seqs = [type("S", (), {"request": r, "index": i})() for r in reqs for i in range(r.n)]
-    groups = _length_groups(seqs)
+    groups = length_groups(seqs)
     assert sorted(len(s.request.prompt_ids) for g in groups for s in g) == sorted(
         len(s.request.prompt_ids) for s in seqs)
     for group in groups:
@@ -141,18 +141,18 @@ def test_length_groups_bound_padding_and_keep_choices_together(engine):
 
 
 def test_packs_bound_tokens_and_keep_choices_together(engine):
-    from deployments.engines.generation import _PACK_TOKENS, _packs
+    from deployments.engines.prefill_groups import PACK_TOKENS, packs
 
     reqs = [request(engine, "x" * k, n=2 if k == 40 else 1) for k in (1, 300, 40, 2, 700, 3, 200)]
     seqs = [type("S", (), {"request": r, "index": i})() for r in reqs for i in range(r.n)]
-    packs = _packs(seqs)
-    assert [s for p in packs for s in p] == seqs  # every sequence once, in order
-    for pack in packs:
+    groups = packs(seqs)
+    assert [s for p in groups for s in p] == seqs  # every sequence once, in order
+    for pack in groups:
         requests = list({id(s.request): s.request for s in pack}.values())
-        assert len(requests) == 1 or sum(len(r.prompt_ids) for r in requests) <= _PACK_TOKENS
+        assert len(requests) == 1 or sum(len(r.prompt_ids) for r in requests) <= PACK_TOKENS
         for s in pack:  # a request's choices are prefilled together
             assert all(t in pack for t in seqs if t.request is s.request)
-    assert len(packs) > 1 and any(len({id(s.request) for s in p}) > 1 for p in packs)
+    assert len(groups) > 1 and any(len({id(s.request) for s in p}) > 1 for p in groups)
 
 
 async def test_n_choices_share_one_prefill_and_greedy_choices_agree(engine):
