@@ -175,15 +175,15 @@ class Batch:
         order = [unique.setdefault(tuple(p), len(unique)) for p in prompts]
         distinct = list(unique)
         ids, mask = left_padded(distinct, pad_id, device)
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         geometry = _Geometry(len(distinct))
         cache = new_cache(model, geometry)
         padded = bool((mask == 0).any())
-        if fast is not None:
+        if fast is not None:  # packs the prompts itself: the padded ids serve only as the forward's input
             logits = fast.prefill(distinct, cache.layers)
         else:
             logits = forward(model, cache, input_ids=ids, attention_mask=mask if padded else None,
-                             position_ids=position_ids, logits_to_keep=1).logits[:, -1, :]
+                             position_ids=(mask.cumsum(-1) - 1).clamp(min=0), logits_to_keep=1
+                             ).logits[:, -1, :]
         geometry.end = ids.shape[1]
         cols = cache.layers[0].k_buf.shape[2]
         mask_buf = mask.new_zeros((len(distinct), cols))

@@ -18,8 +18,8 @@ PACK_TOKENS = 512
 
 
 def packs(seqs: list[Any]) -> list[list[Any]]:
-    """For the lean prefill (prompts packed without padding): split ``seqs`` into groups of at most ``PACK_TOKENS`` distinct prompt tokens (at least one request
-    each; a request's choices stay together, and share one prompt), in order."""
+    """For the lean prefill (prompts packed without padding): split ``seqs`` into groups of at most
+    ``PACK_TOKENS`` distinct prompt tokens (at least one request each), in order."""
     groups: list[list[Any]] = []
     tokens, previous = 0, None
     for seq in seqs:
@@ -35,8 +35,8 @@ def packs(seqs: list[Any]) -> list[list[Any]]:
 
 
 def length_groups(seqs: list[Any]) -> list[list[Any]]:
-    """For the transformers forward (prompts left-padded to the longest): split ``seqs`` into groups of similar prompt length (a request's choices stay together),
-    so padding stays within ``PADDING_SLACK`` of the real prompt tokens of each group."""
+    """For the transformers forward (prompts left-padded to the longest): split ``seqs`` into groups of
+    similar prompt length, so padding stays within ``PADDING_SLACK`` of each group's real prompt tokens."""
     groups: list[list[Any]] = []
     lengths: list[int] = []  # prompt length of each request in the current group
     previous = None
