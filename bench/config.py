@@ -46,10 +46,10 @@ class OursSpec(_Strict):
         description="ChatBatchingSpec of contender (a).")
     prefill_threads: int | None = Field(2, ge=1, description=(
         "ChatModelSpec.prefill_threads of (a) and (b), as serve_config.yaml's demo-chat model."))
-    decode_threads: int | None = Field(1, ge=1, description=(
+    decode_threads: int | None = Field(2, ge=1, description=(
         "ChatModelSpec.decode_threads of (a) and (b), as serve_config.yaml's demo-chat model."))
-    diagnostic_decode_threads: int = Field(2, ge=1, description=(
-        "decode_threads of the diagnostic contender ours-t2 (same batching as (a))."))
+    diagnostic_decode_threads: int = Field(1, ge=1, description=(
+        "decode_threads of the diagnostic contender ours-t1 (same batching as (a))."))
     batching_bs1: ChatBatchingSpec = Field(
         default=ChatBatchingSpec(max_batch_size=1, batch_wait_timeout_s=0.0, max_running_rows=1),
         description="ChatBatchingSpec of contender (b): one request at a time.")

@@ -188,8 +188,8 @@ CONTENDERS: dict[str, Contender] = {c.key: c for c in [
     Contender("ours-bs1", "(b) ours bs=1", "this server, max_batch_size=1 and max_running_rows=1 "
               "(one request at a time)", _ours("batching_bs1")),
     # Diagnostic, not in the default list: (a) decoding on `ours.diagnostic_decode_threads` threads.
-    Contender("ours-t2", "(a2) ours 2 threads", "(a) with decode_threads from "
-              "`ours.diagnostic_decode_threads` (2: both cores, shared with the proxy and ingress)",
+    Contender("ours-t1", "(a1) ours 1 thread", "(a) with decode_threads from "
+              "`ours.diagnostic_decode_threads` (1: the other core left to the proxy and ingress)",
               _ours("batching", diagnostic_threads=True)),
     # Diagnostic, not in the default list: (a) with ours.tuned_env (2 torch threads in the replica).
     Contender("ours-env", "(a*) ours + env", "(a) with the Ray workers' env from `ours.tuned_env` "

@@ -73,7 +73,7 @@ def load_chat_engine(spec: ChatModelSpec) -> GenerationEngine:
                             max_running_rows=spec.batching.max_running_rows,
                             max_prefill_tokens=spec.batching.max_prefill_tokens,
                             prefill_threads=spec.prefill_threads, decode_threads=spec.decode_threads,
-                            fast_decode=spec.fast_decode)
+                            fast_decode=spec.fast_decode, packed_weights=spec.packed_weights)
 
 
 def context_length(limits: GenerationLimits, config, tokenizer) -> int:
@@ -127,7 +127,8 @@ def prepare_chat(spec: ChatModelSpec) -> tuple[Path, int]:
 def load_prepared_chat(spec: ChatModelSpec, path: Path) -> tuple[GenerationEngine, int]:
     """Load the checkpoint that :func:`prepare_chat` returned; return the engine and its weight bytes."""
     engine = load_chat_engine(spec.model_copy(update={"source": str(path)}))
-    return engine, weight_bytes(engine.model)
+    packed = engine.fast_decoder.packed_bytes if engine.fast_decoder is not None else 0
+    return engine, weight_bytes(engine.model) + packed
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -145,5 +146,8 @@ def estimate_weight_bytes(path: Path, spec: ChatModelSpec) -> int:
         stored_dtype = DTYPES.get(config.get("dtype") or config.get("torch_dtype") or "", torch.float32)
     except (OSError, ValueError):
         stored_dtype = torch.float32
-    target = pick_dtype(spec, pick_device(spec))
-    return int(stored * target.itemsize / stored_dtype.itemsize)
+    device = pick_device(spec)
+    target = pick_dtype(spec, device)
+    # Packed weights (fast_decode.FastDecoder) are a second copy of nearly all of them.
+    copies = 2 if spec.fast_decode and spec.packed_weights and device.type == "cpu" and target == torch.float32 else 1
+    return int(stored * target.itemsize / stored_dtype.itemsize) * copies

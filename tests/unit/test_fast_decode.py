@@ -112,11 +112,28 @@ def test_in_bfloat16_it_is_as_close_to_float32_as_the_forward(family):
 def test_stacked_projections_share_the_models_storage():
     model = FAMILY_MODELS["qwen2"]()
     attn = model.model.layers[0].self_attn
-    fast = fast_decoder(model)
-    weight, bias = fast.layers[0].qkv
-    assert attn.q_proj.weight.data_ptr() == weight.data_ptr()
-    assert attn.k_proj.weight.data_ptr() == weight[attn.q_proj.out_features:].data_ptr()
-    assert attn.v_proj.bias.data_ptr() == bias[-attn.v_proj.out_features:].data_ptr()
+    fast_decoder(model, packed=False)
+    q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
+    assert q.weight.untyped_storage().data_ptr() == v.weight.untyped_storage().data_ptr()
+    assert k.weight.data_ptr() == q.weight.data_ptr() + q.weight.numel() * q.weight.element_size()
+    assert v.bias.data_ptr() == k.bias.data_ptr() + k.bias.numel() * k.bias.element_size()
+    assert model(torch.tensor([[1, 2, 3]])).logits.isfinite().all()  # the forward reads the stacked copy
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_packed_weights_compute_the_same_products(family):
+    """float32 on a CPU multiplies by oneDNN-packed copies; the products equal F.linear's up to rounding
+    and are counted as extra memory. bf16, or packed=False, keeps the model's own weights."""
+    model = FAMILY_MODELS[family]()
+    prompts = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8], [9]]
+    plain, packed = fast_decoder(model, packed=False), fast_decoder(model)
+    assert packed.packed and not plain.packed and plain.packed_bytes == 0
+    linear = sum(m.weight.numel() * 4 for name, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear))
+    assert packed.packed_bytes == linear
+    for a, b in zip(decode_steps(model, prompts, plain), decode_steps(model, prompts, packed)):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    assert not fast_decoder(FAMILY_MODELS[family]().to(torch.bfloat16)).packed
 
 
 def test_demo_chat_model_uses_it_with_the_same_tokens(demo_engine_factory):
