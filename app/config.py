@@ -133,8 +133,9 @@ class ChatModelSpec(_ModelSpecBase):
         "always use)."))
     packed_weights: bool = Field(True, description=(
         "CPU, float32, with fast_decode: multiply by a copy of the layer weights in oneDNN's blocked "
-        "layout, which decodes 1.2-1.4x faster at 2-32 rows (and at 1 row on 2 threads) because the "
-        "matrix library no longer re-lays the weights out in every product; costs a second copy of the "
+        "layout, which decodes 1.1-1.4x faster on 1 thread at 2-32 rows and 1.2-1.8x on 2 threads at "
+        "1-32 rows because the matrix library no longer re-lays the weights out in every product "
+        "(README: The decode step); costs a second copy of the "
         "weights in memory (counted in on_demand.memory_budget_bytes). false = one copy."))
     chat_template: str | None = Field(None, description=(
         "Jinja chat template overriding the tokenizer's own (for checkpoints that ship none)."))

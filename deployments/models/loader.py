@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from app.config import ChatModelSpec, GenerationLimits, TranscriptionModelSpec, _ModelSpecBase
+from deployments.engines.fast_decode import FAMILIES
 from deployments.engines.generation import GenerationEngine
 from deployments.engines.whisper import WhisperEngine
 from deployments.models.sources import resolve_source
@@ -144,10 +145,13 @@ def estimate_weight_bytes(path: Path, spec: ChatModelSpec) -> int:
     try:
         config = json.loads((Path(path) / "config.json").read_text())
         stored_dtype = DTYPES.get(config.get("dtype") or config.get("torch_dtype") or "", torch.float32)
+        family = config.get("model_type")
     except (OSError, ValueError):
-        stored_dtype = torch.float32
+        stored_dtype, family = torch.float32, None
     device = pick_device(spec)
     target = pick_dtype(spec, device)
-    # Packed weights (fast_decode.FastDecoder) are a second copy of nearly all of them.
-    copies = 2 if spec.fast_decode and spec.packed_weights and device.type == "cpu" and target == torch.float32 else 1
+    # Packed weights (fast_decode.FastDecoder, its families on CPU in float32) are a second copy.
+    packed = (spec.fast_decode and spec.packed_weights and family in FAMILIES and device.type == "cpu"
+              and target == torch.float32)
+    copies = 2 if packed else 1
     return int(stored * target.itemsize / stored_dtype.itemsize) * copies

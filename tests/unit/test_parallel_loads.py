@@ -35,3 +35,15 @@ def test_weight_estimate_matches_the_loaded_size():
         path, estimate = prepare_chat(spec)
         _, size = load_prepared_chat(spec, path)
         assert 0.9 * size <= estimate <= 1.1 * size
+
+
+def test_packed_weights_count_as_a_second_copy():
+    """On CPU in float32 the lean forward's packed copy of the weights is memory the pool must count."""
+    spec = ChatModelSpec(id="bench", source="demo:bench")
+    plain = spec.model_copy(update={"packed_weights": False})
+    path, packed_estimate = prepare_chat(spec)
+    _, plain_estimate = prepare_chat(plain)
+    (engine, packed_size), (_, plain_size) = load_prepared_chat(spec, path), load_prepared_chat(plain, path)
+    assert engine.fast_decoder.packed
+    assert 1.8 * plain_size <= packed_size <= 2 * plain_size
+    assert packed_estimate == 2 * plain_estimate
