@@ -121,7 +121,10 @@ async def test_flood_at_ten_times_capacity_sheds_load_cleanly(server):
         assert any(r["stream"] for r in shed), f"no streamed request was shed: {summary}"
         fast = [r for r in ok if r["latency"] <= FAST_S]
         assert len(fast) >= 0.9 * len(ok), f"accepted requests were slow: {summary}"
-        assert statistics.median(r["latency"] for r in shed) < 5.0, f"503s were slow: {summary}"
+        # Shedding must not wait for the queue to drain or for a timeout (90 s). How fast the ingress gets
+        # through 320 simultaneous requests is the machine's: 1.6-1.8 s alone, 5.1 s once in the full
+        # suite on a slow 2-core host, so the bound leaves room for that (speed is the bench's to measure).
+        assert statistics.median(r["latency"] for r in shed) < 10.0, f"503s were slow: {summary}"
 
         # Afterwards: a normal answer, the same as before the flood.
         after = await one(http, url, PROMPTS[0], stream=True)
