@@ -34,6 +34,7 @@ quantized or patched modules), and the engine then calls the model's forward.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -98,10 +99,12 @@ def _stack(modules: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
 _PACK_ROWS = 8
 
 
-def _packable(weight: torch.Tensor) -> bool:
-    """Whether this torch can multiply by a oneDNN-packed copy of ``weight`` (float32 on a CPU), checked
-    on a small product against ``F.linear``."""
-    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+@functools.cache
+def packs_weights(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a :class:`FastDecoder` of weights on ``device`` in ``dtype`` multiplies by oneDNN-packed
+    copies (``packed``): float32 on a CPU, where this torch can, checked once on a small product against
+    ``F.linear``."""
+    if torch.device(device).type != "cpu" or dtype != torch.float32 or not torch.backends.mkldnn.is_available():
         return False
     try:
         probe = torch.linspace(-1, 1, 24 * 16).reshape(24, 16)
@@ -131,9 +134,6 @@ class FastDecoder:
         self.embed = base.embed_tokens.weight
         self.rotary = base.rotary_emb.forward
         self.norm = _norm(base.norm)
-        self.packed = packed and _packable(self.embed)
-        self.packed_bytes = 0  # memory the packed copies take
-        self.lm_head = self._product(*_linear(model.lm_head))
         first = base.layers[0].self_attn
         self.head_dim = first.head_dim
         self.heads = config.num_attention_heads
@@ -142,11 +142,16 @@ class FastDecoder:
         cos, _ = self.rotary(probe, torch.zeros(1, 1, dtype=torch.long, device=self.embed.device))
         if cos.shape[-1] != self.head_dim or self.heads % self.kv_heads:
             raise TypeError("partial rotary embedding or uneven head grouping")
+        if any(layer.self_attn.head_dim != self.head_dim for layer in base.layers):
+            raise TypeError("layers differ in head_dim")
+        # Checked above before any weight is stacked or packed: a model this step cannot compute is left as
+        # it was, at no cost.
+        self.packed = packed and packs_weights(self.embed.device, self.embed.dtype)
+        self.packed_bytes = 0  # memory the packed copies take
+        self.lm_head = self._product(*_linear(model.lm_head))
         self.layers = []
         for layer in base.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            if attn.head_dim != self.head_dim:
-                raise TypeError("layers differ in head_dim")
             self.layers.append(_Layer(
                 norm_in=_norm(layer.input_layernorm), norm_post=_norm(layer.post_attention_layernorm),
                 qkv=self._product(*_stack([attn.q_proj, attn.k_proj, attn.v_proj])),

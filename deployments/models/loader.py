@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from app.config import ChatModelSpec, GenerationLimits, TranscriptionModelSpec, _ModelSpecBase
-from deployments.engines.fast_decode import FAMILIES
+from deployments.engines.fast_decode import FAMILIES, packs_weights
 from deployments.engines.generation import GenerationEngine
 from deployments.engines.whisper import WhisperEngine
 from deployments.models.sources import resolve_source
@@ -151,7 +151,6 @@ def estimate_weight_bytes(path: Path, spec: ChatModelSpec) -> int:
     device = pick_device(spec)
     target = pick_dtype(spec, device)
     # Packed weights (fast_decode.FastDecoder, its families on CPU in float32) are a second copy.
-    packed = (spec.fast_decode and spec.packed_weights and family in FAMILIES and device.type == "cpu"
-              and target == torch.float32)
+    packed = spec.fast_decode and spec.packed_weights and family in FAMILIES and packs_weights(device, target)
     copies = 2 if packed else 1
     return int(stored * target.itemsize / stored_dtype.itemsize) * copies
