@@ -39,6 +39,10 @@ def free_port() -> int:
 # environment of whatever starts Ray (`serve run`, `ray start`, or ray.init below).
 FAST_PATH_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
 
+# What serve_config.yaml's runtime_env gives the app's replicas besides: gRPC messages between them up to
+# 2 GiB (Ray's default, 4 MiB, fails an audio upload or a batch of embeddings above it with a 500).
+REPLICA_ENV = {"RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": "2147483647"}
+
 
 def fast_path_env() -> dict[str, str]:
     """:data:`FAST_PATH_ENV` for a private local instance: free ports for HAProxy's stats and metrics
@@ -70,7 +74,7 @@ def serve_locally(args: Mapping[str, Any], deployment_options: Mapping[str, Mapp
     port = port or free_port()
     pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": pythonpath, **(env or {})}})
+             runtime_env={"env_vars": {"PYTHONPATH": pythonpath, **REPLICA_ENV, **(env or {})}})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(compose_app(args, deployment_options), name="openai", route_prefix="/")
     base = f"http://127.0.0.1:{port}"

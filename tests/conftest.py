@@ -29,7 +29,7 @@ TEST_APP_ARGS = {
          "limits": {"default_max_tokens": 16, "max_tokens": 512, "max_context_len": 256}},
         {"id": "demo-whisper", "source": "demo:whisper", "task": "transcription",
          "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.1},
-         "audio": {"max_upload_bytes": 4 * 1024 * 1024}},
+         "audio": {"max_upload_bytes": 8 * 1024 * 1024}},  # above gRPC's default message size (4 MiB)
     ],
     # Every other demo chat model is loaded on demand by one multiplexed replica holding 2 at a time.
     "on_demand": {

@@ -15,9 +15,11 @@ import pytest
 import requests
 
 from deployments.engines.audio import SAMPLE_RATE, encode_audio
+from tests.conftest import TEST_APP_ARGS
 from tests.openapi_schema import assert_valid
 
 MODEL = "demo-whisper"
+MAX_UPLOAD = next(m for m in TEST_APP_ARGS["models"] if m["id"] == MODEL)["audio"]["max_upload_bytes"]
 FORMATS = ["wav", "mp3", "flac", "ogg", "m4a", "webm"]
 MIME = {"wav": "audio/wav", "mp3": "audio/mpeg", "flac": "audio/flac", "ogg": "audio/ogg",
         "m4a": "audio/mp4", "webm": "audio/webm"}
@@ -168,6 +170,17 @@ def test_long_audio_comes_back_whole(server, audio_files):
     assert starts == sorted(starts)
 
 
+def test_an_upload_above_grpcs_default_message_size_transcribes(server):
+    """28 s at 96 kHz: a 5.4 MB wav, more than gRPC's default 4 MiB message between the ingress and the
+    Whisper replica (it got a 500 before the configs raised the limit), under the upload limit."""
+    data = encode_audio(np.repeat(speechlike(28.0), 96_000 // SAMPLE_RATE), "wav", sample_rate=96_000)
+    assert 4 * 1024 * 1024 < len(data) <= MAX_UPLOAD
+    r = post(server, "transcriptions", {"file": ("big.wav", data, "audio/wav")}, response_format="verbose_json")
+    assert r.status_code == 200, r.text
+    assert_valid(r.json(), "CreateTranscriptionResponseVerboseJson")
+    assert r.json()["duration"] == pytest.approx(28.0, abs=0.01)
+
+
 @pytest.mark.parametrize("case", ["junk", "empty", "missing", "bad_format", "bad_language", "too_large"])
 def test_bad_requests_get_openai_errors(server, audio_files, case):
     files, data = upload(audio_files["wav"]), {}
@@ -182,7 +195,7 @@ def test_bad_requests_get_openai_errors(server, audio_files, case):
     elif case == "bad_language":
         data = {"language": "klingon"}
     elif case == "too_large":
-        files = {"file": ("big.wav", b"\0" * (4 * 1024 * 1024 + 1), "audio/wav")}
+        files = {"file": ("big.wav", b"\0" * (MAX_UPLOAD + 1), "audio/wav")}
     r = post(server, "transcriptions", files, **data)
     assert r.status_code == (413 if case == "too_large" else 400), r.text
     assert_valid(r.json(), "ErrorResponse")

@@ -222,3 +222,12 @@ def test_every_way_to_start_the_server_selects_the_fast_serving_path():
               if "ray start" in c]
     for text in (command, docker_env, *starts):
         assert all(setting in text for setting in settings), text
+
+
+def test_every_config_lets_replicas_exchange_messages_over_grpc_s_default_size():
+    """Under the fast path the app's replicas talk gRPC, whose default 4 MiB message limit would fail a
+    bigger audio upload (measured: a 5.3 MB wav got a 500): the configs and app.local raise it alike."""
+    from app.local import REPLICA_ENV
+
+    for config in (yaml.safe_load((ROOT / "serve_config.yaml").read_text()), gpu_config()):
+        assert REPLICA_ENV.items() <= config["applications"][0]["runtime_env"]["env_vars"].items()
