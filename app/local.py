@@ -40,7 +40,7 @@ def free_port() -> int:
 FAST_PATH_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
 
 # What serve_config.yaml's runtime_env gives the app's replicas besides: gRPC messages between them up to
-# 2 GiB (Ray's default, 4 MiB, fails an audio upload or a batch of embeddings above it with a 500).
+# 2 GiB (Ray's default, 4 MiB, fails an audio upload or a request body above it with a 500).
 REPLICA_ENV = {"RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": "2147483647"}
 
 
