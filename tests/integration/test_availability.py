@@ -108,7 +108,6 @@ def test_a_model_whose_load_fails_answers_503_naming_the_reason_while_others_ser
     assert (resp.status_code, resp.json()["error"]["code"]) == (503, "model_unavailable") and took < 5
 
 
-
 def test_the_ingress_reads_serve_status_s_view_at_a_fraction_of_its_cost(side, monkeypatch):
     """The ingress reads the controller's details dict, not ``serve.status()`` (which spends about 20 ms
     of CPU a call building pydantic models): the same status, message and replica counts per deployment,
@@ -139,6 +138,7 @@ def test_the_ingress_reads_serve_status_s_view_at_a_fraction_of_its_cost(side, m
     monkeypatch.setattr(client, "get_serve_details", lambda: next(odd, None) or details())  # odd once
     same(read_serve_status("side"), public_view())
     assert next(odd, None) is None  # the odd dict was read, and serve.status() answered instead
+
 
 def test_health_lists_every_model_ready(server):
     """Every pinned model, and the on-demand deployment (under its deployment name)."""
