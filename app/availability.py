@@ -79,7 +79,7 @@ def model_state(deployment: str, overview: Any | None, last_failure: str | None 
     ``last_failure`` is the previous state's, kept unless this message names a newer one."""
     if overview is None:
         return ModelState(STARTING, deployment, None, 0, None, last_failure)
-    status = str(getattr(overview.status, "value", overview.status))
+    status = _value(overview.status)
     counts = dict(overview.replica_states)
     running = sum(int(counts.get(state, 0)) for state in _LIVE)
     if running > 0:
@@ -140,7 +140,6 @@ def read_serve_status(app_name: str) -> dict[str, Any]:
     20 ms of the ingress's CPU per call against about 1 ms here (measured on Ray 2.60), once a second for
     as long as the ingress runs. Falls back to ``serve.status()`` if the dict is not the shape expected.
     """
-    from ray import serve
     from ray.serve.context import _get_global_client
 
     client = _get_global_client(raise_if_no_controller_running=False)
@@ -154,6 +153,8 @@ def read_serve_status(app_name: str) -> dict[str, Any]:
                                d.get("message") or "")
                 for name, d in app["deployments"].items()}
     except (AttributeError, KeyError, TypeError):  # another Ray's layout: the public API's view
+        from ray import serve
+
         status = serve.status().applications.get(app_name)
         return dict(status.deployments) if status is not None else {}
 
