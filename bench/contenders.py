@@ -166,20 +166,28 @@ def _naive(config: BenchConfig, ctx: RunContext) -> Iterator[Driver]:
 def _offline(config: BenchConfig, ctx: RunContext) -> Iterator[Driver]:
     from bench.offline import OfflineDriver
 
-    yield OfflineDriver(model_dir(config.model), threads=2)
-
-
-@contextlib.contextmanager
-def _engine(config: BenchConfig, ctx: RunContext) -> Iterator[Driver]:
-    from bench.engine_direct import EngineDriver
-
-    ours = config.ours
-    driver = EngineDriver(model_dir(config.model), threads=2, prefill_threads=ours.prefill_threads,
-                          batching=ours.batching.model_dump())
+    driver = OfflineDriver(model_dir(config.model), threads=2)
     try:
         yield driver
     finally:
         driver.close()
+
+
+def _engine(diagnostic_threads: bool = False) -> Callable[[BenchConfig, RunContext], ContextManager[Driver]]:
+    @contextlib.contextmanager
+    def start(config: BenchConfig, ctx: RunContext) -> Iterator[Driver]:
+        from bench.engine_direct import EngineDriver
+
+        ours = config.ours
+        threads = ours.diagnostic_decode_threads if diagnostic_threads else 2
+        driver = EngineDriver(model_dir(config.model), threads=threads, prefill_threads=ours.prefill_threads,
+                              batching=ours.batching.model_dump())
+        try:
+            yield driver
+        finally:
+            driver.close()
+
+    return start
 
 
 CONTENDERS: dict[str, Contender] = {c.key: c for c in [
@@ -203,5 +211,9 @@ CONTENDERS: dict[str, Contender] = {c.key: c for c in [
     Contender("offline", "(e) HF generate", "batched model.generate in-process on 2 threads, no HTTP "
               "(static batches of `clients` requests)", _offline),
     Contender("engine", "(f) engine alone", "our GenerationEngine driven in-process on 2 threads: no "
-              "Ray, no HTTP (the ceiling of the serving path)", _engine),
+              "Ray, no HTTP (the ceiling of the serving path)", _engine()),
+    # Diagnostic, not in the default list: ours-t1's ceiling. ours-t1 against engine-t1 is the serving
+    # path's cost when it has a core of its own (what a machine with more cores than decode threads gives).
+    Contender("engine-t1", "(f1) engine alone 1 thread", "(f) decoding on `ours.diagnostic_decode_threads` "
+              "threads", _engine(diagnostic_threads=True)),
 ]}

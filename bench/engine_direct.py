@@ -35,9 +35,10 @@ class EngineDriver:
         from deployments.models.loader import load_chat_engine
 
         if threads:
-            torch.set_num_threads(threads)  # the engine reads its decode threads from here
+            torch.set_num_threads(threads)
         self.spec = ChatModelSpec(
             id="engine", source=str(model_dir), device=device, dtype=dtype, prefill_threads=prefill_threads,
+            decode_threads=threads,
             batching=batching or {"max_batch_size": 8, "batch_wait_timeout_s": 0.0, "max_running_rows": 64},
             limits={"default_max_tokens": 64, "max_tokens": max_tokens})
         self.engine = load_chat_engine(self.spec)

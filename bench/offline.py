@@ -5,12 +5,17 @@ left-padded greedy ``model.generate`` (static batching: no HTTP, no streaming, n
 criterion timestamps every decode step, so per request: TTFT = group start to first token, ITL = step gaps
 (one token per step), end-to-end = group start to the step of the request's last token. Output tokens are
 counted up to and including the first end token, as the server counts them.
+
+All torch work runs on one thread of the driver's own, which ends at :meth:`OfflineDriver.close`, and the
+model loads on a thread that ends with the load (see ``deployments.engines.base.on_passing_thread``: a
+thread that ran torch's parallel ops and lives on slows every other one down).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 
 from bench.load import LevelStats, RequestRecord, summarize
+from deployments.engines.base import on_passing_thread
 
 
 class _StepClock(StoppingCriteria):
@@ -31,6 +37,10 @@ class _StepClock(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
+def _load(model_dir: Path | str, dtype: torch.dtype | None, device: torch.device) -> Any:
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+
+
 class OfflineDriver:
     def __init__(self, model_dir: Path | str, threads: int | None = 2, device: str = "cpu",
                  dtype: torch.dtype | None = None) -> None:
@@ -39,11 +49,15 @@ class OfflineDriver:
         self.device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.tokenizer.padding_side = "left"
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
+        self.model = on_passing_thread(_load)(model_dir, dtype, self.device)
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offline")
         eos = self.model.generation_config.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos])
         if self.tokenizer.eos_token_id is not None:
             self.eos.add(self.tokenizer.eos_token_id)
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True)
 
     def _texts(self, prompts: list[list[dict[str, str]]]) -> list[str]:
         return [self.tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
@@ -81,11 +95,13 @@ class OfflineDriver:
 
     async def warmup(self, prompts: list[list[dict[str, str]]], max_tokens: int) -> None:
         if prompts:
-            await asyncio.to_thread(self._measure, prompts, 1, max_tokens, 0)
+            await asyncio.get_running_loop().run_in_executor(self._thread, self._measure, prompts, 1,
+                                                             max_tokens, 0)
 
     async def measure(self, prompts: list[list[dict[str, str]]], concurrency: int, max_tokens: int,
                       deadline_s: float = 0) -> tuple[list[RequestRecord], float]:
-        return await asyncio.to_thread(self._measure, prompts, concurrency, max_tokens, deadline_s)
+        return await asyncio.get_running_loop().run_in_executor(self._thread, self._measure, prompts,
+                                                                concurrency, max_tokens, deadline_s)
 
     async def run_level(self, prompts: list[list[dict[str, str]]], concurrency: int, max_tokens: int,
                         deadline_s: float = 0) -> LevelStats:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from app.config import ChatModelSpec, GenerationLimits, TranscriptionModelSpec, _ModelSpecBase
+from deployments.engines.base import on_passing_thread
 from deployments.engines.fast_decode import FAMILIES, packs_weights
 from deployments.engines.generation import GenerationEngine
 from deployments.engines.whisper import WhisperEngine
@@ -46,6 +47,7 @@ def pick_dtype(spec: _ModelSpecBase, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+@on_passing_thread
 def load_chat_engine(spec: ChatModelSpec) -> GenerationEngine:
     """A :class:`GenerationEngine` over any transformers causal LM with a chat template."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -88,6 +90,7 @@ def context_length(limits: GenerationLimits, config, tokenizer) -> int:
     return int(tokenizer.model_max_length)
 
 
+@on_passing_thread
 def load_whisper_engine(spec: TranscriptionModelSpec) -> WhisperEngine:
     """A :class:`WhisperEngine` over any transformers Whisper checkpoint (local dir or hub cache)."""
     from transformers import AutoProcessor, WhisperForConditionalGeneration
@@ -118,6 +121,7 @@ def import_model_code() -> None:
         getattr(transformers, name)
 
 
+@on_passing_thread
 def prepare_chat(spec: ChatModelSpec) -> tuple[Path, int]:
     """Fetch or build ``spec``'s checkpoint (no model in memory yet); return its directory and the bytes
     its weights will take once loaded (file sizes scaled from the stored dtype to the loaded one)."""
