@@ -86,7 +86,9 @@ class BenchConfig(_Strict):
         "requests it finished, a prefix of the same prompt list."))
     warmup_requests: int = Field(2, ge=0, description="Unmeasured requests sent before the first level.")
     contenders: list[str] = Field(
-        default=["ours", "ours-bs1", "tf-serve-cb", "engine", "offline"], min_length=1)
+        default=["ours", "ours-bs1", "tf-serve-cb", "engine", "offline", "ours-t1", "engine-t1"], min_length=1,
+        description="Contenders to run, keys of bench.contenders.CONTENDERS; ours-t1 and engine-t1 measure "
+                    "the serving path with a core of its own (the 1-thread targets).")
     ours: OursSpec = Field(default_factory=OursSpec)
     startup_timeout_s: float = Field(300, description="How long a contender may take to become healthy.")
 

@@ -195,7 +195,8 @@ CONTENDERS: dict[str, Contender] = {c.key: c for c in [
               "dynamic + continuous batching and threads as serve_config.yaml's demo-chat", _ours("batching")),
     Contender("ours-bs1", "(b) ours bs=1", "this server, max_batch_size=1 and max_running_rows=1 "
               "(one request at a time)", _ours("batching_bs1")),
-    # Diagnostic, not in the default list: (a) decoding on `ours.diagnostic_decode_threads` threads.
+    # (a) decoding on `ours.diagnostic_decode_threads` threads: with engine-t1, the serving path's cost
+    # when it has a core of its own (what a machine with more cores than decode threads gives).
     Contender("ours-t1", "(a1) ours 1 thread", "(a) with decode_threads from "
               "`ours.diagnostic_decode_threads` (1: the other core left to the proxy and ingress)",
               _ours("batching", diagnostic_threads=True)),
@@ -212,8 +213,7 @@ CONTENDERS: dict[str, Contender] = {c.key: c for c in [
               "(static batches of `clients` requests)", _offline),
     Contender("engine", "(f) engine alone", "our GenerationEngine driven in-process on 2 threads: no "
               "Ray, no HTTP (the ceiling of the serving path)", _engine()),
-    # Diagnostic, not in the default list: ours-t1's ceiling. ours-t1 against engine-t1 is the serving
-    # path's cost when it has a core of its own (what a machine with more cores than decode threads gives).
+    # ours-t1's ceiling.
     Contender("engine-t1", "(f1) engine alone 1 thread", "(f) decoding on `ours.diagnostic_decode_threads` "
               "threads", _engine(diagnostic_threads=True)),
 ]}

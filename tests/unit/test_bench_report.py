@@ -89,6 +89,20 @@ def test_targets_are_checked_from_the_figures():
     assert len(mixed) == 4  # no bs=1 figures on that mix: no batching-gain line
 
 
+def test_one_thread_contenders_add_the_engine_targets_with_a_core_for_the_path():
+    results = _results()
+    results["contenders"]["ours-t1"] = {"label": "(a1)", "description": "", "status": "ok",
+                                        "mixes": {"short": [_level(1, 90, 0.036), _level(32, 500, 0.4)]}}
+    results["contenders"]["engine-t1"] = {"label": "(f1)", "description": "", "status": "ok",
+                                          "mixes": {"short": [_level(1, 85, 0.024), _level(32, 560, 0.3)]}}
+    extra = targets(results, "short")[5:]
+    assert [(what, ok) for what, _, ok in extra] == [
+        ("32 clients (1 decode thread: a core for the path): tok/s ≥ 0.8× engine alone", True),
+        ("1 client (1 decode thread: a core for the path): TTFT p50 ≤ engine alone's + 10 ms", False)]
+    assert "0.89×" in extra[0][1] and "36 ms vs 24 + 10 ms" in extra[1][1]
+    assert len(targets(results, "mixed")) == 4  # no 1-thread figures on that mix: no extra lines
+
+
 def test_report_writes_tables_json_and_png(tmp_path):
     pytest.importorskip("matplotlib")  # the `bench` extra
     results = _results()
