@@ -184,3 +184,32 @@ async def test_held_stream_coalesces_without_delaying_first_or_last_item(engine)
     assert items[1][0] < 10.0
     assert [t for _, ds in items for d in ds for t in d.token_ids] == [t for d in plain for t in d.token_ids]
     assert items[-1][1][-1].finish_reason == "length"
+
+
+async def test_an_idle_model_thread_ends_only_when_other_engines_share_the_process(demo_engine_factory,
+                                                                                  monkeypatch):
+    """An idle thread keeps its OpenMP team and slows the other engines' steps (generation's module
+    docstring): beside another engine it ends after IDLE_EXIT_S, and the next request starts another."""
+    import weakref
+
+    from deployments.engines import generation
+
+    monkeypatch.setattr(generation, "IDLE_EXIT_S", 0.05)
+    monkeypatch.setattr(generation, "_ENGINES", weakref.WeakSet())  # only this test's engines
+    alone = demo_engine_factory()
+    first = text_of((await collect(alone, [request(alone, PROMPTS[1])]))[0])
+    thread = alone._thread
+    await asyncio.sleep(0.3)
+    assert thread.is_alive() and alone._thread is thread  # alone in the process: kept
+
+    other = demo_engine_factory()
+    assert text_of((await collect(other, [request(other, PROMPTS[2])]))[0])
+    await asyncio.sleep(0.3)
+    assert not thread.is_alive() and alone._thread is None and other._thread is None
+    assert text_of((await collect(alone, [request(alone, PROMPTS[1])]))[0]) == first  # a new thread
+    assert alone._thread is not None and alone._thread is not thread
+
+    other.close()  # alone again: the new thread stays
+    await asyncio.sleep(0.3)
+    assert alone._thread.is_alive()
+    alone.close()
