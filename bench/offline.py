@@ -50,14 +50,14 @@ class OfflineDriver:
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.tokenizer.padding_side = "left"
         self.model = on_passing_thread(_load)(model_dir, dtype, self.device)
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offline")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offline")
         eos = self.model.generation_config.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos])
         if self.tokenizer.eos_token_id is not None:
             self.eos.add(self.tokenizer.eos_token_id)
 
     def close(self) -> None:
-        self._thread.shutdown(wait=True)
+        self._executor.shutdown(wait=True)
 
     def _texts(self, prompts: list[list[dict[str, str]]]) -> list[str]:
         return [self.tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
@@ -95,12 +95,12 @@ class OfflineDriver:
 
     async def warmup(self, prompts: list[list[dict[str, str]]], max_tokens: int) -> None:
         if prompts:
-            await asyncio.get_running_loop().run_in_executor(self._thread, self._measure, prompts, 1,
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._measure, prompts, 1,
                                                              max_tokens, 0)
 
     async def measure(self, prompts: list[list[dict[str, str]]], concurrency: int, max_tokens: int,
                       deadline_s: float = 0) -> tuple[list[RequestRecord], float]:
-        return await asyncio.get_running_loop().run_in_executor(self._thread, self._measure, prompts,
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._measure, prompts,
                                                                 concurrency, max_tokens, deadline_s)
 
     async def run_level(self, prompts: list[list[dict[str, str]]], concurrency: int, max_tokens: int,

@@ -80,9 +80,10 @@ def on_passing_thread(fn: Callable[..., Result]) -> Callable[..., Result]:
     thread that ran a parallel op, for as long as that thread lives. When the process holds more such
     threads than it has CPUs, libgomp stops its workers from spinning between ops (about 100 spins
     instead of 300,000), so every op of a decode step wakes them from sleep. A load (weights copied,
-    packed, initialised) runs parallel ops; on a long-lived thread (a replica's constructor thread, an
-    executor's) it left a second team that made the model thread's 8-row decode step 1.5x slower on a
-    2-CPU machine (10 against 16 ms). A thread that ends takes its team with it."""
+    packed, initialised) runs parallel ops. On a thread that lives on (an in-process driver's main
+    thread, an executor's, a replica's constructor thread when Ray gives it several OpenMP threads) it
+    left a second team that made the model thread's 8-row decode step 1.5x slower on a 2-CPU machine
+    (10 against 15-16 ms). A thread that ends takes its team with it."""
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Result:
         outcome: list[Any] = []
