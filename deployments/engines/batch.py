@@ -202,19 +202,34 @@ class Batch:
         """Feed ``next_ids``; return the logits for the following token [rows, V]. ``fast`` (a
         :class:`~deployments.engines.fast_decode.FastDecoder` of ``model``) computes the same step in
         fewer ops (equal up to float rounding)."""
+        inputs = self.step_inputs()
+        if fast is not None:
+            logits = fast(*inputs)
+        else:
+            ids, positions, mask, _ = inputs
+            logits = forward(model, self.cache, input_ids=ids[:, None], attention_mask=mask,
+                             position_ids=positions[:, None]).logits[:, -1, :]
+        self.stepped()
+        return logits
+
+    def step_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, list[SlotLayer]]:
+        """``(ids, positions, mask or None, cache layers)`` of the next decode step, with room for its
+        column; call :meth:`stepped` once the step wrote it."""
         g = self.geometry
         if g.end == self._mask.shape[1]:
             self._reserve(self._mask.shape[0], 0, max(_SPARE_COLUMNS, (g.end - g.start) // 2))
         self._mask[:g.n, g.end] = 1
         mask = self._mask[:g.n, g.start:g.end + 1] if self.padded else None
-        if fast is not None:
-            logits = fast(self.next_ids, self.positions, mask, self.layers)
-        else:
-            logits = forward(model, self.cache, input_ids=self.next_ids[:, None], attention_mask=mask,
-                             position_ids=self.positions[:, None]).logits[:, -1, :]
-        g.end += 1
-        self._positions[:g.n] += 1
-        return logits
+        return self.next_ids, self.positions, mask, self.layers
+
+    def stepped(self) -> None:
+        self.geometry.end += 1
+        self._positions[:self.geometry.n] += 1
+
+    @property
+    def width(self) -> int:
+        """Columns every row attends over (its own tokens and the padding its neighbours force on it)."""
+        return self.geometry.end - self.geometry.start
 
     def set_next(self, token_ids: list[int]) -> None:
         tokens = torch.tensor(token_ids, dtype=torch.long, device=self._mask.device)

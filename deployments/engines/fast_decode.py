@@ -195,24 +195,40 @@ class FastDecoder:
                  cache_layers: list[SlotLayer]) -> torch.Tensor:
         """Logits [rows, vocab] for ``ids`` [rows] at ``positions`` [rows]; ``mask`` [rows, cached + 1]
         (1 = attend) or None when no row is padded. Writes each layer's new key/value into its cache."""
-        rows, dim = ids.shape[0], self.head_dim
-        heads, kv_heads = self.heads, self.kv_heads
+        return self.step([(ids, positions, mask, cache_layers)])
+
+    def step(self, parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, list[SlotLayer]]]
+             ) -> torch.Tensor:
+        """One decode step of several batches, each ``(ids, positions, mask, cache_layers)`` as for
+        :meth:`__call__`: the matrix products run once over all their rows (one pass over the weights),
+        attention runs per batch over its own cache (so a batch of short rows does not attend over the
+        padding a long one would force on it). Logits [all rows, vocab], in order."""
+        dim, heads, kv_heads = self.head_dim, self.heads, self.kv_heads
+        ids = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts])
+        positions = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts])
         x = F.embedding(ids, self.embed)  # [rows, hidden]
         cos, sin = self.rotary(x[:, None], positions[:, None])  # [rows, 1, dim]: one per head below
-        bias = None
-        if mask is not None:  # additive, broadcast over [rows, kv_heads, group, keys]
-            bias = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(mask == 0, float("-inf"))
-            bias = bias[:, None, None, :]
-        for layer, cache in zip(self.layers, cache_layers):
+        spans, row = [], 0
+        for part_ids, _, mask, layers in parts:
+            bias = None
+            if mask is not None:  # additive, broadcast over [rows, kv_heads, group, keys]
+                bias = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(mask == 0, float("-inf"))
+                bias = bias[:, None, None, :]
+            spans.append((row, row + part_ids.shape[0], bias, layers))
+            row += part_ids.shape[0]
+        for i, layer in enumerate(self.layers):
             q, k, v = self._project(layer, x, cos, sin)  # [rows, heads or kv_heads, dim]
-            keys, values = cache.update(k[:, :, None], v[:, :, None])  # [rows, kv_heads, keys, dim]
-            # Query head h reads key/value head h // group: group the queries instead of repeating keys.
-            q = q.reshape(rows, kv_heads, heads // kv_heads, dim) * layer.scaling
-            scores = torch.matmul(q, keys.transpose(-1, -2))
-            if bias is not None:
-                scores = scores + bias
-            out = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), values)
-            x = self._mlp(layer, x + layer.o(out.reshape(rows, heads * dim)))
+            outs = []
+            for lo, hi, bias, layers in spans:
+                keys, values = layers[i].update(k[lo:hi, :, None], v[lo:hi, :, None])  # [rows, kv_heads, keys, dim]
+                # Query head h reads key/value head h // group: group the queries instead of repeating keys.
+                group = q[lo:hi].reshape(hi - lo, kv_heads, heads // kv_heads, dim) * layer.scaling
+                scores = torch.matmul(group, keys.transpose(-1, -2))
+                if bias is not None:
+                    scores = scores + bias
+                out = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), values)
+                outs.append(out.reshape(hi - lo, heads * dim))
+            x = self._mlp(layer, x + layer.o(outs[0] if len(outs) == 1 else torch.cat(outs)))
         return self.lm_head(self.norm(x))
 
     def prefill(self, prompts: list[tuple[int, ...]] | list[list[int]], cache_layers: list[SlotLayer]

@@ -41,6 +41,7 @@ from app.config import BatchingSpec
 from app.errors import InternalError, ServingError
 from deployments.engines.base import release_memory
 from deployments.engines.batch import Batch, PlainBatch, supports_concatenation
+from deployments.engines.buckets import Buckets
 from deployments.engines.detokenize import TextStream
 from deployments.engines.fast_decode import fast_decoder
 from deployments.engines.prefill_groups import length_groups, packs
@@ -175,7 +176,7 @@ class GenerationEngine:
         self._thread: threading.Thread | None = None
         # Model thread only: admitted sequences whose output may still need publishing, the batch.
         self._admitted: list[_Sequence] = []
-        self._running: Batch | None = None
+        self._running: Buckets | PlainBatch | None = None
         # Counters for metrics and tests (e.g. that a cancelled request stopped consuming steps).
         self.steps = 0
         self.tokens_generated = 0
@@ -309,8 +310,12 @@ class GenerationEngine:
                         self.model, group, [s.request.prompt_ids for s in group], self.pad_token_id,
                         self.device, self.fast_decoder)
                     self._advance(batch, logits)
-                    if (batch := self._keep_live(batch)) is not None:
-                        self._running = batch if self._running is None else self._running.concatenate(batch)
+                    if (batch := self._keep_live(batch)) is None:
+                        continue
+                    if self._running is not None:
+                        self._running = self._running.concatenate(batch)
+                    else:  # only batches that concatenate run as buckets (see _admissible)
+                        self._running = Buckets(batch) if self.can_concatenate else batch
         finally:
             if threads:
                 torch.set_num_threads(self.decode_threads)

@@ -90,3 +90,46 @@ def test_the_cache_goes_by_the_forwards_own_keyword(model):
             batch, _ = Batch.prefill(model, [0, 1], [[3, 4], [5, 6, 7]], 0, torch.device("cpu"))
             batch.set_next([1, 2])
             batch.decode(model)
+
+
+@pytest.mark.parametrize("lean", [False, True], ids=["forward", "lean"])
+def test_buckets_of_different_widths_match_each_row_alone(model, monkeypatch, lean):
+    """The same joins and finishes through Buckets (deployments/engines/buckets.py), splitting on
+    nearly every join of another width: rows spread over several batches, decoded in one step (the lean
+    step: one pass of products, attention per bucket), and buckets merge again as rows leave."""
+    from deployments.engines import buckets
+    from deployments.engines.fast_decode import fast_decoder
+
+    monkeypatch.setattr(buckets, "SPLIT_PADDING", 8)
+    fast = fast_decoder(model) if lean else None
+    rng = random.Random(1)
+    prompts = [[rng.randrange(3, 400) for _ in range(rng.choice([1, 3, 9, 30, 70]))] for _ in range(16)]
+    lengths = [rng.randint(2, 40) for _ in prompts]
+    expected = [alone(model, p, n) for p, n in zip(prompts, lengths)]
+    got: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
+    waiting = list(range(len(prompts)))
+    running, counts = None, []
+    with torch.inference_mode():
+        while waiting or running is not None:
+            joining = waiting and (running is None or rng.random() < 0.3)
+            if joining:
+                group = [waiting.pop(0) for _ in range(min(len(waiting), rng.choice([1, 2])))]
+                batch, logits = Batch.prefill(model, group, [prompts[i] for i in group], 0, torch.device("cpu"),
+                                              fast)
+            else:
+                batch, logits = running, running.decode(model, fast)
+            tokens = logits.argmax(-1).tolist()
+            batch.set_next(tokens)
+            for row, token in zip(batch.rows, tokens):
+                got[row].append(token)
+            batch = batch.filter([k for k, row in enumerate(batch.rows) if len(got[row]) < lengths[row]])
+            if not joining:
+                running = batch
+            elif batch is not None:
+                running = buckets.Buckets(batch) if running is None else running.concatenate(batch)
+            if running is not None:
+                counts.append(len(running.batches))
+                assert len(running) == len(running.rows) == sum(len(b) for b in running.batches)
+    assert [got[i] for i in range(len(prompts))] == expected
+    assert max(counts) >= 3  # several buckets at once ...
+    assert any(b < a for a, b in zip(counts, counts[1:]))  # ... and fewer again later

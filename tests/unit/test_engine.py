@@ -44,6 +44,25 @@ async def test_requests_joining_a_running_batch_match_solo_output(engine):
     assert engine.running_rows == 0
 
 
+async def test_rows_in_several_buckets_match_solo_output(engine, monkeypatch):
+    """Joins that would pad the running rows start buckets of their own (deployments/engines/buckets.py)."""
+    from deployments.engines import buckets
+
+    monkeypatch.setattr(buckets, "SPLIT_PADDING", 0)
+    alone = [text_of((await collect(engine, [request(engine, p)]))[0]) for p in PROMPTS]
+    seen = []
+    decode = buckets.Buckets.decode
+    monkeypatch.setattr(buckets.Buckets, "decode",
+                        lambda self, *a: seen.append(len(self.batches)) or decode(self, *a))
+
+    async def join_later(i, prompt):
+        await asyncio.sleep(0.005 * i)
+        return text_of((await collect(engine, [request(engine, prompt)]))[0])
+
+    assert await asyncio.gather(*(join_later(i, p) for i, p in enumerate(PROMPTS))) == alone
+    assert max(seen) > 1
+
+
 async def test_seeded_sampling_is_reproducible_whatever_the_neighbours(engine):
     def seeded():
         return request(engine, "tell me a story", temperature=1.0, top_p=0.9, seed=1234)
