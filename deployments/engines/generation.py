@@ -304,8 +304,11 @@ class GenerationEngine:
         try:
             with torch.inference_mode():
                 live = [s for s in seqs if s.live]
-                # The lean prefill packs prompts without padding; the forward needs similar lengths.
-                for group in packs(live) if self.fast_decoder else length_groups(live):
+                # The lean prefill packs prompts without padding; the forward needs similar lengths, but
+                # a batch that cannot concatenate (sliding-window layers) is prefilled as one, padded.
+                groups = (packs(live) if self.fast_decoder else length_groups(live) if self.can_concatenate
+                          else [live])
+                for group in groups:
                     batch, logits = self._batch_class.prefill(
                         self.model, group, [s.request.prompt_ids for s in group], self.pad_token_id,
                         self.device, self.fast_decoder)

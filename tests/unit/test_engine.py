@@ -3,6 +3,7 @@
 import asyncio
 
 import pytest
+import torch
 
 from deployments.engines.records import GenerationRequest, SamplingParams
 from tests.unit.conftest import collect, text_of
@@ -232,3 +233,29 @@ async def test_an_idle_model_thread_ends_only_when_other_engines_share_the_proce
     await asyncio.sleep(0.3)
     assert alone._thread.is_alive()
     alone.close()
+
+
+async def test_a_sliding_window_model_serves_prompts_of_different_lengths_together(demo_engine_factory):
+    """Its batch cannot concatenate (transformers' sliding-window cache): requests admitted together are
+    prefilled as one padded batch, each with the tokens it gets alone (a second length group used to
+    fail every request of the step)."""
+    from transformers import MistralConfig
+
+    from deployments.engines.generation import GenerationEngine
+    from tests.unit.test_fast_decode import tiny
+
+    tokenizer = demo_engine_factory().tokenizer
+    engine = GenerationEngine(tiny(MistralConfig, sliding_window=8), tokenizer, device=torch.device("cpu"),
+                              eos_token_ids={2}, pad_token_id=0)
+    assert not engine.can_concatenate and engine.fast_decoder is None
+    prompts = [[5, 6], list(range(5, 65)), [7] * 9]
+
+    def ask(prompt):
+        return GenerationRequest(prompt, SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True))
+
+    alone = [(await collect(engine, [ask(p)]))[0] for p in prompts]
+    together = await collect(engine, [ask(p) for p in prompts])
+    assert all(isinstance(d, list) for d in together), together
+    assert [[t for d in r for t in d.token_ids] for r in together] == \
+        [[t for d in r for t in d.token_ids] for r in alone]
+    engine.close()
