@@ -1,4 +1,5 @@
-"""The batch's in-place buffers (deployments/engines/batch.py) against each row decoded alone.
+"""The batch's in-place buffers (deployments/engines/batch.py) and the buckets of similar width that hold
+the running batches (buckets.py) against each row decoded alone.
 
 Rows join (narrower and wider than the running batch, past the row capacity), finish in any order and
 are replaced by rows from the end, columns that become padding are dropped, buffers run out of room and
@@ -28,9 +29,12 @@ def alone(model, prompt, steps):
     return tokens
 
 
-def test_joins_and_finishes_in_any_order_match_each_row_alone(model):
-    rng = random.Random(0)
-    prompts = [[rng.randrange(3, 400) for _ in range(rng.choice([1, 3, 9, 30, 70]))] for _ in range(14)]
+def joins_and_finishes(model, seed, count, group_sizes, start=lambda batch: batch, fast=None, check=None):
+    """Prompts of mixed lengths join a running batch in random groups while rows finish in any order;
+    ``start`` wraps the first prefilled batch (later ones are concatenated into it), ``check`` sees the
+    running batch after every step. Asserts every row's greedy tokens equal its prompt's alone."""
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(3, 400) for _ in range(rng.choice([1, 3, 9, 30, 70]))] for _ in range(count)]
     lengths = [rng.randint(2, 40) for _ in prompts]
     expected = [alone(model, p, n) for p, n in zip(prompts, lengths)]
     got: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
@@ -40,10 +44,11 @@ def test_joins_and_finishes_in_any_order_match_each_row_alone(model):
         while waiting or running is not None:
             joining = waiting and (running is None or rng.random() < 0.3)
             if joining:
-                group = [waiting.pop(0) for _ in range(min(len(waiting), rng.choice([1, 2, 3])))]
-                batch, logits = Batch.prefill(model, group, [prompts[i] for i in group], 0, torch.device("cpu"))
+                group = [waiting.pop(0) for _ in range(min(len(waiting), rng.choice(group_sizes)))]
+                batch, logits = Batch.prefill(model, group, [prompts[i] for i in group], 0, torch.device("cpu"),
+                                              fast)
             else:
-                batch, logits = running, running.decode(model)
+                batch, logits = running, running.decode(model, fast)
             tokens = logits.argmax(-1).tolist()
             batch.set_next(tokens)
             for row, token in zip(batch.rows, tokens):
@@ -52,11 +57,18 @@ def test_joins_and_finishes_in_any_order_match_each_row_alone(model):
             if not joining:
                 running = batch
             elif batch is not None:
-                running = batch if running is None else running.concatenate(batch)
-            if running is not None:
-                assert running.mask.shape == (len(running), running.geometry.end - running.geometry.start)
-                assert bool(running.mask.any(dim=0)[0])  # no column of padding only is kept
+                running = start(batch) if running is None else running.concatenate(batch)
+            if running is not None and check is not None:
+                check(running)
     assert [got[i] for i in range(len(prompts))] == expected
+
+
+def test_joins_and_finishes_in_any_order_match_each_row_alone(model):
+    def check(running):
+        assert running.mask.shape == (len(running), running.geometry.end - running.geometry.start)
+        assert bool(running.mask.any(dim=0)[0])  # no column of padding only is kept
+
+    joins_and_finishes(model, seed=0, count=14, group_sizes=[1, 2, 3], check=check)
 
 
 def test_repeated_prompts_share_one_prefill_and_decode_alike(model):
@@ -101,35 +113,13 @@ def test_buckets_of_different_widths_match_each_row_alone(model, monkeypatch, le
     from deployments.engines.fast_decode import fast_decoder
 
     monkeypatch.setattr(buckets, "SPLIT_PADDING", 8)
-    fast = fast_decoder(model) if lean else None
-    rng = random.Random(1)
-    prompts = [[rng.randrange(3, 400) for _ in range(rng.choice([1, 3, 9, 30, 70]))] for _ in range(16)]
-    lengths = [rng.randint(2, 40) for _ in prompts]
-    expected = [alone(model, p, n) for p, n in zip(prompts, lengths)]
-    got: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
-    waiting = list(range(len(prompts)))
-    running, counts = None, []
-    with torch.inference_mode():
-        while waiting or running is not None:
-            joining = waiting and (running is None or rng.random() < 0.3)
-            if joining:
-                group = [waiting.pop(0) for _ in range(min(len(waiting), rng.choice([1, 2])))]
-                batch, logits = Batch.prefill(model, group, [prompts[i] for i in group], 0, torch.device("cpu"),
-                                              fast)
-            else:
-                batch, logits = running, running.decode(model, fast)
-            tokens = logits.argmax(-1).tolist()
-            batch.set_next(tokens)
-            for row, token in zip(batch.rows, tokens):
-                got[row].append(token)
-            batch = batch.filter([k for k, row in enumerate(batch.rows) if len(got[row]) < lengths[row]])
-            if not joining:
-                running = batch
-            elif batch is not None:
-                running = buckets.Buckets(batch) if running is None else running.concatenate(batch)
-            if running is not None:
-                counts.append(len(running.batches))
-                assert len(running) == len(running.rows) == sum(len(b) for b in running.batches)
-    assert [got[i] for i in range(len(prompts))] == expected
+    counts = []
+
+    def check(running):
+        counts.append(len(running.batches))
+        assert len(running) == len(running.rows) == sum(len(b) for b in running.batches)
+
+    joins_and_finishes(model, seed=1, count=16, group_sizes=[1, 2], start=buckets.Buckets,
+                       fast=fast_decoder(model) if lean else None, check=check)
     assert max(counts) >= 3  # several buckets at once ...
     assert any(b < a for a, b in zip(counts, counts[1:]))  # ... and fewer again later
