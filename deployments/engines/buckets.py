@@ -13,6 +13,10 @@ Why the threshold: on the bench model (2 threads) a padded cell costs about 0.9 
 layers; 31 against 20 ms for a 32-row step at widths 430 and 65), and each extra bucket adds about
 0.4 ms of small ops per step.
 
+Only the lean step reads the weights once for all buckets; the engine keeps a model that runs through
+the transformers forward in one bucket (``max_buckets=1``), since there each bucket is a forward of its
+own.
+
 Buckets behave as one batch for the engine (``rows``, ``decode``, ``set_next``, ``filter``,
 ``concatenate``); a row's output does not depend on which bucket holds it.
 """
@@ -38,8 +42,9 @@ def _padding(a: Batch, b: Batch) -> int:
 class Buckets:
     """The running batches of an engine; see the module docstring."""
 
-    def __init__(self, batch: Batch) -> None:
+    def __init__(self, batch: Batch, max_buckets: int = MAX_BUCKETS) -> None:
         self.batches = [batch]
+        self.max_buckets = max_buckets
 
     @property
     def rows(self) -> list[Any]:
@@ -53,7 +58,7 @@ class Buckets:
         """Add a prefilled batch: into the bucket where it adds the least padding, or as a bucket of its
         own when that is more than :data:`SPLIT_PADDING` and there is room for another."""
         best = min(self.batches, key=lambda batch: _padding(batch, other))
-        if _padding(best, other) > SPLIT_PADDING and len(self.batches) < MAX_BUCKETS:
+        if _padding(best, other) > SPLIT_PADDING and len(self.batches) < self.max_buckets:
             self.batches.append(other)
         else:
             best.concatenate(other)

@@ -41,7 +41,7 @@ from app.config import BatchingSpec
 from app.errors import InternalError, ServingError
 from deployments.engines.base import release_memory
 from deployments.engines.batch import Batch, PlainBatch, supports_concatenation
-from deployments.engines.buckets import Buckets
+from deployments.engines.buckets import MAX_BUCKETS, Buckets
 from deployments.engines.detokenize import TextStream
 from deployments.engines.fast_decode import fast_decoder
 from deployments.engines.prefill_groups import length_groups, packs
@@ -318,7 +318,8 @@ class GenerationEngine:
                     if self._running is not None:
                         self._running = self._running.concatenate(batch)
                     else:  # only batches that concatenate run as buckets (see _admissible)
-                        self._running = Buckets(batch) if self.can_concatenate else batch
+                        self._running = (Buckets(batch, MAX_BUCKETS if self.fast_decoder else 1)
+                                         if self.can_concatenate else batch)
         finally:
             if threads:
                 torch.set_num_threads(self.decode_threads)

@@ -123,3 +123,16 @@ def test_buckets_of_different_widths_match_each_row_alone(model, monkeypatch, le
                        fast=fast_decoder(model) if lean else None, check=check)
     assert max(counts) >= 3  # several buckets at once ...
     assert any(b < a for a, b in zip(counts, counts[1:]))  # ... and fewer again later
+
+
+def test_one_bucket_when_asked_for(model, monkeypatch):
+    """The engine's setting for a model without the lean step: a join never starts a bucket."""
+    from deployments.engines import buckets
+
+    monkeypatch.setattr(buckets, "SPLIT_PADDING", 0)
+    with torch.inference_mode():
+        short, _ = Batch.prefill(model, [0], [[3, 4]], 0, torch.device("cpu"))
+        long, _ = Batch.prefill(model, [1], [list(range(3, 40))], 0, torch.device("cpu"))
+        short.set_next([5])
+        long.set_next([6])
+        assert len(buckets.Buckets(short, max_buckets=1).concatenate(long).batches) == 1
