@@ -78,8 +78,10 @@ async def test_disconnect_mid_stream_stops_generation(server, async_client):
 
 async def test_overload_is_a_503_with_retry_after_and_accepted_answers_are_right(server):
     """Beyond max_ongoing_requests + max_queued_requests (16 + 16 in tests/conftest.py) the multiplexed
-    deployment sheds load as a pinned one does."""
-    body = {"model": MODEL, "messages": msgs("one two"), "max_tokens": 48, "temperature": 0}
+    deployment sheds load as a pinned one does. Requests are long (200 tokens, past EOS) so that the
+    first ones still run when the last arrive, however fast the engine decodes."""
+    body = {"model": MODEL, "messages": msgs("one two"), "max_tokens": 200, "ignore_eos": True,
+            "temperature": 0}
     async with httpx.AsyncClient(timeout=120) as http:
         alone = (await http.post(f"{server}/v1/chat/completions", json=body)).json()
         answers = await asyncio.gather(*(http.post(f"{server}/v1/chat/completions", json=body)
