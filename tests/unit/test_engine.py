@@ -33,14 +33,19 @@ async def test_batched_equals_unbatched_greedy(engine):
         assert text_of(a) == text_of(b)
 
 
-async def test_requests_joining_a_running_batch_match_solo_output(engine):
+async def solo_and_staggered(engine):
+    """Each prompt's text decoded alone, then with the prompts joining the running batch 5 ms apart."""
     alone = [text_of((await collect(engine, [request(engine, p)]))[0]) for p in PROMPTS]
 
     async def join_later(i, prompt):
         await asyncio.sleep(0.005 * i)
         return text_of((await collect(engine, [request(engine, prompt)]))[0])
 
-    staggered = await asyncio.gather(*(join_later(i, p) for i, p in enumerate(PROMPTS)))
+    return alone, await asyncio.gather(*(join_later(i, p) for i, p in enumerate(PROMPTS)))
+
+
+async def test_requests_joining_a_running_batch_match_solo_output(engine):
+    alone, staggered = await solo_and_staggered(engine)
     assert staggered == alone
     assert engine.running_rows == 0
 
@@ -50,17 +55,12 @@ async def test_rows_in_several_buckets_match_solo_output(engine, monkeypatch):
     from deployments.engines import buckets
 
     monkeypatch.setattr(buckets, "SPLIT_PADDING", 0)
-    alone = [text_of((await collect(engine, [request(engine, p)]))[0]) for p in PROMPTS]
     seen = []
     decode = buckets.Buckets.decode
     monkeypatch.setattr(buckets.Buckets, "decode",
                         lambda self, *a: seen.append(len(self.batches)) or decode(self, *a))
-
-    async def join_later(i, prompt):
-        await asyncio.sleep(0.005 * i)
-        return text_of((await collect(engine, [request(engine, prompt)]))[0])
-
-    assert await asyncio.gather(*(join_later(i, p) for i, p in enumerate(PROMPTS))) == alone
+    alone, staggered = await solo_and_staggered(engine)
+    assert staggered == alone
     assert max(seen) > 1
 
 
