@@ -205,7 +205,7 @@ def readme_section(results: dict[str, Any], results_dir: str = "bench/results") 
         "## Benchmarks", "",
         "`bench/` starts every contender in turn on the same model and prompts, drives its streaming chat "
         "endpoint at fixed client counts with each prompt mix, stops it, and writes a table, JSON and a "
-        "plot. Reproduce (about 30 minutes; needs the `bench` extra, `pip install -e .[bench]`):", "",
+        "plot. Reproduce (about 40 minutes; needs the `bench` extra, `pip install -e .[bench]`):", "",
         f"```bash\n{results['command']}\n```", "",
         f"Machine: {m['cpu']}, {m['cpus']} CPUs, {m['memory_gib']:.0f} GiB, no GPU (a small machine "
         f"whose timings vary run to run: compare contenders within one run); torch {m['torch']}, "
