@@ -2,7 +2,7 @@
 
 Implements :class:`deployments.engines.base.Engine`: ``submit(requests)`` admits a group of
 :class:`GenerationRequest` (prefilled together at the next step boundary) and returns one
-:class:`RequestStream` per request. A stream is an async iterator of ``list[Delta]``: each item holds
+:class:`~deployments.engines.streams.RequestStream` per request. A stream is an async iterator of ``list[Delta]``: each item holds
 everything the request produced since the consumer last asked (so a slow consumer gets several tokens in
 one item, and a fast one gets each step's token at once). A choice's last delta carries
 ``finish_reason`` and its token counts; the stream ends when every choice finished, or raises the
@@ -12,8 +12,9 @@ Groups submitted while others decode are prefilled and concatenated into the run
 step (up to ``max_running_rows``), so a new request does not wait for a long one. All model work runs on
 one dedicated model thread that steps on its own for as long as there is work: it never waits for the
 event loop between steps (on a busy replica the loop may be late by milliseconds, which would idle the
-model that long per step). Each step's output is handed to the submitting loop with
-``call_soon_threadsafe``; the loop only hands out deltas.
+model that long per step). Each step's output is offered to its request's stream, and the submitting
+loop is woken only where a reader waits for it (``deployments.engines.streams``); the loop only hands out
+deltas.
 
 When the process holds other engines (on-demand models), the model thread ends after
 :data:`IDLE_EXIT_S` without work, and the next ``submit`` starts another. Why: a thread that ran torch's
@@ -27,7 +28,6 @@ first prefill measured about 5 ms slower.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import weakref
@@ -47,6 +47,7 @@ from deployments.engines.fast_decode import fast_decoder
 from deployments.engines.prefill_groups import length_groups, packs
 from deployments.engines.records import Delta, GenerationRequest, SamplingParams
 from deployments.engines.sampling import make_generator, select_tokens
+from deployments.engines.streams import RequestStream, deliver_threadsafe
 
 logger = logging.getLogger(__name__)
 
@@ -55,64 +56,6 @@ logger = logging.getLogger(__name__)
 IDLE_EXIT_S = 2.0
 
 _ENGINES: "weakref.WeakSet[GenerationEngine]" = weakref.WeakSet()  # this process's open engines
-
-
-class RequestStream:
-    """The output of one request (all its choices). Filled on its event loop (the one that submitted it)
-    with what the model thread produced."""
-
-    def __init__(self, request: GenerationRequest) -> None:
-        self.request = request
-        self.loop = asyncio.get_running_loop()
-        self._pending: list[Delta] = []
-        self._ready = asyncio.Event()
-        self._ended = asyncio.Event()
-        self._unfinished = request.n
-        self._error: ServingError | None = None
-        # Loop time before which the next item is not handed out unless the request ended (see hold).
-        self._not_before = 0.0
-
-    @property
-    def done(self) -> bool:
-        return self._unfinished == 0 or self._error is not None
-
-    def _put(self, deltas: list[Delta], error: ServingError | None) -> None:
-        if self.done:
-            return
-        self._pending.extend(deltas)
-        self._unfinished -= sum(d.finish_reason is not None for d in deltas)
-        self._error = error
-        self._ready.set()
-        if self.done:
-            self._ended.set()
-
-    def hold(self, seconds: float) -> None:
-        """Coalescing: hand out the next item no sooner than ``seconds`` from now, with everything
-        produced by then, unless the request ends first (its last item never waits). A consumer whose
-        every item costs a message (a Ray hop, an SSE event) calls this after each item to bound its
-        message rate; the first item, asked for before any hold, goes out as soon as it exists."""
-        self._not_before = asyncio.get_running_loop().time() + seconds
-
-    def __aiter__(self) -> "RequestStream":
-        return self
-
-    async def __anext__(self) -> list[Delta]:
-        while not self._pending and not self.done:
-            await self._ready.wait()
-            self._ready.clear()
-        delay = self._not_before - asyncio.get_running_loop().time()
-        if delay > 0 and not self.done:
-            try:
-                async with asyncio.timeout(delay):
-                    await self._ended.wait()
-            except TimeoutError:
-                pass
-        if self._pending:
-            out, self._pending = self._pending, []
-            return out
-        if self._error is not None:
-            raise self._error
-        raise StopAsyncIteration
 
 
 @dataclass(eq=False)
@@ -215,7 +158,7 @@ class GenerationEngine:
         if thread is not None and thread is not threading.current_thread():
             thread.join()
         in_flight = [*(self._running.rows if self._running else []), *self._admitted, *waiting]
-        _deliver_threadsafe([(seq.out, [], InternalError("the model was unloaded")) for seq in in_flight])
+        deliver_threadsafe([(seq.out, [], InternalError("the model was unloaded")) for seq in in_flight])
         self._running, self._admitted = None, []
         self.model = None
         release_memory(self.device.type)
@@ -295,7 +238,7 @@ class GenerationEngine:
             if seq.live:
                 still.append(seq)
         self._admitted = still
-        _deliver_threadsafe(out)
+        deliver_threadsafe(out)
 
     def _prefill(self, seqs: list[_Sequence]) -> None:
         threads = self.prefill_threads if self.device.type == "cpu" else None
@@ -376,20 +319,3 @@ class GenerationEngine:
     @staticmethod
     def _keep_live(batch: Batch) -> Batch | None:
         return batch.filter([i for i, s in enumerate(batch.rows) if s.live])
-
-
-def _deliver_threadsafe(items: list[tuple[RequestStream, list[Delta], ServingError | None]]) -> None:
-    """``stream._put(deltas, error)`` for each item, run on each stream's own event loop."""
-    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-    for item in items:
-        by_loop.setdefault(item[0].loop, []).append(item)
-    for loop, batch in by_loop.items():
-        try:
-            loop.call_soon_threadsafe(_deliver, batch)
-        except RuntimeError:  # that loop is closed: nobody is reading those streams any more
-            pass
-
-
-def _deliver(items: list[tuple[RequestStream, list[Delta], ServingError | None]]) -> None:
-    for stream, deltas, error in items:
-        stream._put(deltas, error)

@@ -206,6 +206,33 @@ async def test_held_stream_coalesces_without_delaying_first_or_last_item(engine)
     assert items[-1][1][-1].finish_reason == "length"
 
 
+async def test_held_stream_wakes_its_loop_only_for_the_first_item_and_the_end(engine, monkeypatch):
+    """A reader in a hold wakes by its own timer: the model thread does not wake its loop per step
+    (streams' module docstring), yet no output is lost and the last item never waits."""
+    from deployments.engines import streams
+
+    woken: list[int] = []
+    wake = streams._wake
+    monkeypatch.setattr(streams, "_wake", lambda ss: (woken.append(len(ss)), wake(ss)))
+    plain = (await collect(engine, [request(engine, PROMPTS[2], max_new_tokens=40)]))[0]
+    woken.clear()
+    steps = engine.steps
+    (stream,) = engine.submit([request(engine, PROMPTS[2], max_new_tokens=40)])
+    items = []
+    async for deltas in stream:
+        items.append(deltas)
+        stream.hold(10.0)
+    assert engine.steps - steps >= 40
+    assert len(items) == 2 and len(woken) <= 2  # the first token, then the end: not one per step
+    assert [t for ds in items for d in ds for t in d.token_ids] == [t for d in plain for t in d.token_ids]
+
+    woken.clear()
+    (stream,) = engine.submit([request(engine, PROMPTS[2], max_new_tokens=40)])
+    unheld = [deltas async for deltas in stream]  # a reader that always waits is woken for each item
+    assert len(woken) > 2 and len(unheld) > 2
+    assert [t for ds in unheld for d in ds for t in d.token_ids] == [t for d in plain for t in d.token_ids]
+
+
 async def test_an_idle_model_thread_ends_only_when_other_engines_share_the_process(demo_engine_factory,
                                                                                   monkeypatch):
     """An idle thread keeps its OpenMP team and slows the other engines' steps (generation's module
