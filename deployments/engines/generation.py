@@ -4,9 +4,9 @@ Implements :class:`deployments.engines.base.Engine`: ``submit(requests)`` admits
 :class:`GenerationRequest` (prefilled together at the next step boundary) and returns one
 :class:`~deployments.engines.streams.RequestStream` per request. A stream is an async iterator of
 ``list[Delta]``: each item holds everything the request produced since the consumer last asked (so a
-slow consumer gets several tokens in one item, and a fast one gets each step's token at once). A choice's last delta carries
-``finish_reason`` and its token counts; the stream ends when every choice finished, or raises the
-:class:`ServingError` that failed this request alone.
+slow consumer gets several tokens in one item, and a fast one gets each step's token at once). A
+choice's last delta carries ``finish_reason`` and its token counts; the stream ends when every choice
+finished, or raises the :class:`ServingError` that failed this request alone.
 
 Groups submitted while others decode are prefilled and concatenated into the running batch at the next
 step (up to ``max_running_rows``), so a new request does not wait for a long one. All model work runs on
