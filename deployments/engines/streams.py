@@ -72,6 +72,7 @@ class RequestStream:
     async def __anext__(self) -> list[Delta]:
         while True:
             with self._mutex:
+                self._waits = None  # not waiting now (a wait that its timer ended left it set)
                 delay = self._not_before - self.loop.time()
                 if self._pending and (delay <= 0 or self.done):
                     out, self._pending = self._pending, []

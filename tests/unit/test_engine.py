@@ -228,7 +228,7 @@ async def test_held_stream_wakes_its_loop_only_for_the_first_item_and_the_end(en
 
     woken.clear()
     (stream,) = engine.submit([request(engine, PROMPTS[2], max_new_tokens=40)])
-    unheld = [deltas async for deltas in stream]  # a reader that always waits is woken for each item
+    unheld = [deltas async for deltas in stream]  # a reader that never holds is woken as output comes
     assert len(woken) > 2 and len(unheld) > 2
     assert [t for ds in unheld for d in ds for t in d.token_ids] == [t for d in plain for t in d.token_ids]
 
