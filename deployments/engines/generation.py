@@ -91,7 +91,7 @@ class GenerationEngine:
                  pad_token_id: int, context_len: int = 2048, max_running_rows: int = 64,
                  max_prefill_tokens: int = 4096, prefill_threads: int | None = None,
                  decode_threads: int | None = None, fast_decode: bool = True,
-                 packed_weights: bool = True) -> None:
+                 packed_weights: bool = True, row_kernel: bool = True) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
@@ -110,8 +110,8 @@ class GenerationEngine:
         self.can_concatenate = supports_concatenation(model)
         self._batch_class = Batch if self.can_concatenate else PlainBatch
         # The lean prefill and decode step for the families it computes (fast_decode.FAMILIES).
-        self.fast_decoder = (fast_decoder(model, packed_weights) if self.can_concatenate and fast_decode
-                             else None)
+        self.fast_decoder = (fast_decoder(model, packed_weights, row_kernel)
+                             if self.can_concatenate and fast_decode else None)
         # Shared with the model thread (under _lock): groups waiting for admission, the stop flag.
         self._lock = threading.Condition()
         self._waiting: deque[list[_Sequence]] = deque()
