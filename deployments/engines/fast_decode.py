@@ -12,11 +12,14 @@ runs one decode step (one new token per row) with the same weights and the same 
 - RMSNorm is ``torch.rms_norm`` (one op instead of six);
 - the rotary embedding turns q and k together, with the model's own ``cos``/``sin``;
 - attention over the cache is two batched matrix products and a softmax, grouped by key/value head
-  (no repeated keys, no per-step mask conversion per layer).
+  (no repeated keys, no per-step mask conversion per layer);
 - on a CPU in float32 the matrix products read a copy of the weights that oneDNN laid out once for
   its kernels (``packed``; ``packed_weights: false`` in the model's spec turns it off): otherwise the
   matrix library re-lays the weights out in every product, which at 2 to 32 rows costs as much as the
-  arithmetic (README, The decode step).
+  arithmetic (README, The decode step);
+- a product of one row (a single stream's step) reads the weights through
+  :mod:`~deployments.engines.row_kernel` where the machine can build it (``row_kernel: false`` turns it
+  off): at one row the products are memory reads, and that kernel reads faster than oneDNN.
 
 :meth:`FastDecoder.prefill` runs a group of prompts the same way, packed into one sequence without
 padding (attention through ``scaled_dot_product_attention``, causal within each prompt), and computes the
