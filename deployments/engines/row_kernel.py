@@ -10,12 +10,12 @@ packed product stays: there the products are arithmetic, not reads.
 Contract:
 
 - :func:`row_product` returns ``f`` with ``f(x) == x @ weight.T + bias`` for an ``x`` of one row
-  ([1, in], float32, contiguous), up to float rounding (the lanes sum in another order than oneDNN),
+  ([1, in] float32 on the CPU, else a ValueError), up to float rounding (the lanes sum in another order than oneDNN),
   or None when the kernel cannot serve that weight (not a contiguous float32 CPU tensor) or cannot be
   had on this machine. Callers then keep their own product: the kernel is never required.
-- It cannot be had when there is no C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang`` on the PATH),
-  the build fails, torch's parallel backend is not OpenMP, or loading it would bring a second OpenMP
-  runtime into the process (torch's threads and the kernel's must be one team: README, One OpenMP team
+- It cannot be had off Linux, when there is no C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang`` on
+  the PATH), the build fails, torch's parallel backend is not OpenMP, or loading it would bring a second
+  OpenMP runtime into the process (torch's threads and the kernel's must be one team: README, One OpenMP team
   per process). The reason is logged once.
 - The library is built at most once per machine and source: ``$SERVE_TRANSFORMERS_CACHE/kernels`` (else
   ``~/.cache/serve-transformers/kernels``), named by a hash of the source, the flags, the compiler and the
@@ -115,6 +115,9 @@ def row_product(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Produ
     threads = torch.get_num_threads
 
     def product(x: torch.Tensor) -> torch.Tensor:
+        # The kernel reads ``inner`` floats at x's address: check what it cannot (about 1 µs).
+        if x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() != inner:
+            raise ValueError(f"row product of {inner} float32 values on CPU, got {x.dtype} {tuple(x.shape)}")
         x = x.contiguous()
         y = torch.empty((1, out), dtype=torch.float32)
         # ``weight`` and ``bias`` stay referenced by this closure, so their pointers stay valid.
@@ -132,6 +135,9 @@ def _servable(t: torch.Tensor) -> bool:
 @functools.cache
 def _library() -> Callable[..., None] | None:
     """The loaded ``row_product`` function, built on first use; None (logged) when it cannot be had."""
+    if platform.system() != "Linux":
+        # Elsewhere the process's OpenMP runtimes cannot be listed, so a second one could go unnoticed.
+        return _unavailable("only built on Linux")
     if "OpenMP" not in torch.__config__.parallel_info():
         return _unavailable("torch's parallel backend is not OpenMP")
     compiler = os.environ.get("CC") or next(

@@ -55,6 +55,14 @@ def test_a_model_sized_product_on_every_thread_count():
 
 
 @needs_compiler
+def test_refuses_an_input_it_would_read_past():
+    product = row_product(torch.randn(4, 8))
+    for bad in (torch.randn(2, 8), torch.randn(1, 7), torch.randn(1, 8, dtype=torch.float64)):
+        with pytest.raises(ValueError):
+            product(bad)
+
+
+@needs_compiler
 def test_one_openmp_runtime_in_the_process():
     """The kernel's OpenMP is torch's own: a second runtime would run a second team of threads."""
     if not Path("/proc/self/maps").exists():
