@@ -120,11 +120,10 @@ def row_product(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Produ
             raise ValueError(f"row product of {inner} float32 values on CPU, got {x.dtype} {tuple(x.shape)}")
         x = x.contiguous()
         y = torch.empty((1, out), dtype=torch.float32)
-        # ``weight`` and ``bias`` stay referenced by this closure, so their pointers stay valid.
         kernel(x.data_ptr(), w, b, y.data_ptr(), out, inner, threads())
         return y
 
-    product.weight, product.bias = weight, bias  # keeps the storage alive with the closure
+    product.weight, product.bias = weight, bias  # w and b point into them: they live as long as product
     return product
 
 
@@ -155,7 +154,7 @@ def _library() -> Callable[..., None] | None:
         lib = ctypes.CDLL(str(path))
     except OSError as exc:
         return _unavailable(f"loading it failed: {exc}")
-    if before and _openmp_mappings() != before:
+    if _openmp_mappings() != before:
         # Loaded anyway (a library cannot be unloaded safely), but never called: a second team would
         # fight torch's for the cores.
         return _unavailable("it brought a second OpenMP runtime into the process")
