@@ -160,7 +160,9 @@ class GenerationEngine:
         in_flight = [*(self._running.rows if self._running else []), *self._admitted, *waiting]
         deliver_threadsafe([(seq.out, [], InternalError("the model was unloaded")) for seq in in_flight])
         self._running, self._admitted = None, []
-        self.model = None
+        # The lean step holds packed copies and (its row kernel) the stacked weights: drop it with the
+        # model, so that a closed engine someone still references holds no weights.
+        self.model = self.fast_decoder = None
         release_memory(self.device.type)
 
     def submit(self, requests: list[GenerationRequest]) -> list[RequestStream]:
