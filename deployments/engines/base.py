@@ -19,7 +19,9 @@ Engines import torch and transformers but never Ray: they run and are tested wit
 from __future__ import annotations
 
 import functools
+import os
 import threading
+from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Protocol, Sequence, TypeVar, runtime_checkable
 
 from app.config import BatchingSpec
@@ -50,6 +52,12 @@ class Engine(Protocol):
 
     def close(self) -> None:
         """Stop, and release the model's memory (drop references; empty the CUDA cache on a GPU)."""
+
+
+def cache_root() -> Path:
+    """The project's files on this machine (demo checkpoints, compiled kernels): $SERVE_TRANSFORMERS_CACHE,
+    else ~/.cache/serve-transformers."""
+    return Path(os.environ.get("SERVE_TRANSFORMERS_CACHE") or Path.home() / ".cache" / "serve-transformers")
 
 
 def release_memory(device_type: str) -> None:

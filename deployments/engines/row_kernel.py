@@ -10,16 +10,16 @@ packed product stays: there the products are arithmetic, not reads.
 Contract:
 
 - :func:`row_product` returns ``f`` with ``f(x) == x @ weight.T + bias`` for an ``x`` of one row
-  ([1, in] float32 on the CPU, else a ValueError), up to float rounding (the lanes sum in another order than oneDNN),
-  or None when the kernel cannot serve that weight (not a contiguous float32 CPU tensor) or cannot be
-  had on this machine. Callers then keep their own product: the kernel is never required.
+  ([1, in] float32 on the CPU, else a ValueError), up to float rounding (the lanes sum in another order
+  than oneDNN), or None when the kernel cannot serve that weight (not a contiguous float32 CPU tensor)
+  or cannot be had on this machine. Callers then keep their own product: the kernel is never required.
 - It cannot be had off Linux, when there is no C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang`` on
   the PATH), the build fails, torch's parallel backend is not OpenMP, or loading it would bring a second
-  OpenMP runtime into the process (torch's threads and the kernel's must be one team: README, One OpenMP team
-  per process). The reason is logged once.
-- The library is built at most once per machine and source: ``$SERVE_TRANSFORMERS_CACHE/kernels`` (else
-  ``~/.cache/serve-transformers/kernels``), named by a hash of the source, the flags, the compiler and the
-  CPU, written under a temporary name and renamed, so replicas starting together do not read a half-
+  OpenMP runtime into the process (torch's threads and the kernel's must be one team: README, One
+  OpenMP team per process). The reason is logged once.
+- The library is built at most once per machine and source: in ``kernels`` under
+  :func:`~deployments.engines.base.cache_root`, named by a hash of the source, the flags, the compiler
+  and the CPU, written under a temporary name and renamed, so replicas starting together do not read a half-
   written file.
 - The product runs on as many OpenMP threads as torch's ``get_num_threads()`` in the calling thread and
   releases the GIL (a ``ctypes`` call), as torch's own ops do.
@@ -40,6 +40,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from deployments.engines.base import cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -174,8 +176,7 @@ def _build(compiler: str) -> Path:
     """The kernel's shared library for this source, flags, compiler and CPU, compiled if not cached."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256("\0".join([_SOURCE, *_FLAGS, version, platform.machine(), _cpu()]).encode())
-    root = os.environ.get("SERVE_TRANSFORMERS_CACHE") or Path.home() / ".cache" / "serve-transformers"
-    directory = Path(root) / "kernels"
+    directory = cache_root() / "kernels"
     path = directory / f"row_product-{key.hexdigest()[:16]}.so"
     if path.exists():
         return path

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from deployments.engines.base import cache_root
 from deployments.models.corpus import corpus
 from deployments.models.whisper_demo import WHISPER_DEMO
 
@@ -35,9 +36,8 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 def demo_cache_root() -> Path:
-    """Where demo checkpoints live: $SERVE_TRANSFORMERS_CACHE, else ~/.cache/serve-transformers."""
-    root = os.environ.get("SERVE_TRANSFORMERS_CACHE") or Path.home() / ".cache" / "serve-transformers"
-    return Path(root) / "demo"
+    """Where demo checkpoints live: ``demo`` under :func:`~deployments.engines.base.cache_root`."""
+    return cache_root() / "demo"
 
 
 def build_tokenizer(vocab_size: int):
