@@ -13,13 +13,12 @@ runs one decode step (one new token per row) with the same weights and the same 
 - the rotary embedding turns q and k together, with the model's own ``cos``/``sin``;
 - attention over the cache is two batched matrix products and a softmax, grouped by key/value head
   (no repeated keys, no per-step mask conversion per layer);
-- on a CPU in float32 the matrix products read a copy of the weights that oneDNN laid out once for
-  its kernels (``packed``; ``packed_weights: false`` in the model's spec turns it off): otherwise the
-  matrix library re-lays the weights out in every product, which at 2 to 32 rows costs as much as the
-  arithmetic (README, The decode step);
-- a product of one row (a single stream's step) reads the weights through
-  :mod:`~deployments.engines.row_kernel` where the machine can build it (``row_kernel: false`` turns it
-  off): at one row the products are memory reads, and that kernel reads faster than oneDNN.
+- on a CPU in float32 the matrix products read a copy of the weights laid out once for a kernel
+  (``packed``; ``packed_weights: false`` in the model's spec turns it off): otherwise the matrix library
+  re-lays the weights out in every product, which at 2 to 32 rows costs as much as the arithmetic
+  (README, The decode step). That is oneDNN's layout, and for products of up to 8 rows (decode steps
+  of a few streams) also the panels of :mod:`~deployments.engines.product_kernel` where the machine can
+  build it (``product_kernel: false`` turns it off), which is faster than oneDNN there.
 
 :meth:`FastDecoder.prefill` runs a group of prompts the same way, packed into one sequence without
 padding (attention through ``scaled_dot_product_attention``, causal within each prompt), and computes the
@@ -45,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from deployments.engines.batch import SlotLayer
-from deployments.engines.row_kernel import row_product
+from deployments.engines.product_kernel import KERNEL_ROWS, panel_product
 
 # model_type -> whether its attention normalises q and k per head (Qwen3) before the rotary embedding.
 FAMILIES: dict[str, bool] = {"llama": False, "mistral": False, "qwen2": False, "qwen3": True}
@@ -132,7 +131,7 @@ class FastDecoder:
     """The prefill and one decode step of ``model`` over a :class:`~deployments.engines.batch.Batch`'s
     cache layers."""
 
-    def __init__(self, model: Any, qk_norm: bool, packed: bool = True, row_kernel: bool = True) -> None:
+    def __init__(self, model: Any, qk_norm: bool, packed: bool = True, product_kernel: bool = True) -> None:
         base = model.model
         config = model.config
         self.embed = base.embed_tokens.weight
@@ -152,8 +151,8 @@ class FastDecoder:
         # it was, at no cost.
         self.packed = packed and packs_weights(self.embed.device, self.embed.dtype)
         self.packed_bytes = 0  # memory the packed copies take
-        self.row_kernel = row_kernel
-        self.row_products = 0  # products that take one row through the row kernel
+        self.product_kernel = product_kernel
+        self.kernel_products = 0  # products that go through the product kernel
         self.lm_head = self._product(*_linear(model.lm_head))
         self.layers = []
         for layer in base.layers:
@@ -169,23 +168,24 @@ class FastDecoder:
 
     def _product(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Product:
         """``x -> x @ weight.T + bias``. When packed, through a copy of ``weight`` in oneDNN's blocked
-        layout: the same product 1.1-1.8x faster on CPU at 2 to 128 rows, because the matrix library no
-        longer re-lays the weights out in every call. With ``row_kernel``, a product of one row goes
-        through :mod:`~deployments.engines.row_kernel` where this machine has it, which reads the weights
-        faster than either."""
+        layout: the same product 1.1-1.8x faster at 2 to 128 rows, because the matrix library no longer
+        re-lays the weights out in every call. With ``product_kernel`` too, a product of up to
+        ``KERNEL_ROWS`` rows goes through :mod:`~deployments.engines.product_kernel` where this machine
+        has it (a second copy, in its panels), which is faster than oneDNN there."""
         weight = weight.detach()
         bias = None if bias is None else bias.detach()
-        if self.packed:
-            blocked = torch.ops.mkldnn._reorder_linear_weight(weight, _PACK_ROWS)
-            self.packed_bytes += blocked.numel() * blocked.element_size()
-            many: Product = lambda x: torch.ops.mkldnn._linear_pointwise(x, blocked, bias, "none", [], "")
-        else:
-            many = lambda x: F.linear(x, weight, bias)
-        one = row_product(weight, bias) if self.row_kernel else None
-        if one is None:
+        if not self.packed:
+            return lambda x: F.linear(x, weight, bias)
+        blocked = torch.ops.mkldnn._reorder_linear_weight(weight, _PACK_ROWS)
+        self.packed_bytes += blocked.numel() * blocked.element_size()
+        many: Product = lambda x: torch.ops.mkldnn._linear_pointwise(x, blocked, bias, "none", [], "")
+        few = panel_product(weight, bias) if self.product_kernel else None
+        if few is None:
             return many
-        self.row_products += 1
-        return lambda x: one(x) if x.shape[0] == 1 else many(x)
+        self.kernel_products += 1
+        self.packed_bytes += few.panels.numel() * few.panels.element_size()
+        limit = KERNEL_ROWS * weight.shape[1]
+        return lambda x: few(x) if x.numel() <= limit else many(x)
 
     def _project(self, layer: _Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -287,7 +287,7 @@ class FastDecoder:
         return self.lm_head(self.norm(x))
 
 
-def fast_decoder(model: Any, packed: bool = True, row_kernel: bool = True) -> FastDecoder | None:
+def fast_decoder(model: Any, packed: bool = True, product_kernel: bool = True) -> FastDecoder | None:
     """A :class:`FastDecoder` for ``model``, or None when this step would not compute its forward (a
     family not in :data:`FAMILIES`, attention other than sdpa, sliding-window layers, partial rotary,
     modules that are not the plain ones)."""
@@ -303,6 +303,6 @@ def fast_decoder(model: Any, packed: bool = True, row_kernel: bool = True) -> Fa
     if not full_attention:
         return None
     try:
-        return FastDecoder(model, qk_norm, packed, row_kernel)
+        return FastDecoder(model, qk_norm, packed, product_kernel)
     except (AttributeError, TypeError, KeyError):
         return None

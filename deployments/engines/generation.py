@@ -91,7 +91,7 @@ class GenerationEngine:
                  pad_token_id: int, context_len: int = 2048, max_running_rows: int = 64,
                  max_prefill_tokens: int = 4096, prefill_threads: int | None = None,
                  decode_threads: int | None = None, fast_decode: bool = True,
-                 packed_weights: bool = True, row_kernel: bool = True) -> None:
+                 packed_weights: bool = True, product_kernel: bool = True) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
@@ -110,7 +110,7 @@ class GenerationEngine:
         self.can_concatenate = supports_concatenation(model)
         self._batch_class = Batch if self.can_concatenate else PlainBatch
         # The lean prefill and decode step for the families it computes (fast_decode.FAMILIES).
-        self.fast_decoder = (fast_decoder(model, packed_weights, row_kernel)
+        self.fast_decoder = (fast_decoder(model, packed_weights, product_kernel)
                              if self.can_concatenate and fast_decode else None)
         # Shared with the model thread (under _lock): groups waiting for admission, the stop flag.
         self._lock = threading.Condition()
@@ -160,8 +160,8 @@ class GenerationEngine:
         in_flight = [*(self._running.rows if self._running else []), *self._admitted, *waiting]
         deliver_threadsafe([(seq.out, [], InternalError("the model was unloaded")) for seq in in_flight])
         self._running, self._admitted = None, []
-        # The lean step holds packed copies and (its row kernel) the stacked weights: drop it with the
-        # model, so that a closed engine someone still references holds no weights.
+        # The lean step holds the packed copies of the weights (oneDNN's or the product kernel's): drop
+        # it with the model, so that a closed engine someone still references holds no weights.
         self.model = self.fast_decoder = None
         release_memory(self.device.type)
 
