@@ -130,6 +130,11 @@ def panel_product(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Pro
     return product
 
 
+def available() -> bool:
+    """Whether this machine has the kernel (built or loaded on first call)."""
+    return _library() is not None
+
+
 def pack_panels(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` [out, in] as the kernel reads it: [ceil(out / 16), in, 16], outputs past ``out`` zero."""
     out, inner = weight.shape

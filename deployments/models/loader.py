@@ -18,6 +18,7 @@ from app.config import ChatModelSpec, GenerationLimits, TranscriptionModelSpec, 
 from deployments.engines.base import on_passing_thread
 from deployments.engines.fast_decode import FAMILIES, packs_weights
 from deployments.engines.generation import GenerationEngine
+from deployments.engines.product_kernel import available as kernel_available
 from deployments.engines.whisper import WhisperEngine
 from deployments.models.sources import resolve_source
 
@@ -155,7 +156,8 @@ def estimate_weight_bytes(path: Path, spec: ChatModelSpec) -> int:
         stored_dtype, family = torch.float32, None
     device = pick_device(spec)
     target = pick_dtype(spec, device)
-    # Packed weights (fast_decode.FastDecoder, its families on CPU in float32) are a second copy.
+    # Packed weights (fast_decode.FastDecoder, its families on CPU in float32) are a second copy, and the
+    # product kernel's panels, where this machine builds it, a third.
     packed = spec.fast_decode and spec.packed_weights and family in FAMILIES and packs_weights(device, target)
-    copies = 2 if packed else 1
+    copies = 1 + packed + (packed and spec.product_kernel and kernel_available())
     return int(stored * target.itemsize / stored_dtype.itemsize) * copies

@@ -6,6 +6,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 from app.config import ChatModelSpec
+from deployments.engines import product_kernel
 from deployments.models.loader import load_prepared_chat, prepare_chat
 
 NAMES = ["chat", "chat-s1", "chat-s2", "bench"]
@@ -38,8 +39,9 @@ def test_weight_estimate_matches_the_loaded_size():
 
 
 def test_packed_weights_count_as_a_second_copy():
-    """On CPU in float32 the lean forward's packed copy of the weights is memory the pool must count."""
-    spec = ChatModelSpec(id="bench", source="demo:bench")
+    """On CPU in float32 the lean forward's packed copy of the weights is memory the pool must count, and
+    so are the product kernel's panels (a third copy) where this machine builds the kernel."""
+    spec = ChatModelSpec(id="bench", source="demo:bench", product_kernel=False)
     plain = spec.model_copy(update={"packed_weights": False})
     path, packed_estimate = prepare_chat(spec)
     _, plain_estimate = prepare_chat(plain)
@@ -47,3 +49,9 @@ def test_packed_weights_count_as_a_second_copy():
     assert engine.fast_decoder.packed
     assert 1.8 * plain_size <= packed_size <= 2 * plain_size
     assert packed_estimate == 2 * plain_estimate
+    with_kernel = spec.model_copy(update={"product_kernel": True})
+    _, kernel_estimate = prepare_chat(with_kernel)
+    _, kernel_size = load_prepared_chat(with_kernel, path)
+    copies = 3 if product_kernel.available() else 2
+    assert kernel_estimate == copies * plain_estimate
+    assert (copies - 0.2) * plain_size <= kernel_size <= copies * 1.01 * plain_size
