@@ -171,7 +171,7 @@ class FastDecoder:
         layout: the same product 1.1-1.8x faster at 2 to 128 rows, because the matrix library no longer
         re-lays the weights out in every call. With ``product_kernel`` too, a product of up to
         ``KERNEL_ROWS`` rows goes through :mod:`~deployments.engines.product_kernel` where this machine
-        has it (a second copy, in its panels), which is faster than oneDNN there."""
+        has it (another copy, in its panels), which is faster than oneDNN there."""
         weight = weight.detach()
         bias = None if bias is None else bias.detach()
         if not self.packed:

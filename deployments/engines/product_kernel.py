@@ -4,7 +4,7 @@ Why: at the row counts of decoding a product is one pass over its weights, so it
 which it reads them while keeping the vector units busy. On the 2-CPU bench machine oneDNN's product over
 its own packed copy reads the bench model's weights at about 22 GB/s at one row; this kernel, over a copy
 of the weights in panels of 16 outputs laid out input-major (``[panel][in][16]``, made once by
-:func:`panel_product`), reads them at about 35 and takes 0.6x oneDNN's time at 1 row and 0.8x at 8
+:func:`panel_product`), reads them at about 35 and takes 0.6x oneDNN's time at 1 row, 0.7-1.0x at 8
 (README: The decode step). Each thread streams its panels once, for up to 8 rows at a time, with every
 row's 16 accumulators in registers (GCC/Clang vector types: AVX-512 or AVX2 on x86, NEON on ARM). From
 16 rows on oneDNN is faster, so callers send at most :data:`KERNEL_ROWS` rows.
@@ -93,7 +93,8 @@ void panel_product(const float *x, const float *wp, const float *bias, float *y,
 """
 
 # The most rows a caller should send: beyond them oneDNN's product over its own packed copy is faster
-# (bench model, 2 threads: the kernel 1.6x at 1 row, 1.2x at 8, 0.86x at 16, 0.83x at 64).
+# (bench model's 33 products, 2 threads: oneDNN takes 1.6x the kernel's time at 1 row, 1.0-1.4x at 8,
+# 0.85-0.9x at 16 and 32).
 KERNEL_ROWS = 8
 
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC"]
