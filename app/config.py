@@ -141,9 +141,9 @@ class ChatModelSpec(_ModelSpecBase):
         "CPU, float32, with fast_decode and packed_weights: matrix products of up to 8 rows (decode steps "
         "of up to 8 streams) go through a small C kernel, compiled once per machine with its C compiler "
         "and cached under $SERVE_TRANSFORMERS_CACHE/kernels, over a copy of the weights in its own panel "
-        "layout: about 1.6x oneDNN's speed at 1 row, up to 1.4x at 8 (README: The decode step). Costs a third copy "
-        "of the weights in memory (counted in on_demand.memory_budget_bytes). Without a compiler, or "
-        "false, oneDNN's product."))
+        "layout: about twice oneDNN's speed at 1 row, about the same at 8 (README: The decode step). "
+        "Costs a third copy of the weights in memory (counted in on_demand.memory_budget_bytes). Without "
+        "a compiler, or false, oneDNN's product."))
     chat_template: str | None = Field(None, description=(
         "Jinja chat template overriding the tokenizer's own (for checkpoints that ship none)."))
     batching: ChatBatchingSpec = Field(default_factory=ChatBatchingSpec, description=(

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from deployments.engines.batch import SlotLayer
-from deployments.engines.product_kernel import KERNEL_ROWS, panel_product
+from deployments.engines.product_kernel import KERNEL_ROWS, Product, panel_product
 
 # model_type -> whether its attention normalises q and k per head (Qwen3) before the rotary embedding.
 FAMILIES: dict[str, bool] = {"llama": False, "mistral": False, "qwen2": False, "qwen3": True}
@@ -53,7 +53,6 @@ FAMILIES: dict[str, bool] = {"llama": False, "mistral": False, "qwen2": False, "
 _RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
 
 Norm = Callable[[torch.Tensor], torch.Tensor]
-Product = Callable[[torch.Tensor], torch.Tensor]  # x -> x @ weight.T + bias
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,8 @@ Why: at the row counts of decoding a product is one pass over its weights, so it
 which it reads them while keeping the vector units busy. On the 2-CPU bench machine oneDNN's product over
 its own packed copy reads the bench model's weights at about 22 GB/s at one row; this kernel, over a copy
 of the weights in panels of 16 outputs laid out input-major (``[panel][in][16]``, made once by
-:func:`panel_product`), reads them at about 35 and takes 0.6x oneDNN's time at 1 row, 0.7-1.0x at 8
-(README: The decode step). Each thread streams its panels once, for up to 8 rows at a time, with every
+:func:`panel_product`), reads them at about 45 and takes half oneDNN's time at 1 row, about the same
+at 8 (README: The decode step). Each thread streams its panels once, for up to 8 rows at a time, with every
 row's 16 accumulators in registers (GCC/Clang vector types: AVX-512 or AVX2 on x86, NEON on ARM). From
 16 rows on oneDNN is faster, so callers send at most :data:`KERNEL_ROWS` rows.
 
@@ -14,8 +14,9 @@ Contract:
 - :func:`panel_product` returns ``f`` with ``f(x) == x @ weight.T + bias`` for any ``x`` [..., in]
   float32 on the CPU (else a ValueError; any number of rows, fastest up to :data:`KERNEL_ROWS`), up to
   float rounding (another summation order than oneDNN's), or None when the kernel cannot serve that
-  weight (not a 2-D float32 CPU tensor, or a bias that does not match) or cannot be had on this machine. Callers then keep their own product: the kernel is never
-  required. ``f`` holds the panel copy only, not ``weight``.
+  weight (not a 2-D float32 CPU tensor, or a bias that does not match) or cannot be had on this
+  machine. Callers then keep their own product: the kernel is never required. ``f`` holds the panel
+  copy only, not ``weight``.
 - It cannot be had off Linux, when there is no C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang`` on
   the PATH), the build fails, torch's parallel backend is not OpenMP, or loading it would bring a second
   OpenMP runtime into the process (torch's threads and the kernel's must be one team: README, One
@@ -93,8 +94,8 @@ void panel_product(const float *x, const float *wp, const float *bias, float *y,
 """
 
 # The most rows a caller should send: beyond them oneDNN's product over its own packed copy is faster
-# (bench model's 33 products, 2 threads: oneDNN takes 1.6x the kernel's time at 1 row, 1.0-1.4x at 8,
-# 0.85-0.9x at 16 and 32).
+# (2 threads: oneDNN takes 1.9x the kernel's time at 1 row on the bench model's 33 products, 1.0x at 8;
+# on its layer shapes with a larger head 1.0-1.4x at 8, 0.85-0.9x at 16 and 32).
 KERNEL_ROWS = 8
 
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC"]
@@ -106,7 +107,8 @@ Product = Callable[[torch.Tensor], torch.Tensor]
 def panel_product(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Product | None:
     """``x -> x @ weight.T + bias`` through the compiled kernel over a panel copy of ``weight``, or None
     (module docstring: when, and what the caller does then)."""
-    if not _servable(weight, 2) or (bias is not None and not (_servable(bias, 1) and bias.shape == weight.shape[:1])):
+    if not _servable(weight, 2) or (
+            bias is not None and not (_servable(bias, 1) and bias.shape == weight.shape[:1])):
         return None
     kernel = _library()
     if kernel is None:
@@ -120,7 +122,8 @@ def panel_product(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Pro
     def product(x: torch.Tensor) -> torch.Tensor:
         # The kernel reads ``rows * inner`` floats at x's address: check what it cannot (about 1 µs).
         if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() == 0 or x.shape[-1] != inner:
-            raise ValueError(f"product over {inner} float32 values per row on CPU, got {x.dtype} {tuple(x.shape)}")
+            raise ValueError(
+                f"product over {inner} float32 values per row on CPU, got {x.dtype} {tuple(x.shape)}")
         x = x.contiguous()
         y = torch.empty((*x.shape[:-1], out), dtype=torch.float32)
         if y.numel():
