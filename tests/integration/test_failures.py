@@ -23,15 +23,33 @@ SHORT_APP = {
 }
 
 
-@pytest.fixture(scope="module")
-def short_app(server):
+# A third, with a long context and no short deadline: a stream that would run on for seconds.
+LONG_APP = {
+    "models": [{"id": "long-chat", "source": "demo:chat", "task": "chat",
+                "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.0},
+                "limits": {"max_tokens": 1900}}],
+}
+
+
+def _serve_app(server, name, args, model):
+    """Run ``args`` as a second application next to the session's; its URL prefix; deleted after."""
     from app.builder import compose_app
 
-    serve.run(compose_app(SHORT_APP, {"slow-chat": {"ray_actor_options": {"num_cpus": 0.25}},
-                                      "OpenAIIngress": {"ray_actor_options": {"num_cpus": 0.1}}}),
-              name="short", route_prefix="/short")
-    yield f"{server}/short"
-    serve.delete("short")
+    serve.run(compose_app(args, {model: {"ray_actor_options": {"num_cpus": 0.25}},
+                                 "OpenAIIngress": {"ray_actor_options": {"num_cpus": 0.1}}}),
+              name=name, route_prefix=f"/{name}")
+    yield f"{server}/{name}"
+    serve.delete(name)
+
+
+@pytest.fixture(scope="module")
+def short_app(server):
+    yield from _serve_app(server, "short", SHORT_APP, "slow-chat")
+
+
+@pytest.fixture(scope="module")
+def long_app(server):
+    yield from _serve_app(server, "long", LONG_APP, "long-chat")
 
 
 async def read_then_disconnect(server: str, body: dict, events: int = 2) -> None:
@@ -97,23 +115,25 @@ def test_body_over_the_limit_is_413(short_app):
     assert_valid(resp.json(), "ErrorResponse")
 
 
-async def test_disconnect_mid_stream_stops_generation_and_spares_neighbours(server, async_client):
-    neighbour_alone = (await async_client.chat.completions.create(
-        model=MODEL, messages=msgs("one two"), max_tokens=40, temperature=0)).choices[0].message.content
-    before = (await asyncio.to_thread(wait_idle, "demo-chat"))["tokens_generated"]
+async def test_disconnect_mid_stream_stops_generation_and_spares_neighbours(long_app):
+    """A client that hangs up cleanly (a FIN, as httpx does when it leaves a stream) is noticed by
+    HAProxy at its second write to it after the hang-up, so about two stream messages (2 x
+    stream_interval_s) later: the quitter asks for 1900 tokens past EOS, seconds of decoding even for the
+    tiny model, so that stopping within that window is unmistakable."""
+    async with httpx.AsyncClient(base_url=long_app, timeout=60) as http:
+        async def neighbour():
+            body = {"model": "long-chat", "messages": msgs("one two"), "max_tokens": 40, "temperature": 0}
+            return (await http.post("/v1/chat/completions", json=body)).json()["choices"][0]["message"]["content"]
 
-    async def neighbour():
-        r = await async_client.chat.completions.create(model=MODEL, messages=msgs("one two"),
-                                                       max_tokens=40, temperature=0)
-        return r.choices[0].message.content
-
-    quitter = read_then_disconnect(server, {"model": MODEL, "messages": msgs("hi"), "max_tokens": 220,
-                                            "temperature": 0})
-    results = await asyncio.gather(neighbour(), quitter)
+        neighbour_alone = await neighbour()
+        before = (await asyncio.to_thread(wait_idle, "long-chat", "long"))["tokens_generated"]
+        quitter = read_then_disconnect(long_app, {"model": "long-chat", "messages": msgs("hi"),
+                                                  "max_tokens": 1900, "ignore_eos": True, "temperature": 0})
+        results = await asyncio.gather(neighbour(), quitter)
     assert results[0] == neighbour_alone
-    after = await asyncio.to_thread(wait_idle, "demo-chat")
-    # Had the stream run on, the engine would have made >= 220 + 40 tokens.
-    assert after["tokens_generated"] - before < 150, after
+    after = await asyncio.to_thread(wait_idle, "long-chat", "long")
+    # Had the stream run on, the engine would have made 1900 + 40 tokens.
+    assert after["tokens_generated"] - before < 1000, after
 
 
 async def test_failing_request_fails_alone_in_a_crowd(async_client):
