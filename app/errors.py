@@ -65,11 +65,11 @@ class ContextLengthExceeded(InvalidRequest):
     default_code = "context_length_exceeded"
 
     @classmethod
-    def text_too_long(cls, context_len: int, chars: int) -> "ContextLengthExceeded":
-        """The prompt's text is longer than any ``context_len`` tokens can spell (a size bound, no
-        tokenizer involved)."""
-        return cls(f"This model's maximum context length is {context_len} tokens, but the messages hold "
-                   f"{chars} characters, more than any {context_len} tokens can spell.", param="messages")
+    def text_too_long(cls, context_len: int, chars: int, param: str = "messages") -> "ContextLengthExceeded":
+        """The prompt's text (in ``param``) is longer than any ``context_len`` tokens can spell (a size
+        bound, no tokenizer involved)."""
+        return cls(f"This model's maximum context length is {context_len} tokens, but the {param} hold "
+                   f"{chars} characters, more than any {context_len} tokens can spell.", param=param)
 
 
 class AuthenticationFailed(ServingError):
@@ -291,7 +291,6 @@ _ELSEWHERE = {
                      "SDK: OpenAIChatCompletionsModel, or set_default_openai_api('chat_completions')).",
     "/v1/completions": " The legacy Completions API is not implemented: use POST /v1/chat/completions "
                        "(LlamaIndex OpenAILike: is_chat_model=True).",
-    "/v1/embeddings": " Embeddings are not implemented.",
 }
 
 

@@ -1,9 +1,11 @@
 """LLMDeployment: one chat model behind ``@serve.batch``, a thin shim over an injected engine.
 
-``chat(request)`` is a streaming method (call it with ``handle.options(stream=True)``): it yields lists
-of :class:`~deployments.engines.records.Delta` for that request. The wire request becomes a
-:class:`GenerationRequest` on a worker thread (size check, chat template, tokenization: CPU work that
-must not stall the event loop, which streams every other request's tokens); the engine then prefills
+``generate(request)`` is a streaming method (call it with ``handle.options(stream=True)``) for every
+text-generation family (a chat completions or completions request; the ingress maps responses onto
+chat): it yields lists of :class:`~deployments.engines.records.Delta` for that request. The wire request
+becomes engine requests (``deployments.engines.prepared``: one per prompt) on a worker thread (size
+check, chat template, tokenization: CPU work that must not stall the event loop, which streams every
+other request's tokens); the engine then prefills
 what was admitted during a step together and decodes all running requests together (continuous
 batching). One Ray message carries every token a request produced since the previous one.
 
@@ -24,8 +26,10 @@ from typing import Any, AsyncIterator, Callable
 from ray import serve
 
 from app.config import ChatModelSpec
-from app.protocol.chat import ChatCompletionRequest
+from app.protocol.sampling import SamplingRequest
 from deployments.batched import BatchedDeployment
+from deployments.engines.prepared import merged
+from deployments.engines.preparers import prepare
 from deployments.engines.records import Delta
 
 # Prompts up to this many characters take the small lane (tokenized in well under 0.1 s).
@@ -57,18 +61,25 @@ class LLMDeployment(BatchedDeployment):
         self._small = _Lane("preprocess-small", lambda: copy.deepcopy(self.engine.tokenizer))
         self._limits: dict[str, int] | None = None
 
-    async def chat(self, request: ChatCompletionRequest) -> AsyncIterator[list[Delta]]:
-        """Stream the deltas of one chat request; raises ServingError subclasses for bad input."""
-        lane = self._small if request.text_size_over(SMALL_PROMPT_CHARS) is None else self._large
-        generation = await asyncio.get_running_loop().run_in_executor(lane.pool, self._preprocess, lane,
-                                                                      request)
-        async for deltas in self._stream(generation):
+    async def generate(self, request: SamplingRequest) -> AsyncIterator[list[Delta]]:
+        """Stream the deltas of one generation request (choices numbered across its prompts); raises
+        ServingError subclasses for bad input."""
+        prepared = await self._on_lane(request, prepare, self.engine, self.spec.limits)
+        async for deltas in merged(prepared, [self._stream(r) for r in prepared.requests]):
             yield deltas
 
-    def _preprocess(self, lane: _Lane, request: ChatCompletionRequest) -> Any:
-        from deployments.engines.chat_params import to_generation_request
+    async def tokenize(self, request: Any) -> AsyncIterator[list[Any]]:
+        """``/tokenize`` and ``/detokenize``: one record with the answer (deployments.engines.tokenize)."""
+        from deployments.engines.tokenize import run_tokenizer
 
-        return to_generation_request(request, self.engine, self.spec.limits, lane.tokenizer())
+        yield [await self._on_lane(request, run_tokenizer, self.engine)]
+
+    async def _on_lane(self, request: Any, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(request, *args, tokenizer)`` on the preprocessing lane that ``request``'s size picks."""
+        small = request.text_size_over(SMALL_PROMPT_CHARS) is None
+        lane = self._small if small else self._large
+        return await asyncio.get_running_loop().run_in_executor(
+            lane.pool, lambda: fn(request, *args, lane.tokenizer()))
 
     async def prompt_limits(self) -> dict[str, int]:
         """``{"context_len": tokens, "prompt_bytes": most UTF-8 bytes of message text that can fit}``:

@@ -41,8 +41,10 @@ from ray import serve
 from app.allowlist import checked_source, resolve_allowed
 from app.config import ChatModelSpec, OnDemandSpec
 from app.errors import ModelNotFound
-from app.protocol.chat import ChatCompletionRequest
+from app.protocol.sampling import SamplingRequest
 from app.streaming import Served
+from deployments.engines.prepared import merged
+from deployments.engines.preparers import prepare
 from deployments.logs import install_client_error_filter
 from deployments.pool import ModelPool
 
@@ -112,23 +114,29 @@ class MultiplexedChatDeployment:
         # shared between threads, and each prompt is bounded by its model's context.
         self._preprocess = ThreadPoolExecutor(max_workers=1, thread_name_prefix="preprocess")
 
-    async def chat(self, request: ChatCompletionRequest) -> AsyncIterator[list[Any]]:
-        """Stream the deltas of one chat request for the model Ray routed it with."""
-        from deployments.engines.chat_params import to_generation_request
+    async def generate(self, request: SamplingRequest) -> AsyncIterator[list[Any]]:
+        """Stream the deltas of one generation request for the model Ray routed it with."""
+        spec = self._routed_spec(request.model)
+        await self._route_here(spec.id)
+        async with self.pool.use(spec) as engine:
+            prepared = await asyncio.get_running_loop().run_in_executor(
+                self._preprocess, prepare, request, engine, spec.limits)
+            served: list[Any] = [Served(self.replica_id, spec.id)]
+            # merged() cancels the rows when the caller goes away.
+            async for deltas in merged(prepared, engine.submit(prepared.requests)):
+                yield served + deltas
+                served = []
+
+    async def tokenize(self, request: Any) -> AsyncIterator[list[Any]]:
+        """``/tokenize`` and ``/detokenize`` for the routed model (see LLMDeployment.tokenize)."""
+        from deployments.engines.tokenize import run_tokenizer
 
         spec = self._routed_spec(request.model)
-        model_id = spec.id
-        await self._route_here(model_id)
+        await self._route_here(spec.id)
         async with self.pool.use(spec) as engine:
-            generation = await asyncio.get_running_loop().run_in_executor(
-                self._preprocess, to_generation_request, request, engine, spec.limits)
-            served: list[Any] = [Served(self.replica_id, model_id)]
-            try:
-                async for deltas in engine.submit([generation])[0]:
-                    yield served + deltas
-                    served = []
-            finally:
-                generation.cancelled = True  # the caller went away: free the rows at the next step
+            result = await asyncio.get_running_loop().run_in_executor(self._preprocess, run_tokenizer,
+                                                                      request, engine, None)
+        yield [Served(self.replica_id, spec.id), result]
 
     async def prompt_limits(self) -> dict[str, int]:
         """The routed model's prompt limits (see LLMDeployment.prompt_limits); loads it if need be."""

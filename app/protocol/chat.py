@@ -8,13 +8,10 @@ from pydantic import (BaseModel, Discriminator, Field, StrictBool, StrictInt, Ta
                       model_serializer, model_validator)
 
 from app.protocol.common import Usage, WireModel, conflict, unsupported
+from app.protocol.sampling import SamplingRequest
 
 FinishReason = Literal["stop", "length"]
 PartType = Literal["text", "image_url", "input_audio", "file", "refusal"]
-Number = Annotated[float, Field(strict=True)]  # a JSON number (an int too), never a string or a bool
-
-MAX_LOGIT_BIAS = 300          # entries, as OpenAI's limit
-MAX_STOP_TOKEN_IDS = 64
 MAX_TEMPLATE_KWARGS = 32      # top-level keys of chat_template_kwargs
 MAX_TEMPLATE_KWARGS_ITEMS = 1024  # values in chat_template_kwargs, nested ones included
 MAX_TEMPLATE_KWARGS_DEPTH = 8
@@ -67,10 +64,6 @@ class ChatMessage(WireModel):
         return "".join(part.text or "" for part in self.content)
 
 
-class StreamOptions(WireModel):
-    include_usage: StrictBool = False
-
-
 class ResponseFormat(WireModel):
     type: Literal["text", "json_object", "json_schema"] = Field(
         description="Only plain text is served; structured output is refused.")
@@ -81,35 +74,13 @@ def _is_set(value: Any) -> bool:
     return value is not None and value is not False and value != [] and value != {}
 
 
-class ChatCompletionRequest(WireModel):
+class ChatCompletionRequest(SamplingRequest):
     """The request body. Every OpenAI and vLLM parameter is either served, accepted as metadata, or
     refused with a 400 naming it (:data:`REFUSALS`, :data:`CONFLICTS`); fields nobody defines are
-    ignored. Booleans and integers are strict: ``"yes"`` is not true and ``true`` is not 1."""
+    ignored. The sampling parameters are :class:`~app.protocol.sampling.SamplingRequest`'s."""
 
-    model: str = Field(min_length=1)
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: StrictInt | None = Field(None, ge=1)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
-    temperature: Number | None = Field(None, ge=0.0, le=2.0)
-    top_p: Number | None = Field(None, gt=0.0, le=1.0)
-    top_k: StrictInt | None = Field(None, ge=-1, description="Extra: sample among the k likeliest; 0/-1 = off.")
-    min_p: Number | None = Field(None, ge=0.0, le=1.0, description=(
-        "Extra: drop tokens less likely than min_p times the likeliest."))
-    n: StrictInt = Field(1, ge=1)
-    stream: StrictBool = False
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = Field(
-        None, max_length=MAX_STOP_TOKEN_IDS, description="Extra: token ids that end the completion.")
-    seed: StrictInt | None = Field(None, ge=-(2**63), lt=2**64)
-    presence_penalty: Number | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: Number | None = Field(None, ge=-2.0, le=2.0)
-    repetition_penalty: Number | None = Field(None, ge=0.01, le=10.0, description="Extra (HF-style).")
-    logit_bias: dict[str, Annotated[Number, Field(ge=-100.0, le=100.0)]] | None = Field(
-        None, max_length=MAX_LOGIT_BIAS, description="Token id (as a string) -> bias added to its logit.")
-    min_tokens: StrictInt | None = Field(None, ge=0, description=(
-        "Extra: EOS and stop_token_ids cannot end the completion before this many tokens."))
-    ignore_eos: StrictBool = Field(False, description="Extra: keep generating past EOS.")
     logprobs: StrictBool | None = None
     top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
@@ -122,7 +93,6 @@ class ChatCompletionRequest(WireModel):
     audio: dict[str, Any] | None = None
     prediction: dict[str, Any] | None = None
     reasoning_effort: str | None = None
-    best_of: StrictInt | None = Field(None, ge=1, description="Extra: accepted only equal to n.")
     echo: StrictBool = Field(False, description="Extra: prefix the answer with the last message when it "
                              "has the answer's role (vLLM).")
     chat_template_kwargs: dict[str, Any] | None = Field(None, description=(
@@ -135,23 +105,6 @@ class ChatCompletionRequest(WireModel):
     store: StrictBool | None = None
     metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = Field(None, max_length=16)
     service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
-    user: str | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_not_empty(cls, value: str | list[str] | None) -> str | list[str] | None:
-        stops = [value] if isinstance(value, str) else (value or [])
-        if any(s == "" for s in stops):
-            raise ValueError("stop sequences must be non-empty strings")
-        return value
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _token_id_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        for key in value or {}:
-            if not (key.isascii() and key.isdigit() and len(key) <= 10):
-                raise ValueError(f"keys must be token ids (non-negative integers as strings), got {key!r}")
-        return value
 
     @field_validator("chat_template_kwargs")
     @classmethod
@@ -181,17 +134,13 @@ class ChatCompletionRequest(WireModel):
         return self
 
     @property
-    def stop_list(self) -> list[str]:
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-
-    @property
     def requested_max_tokens(self) -> int | None:
         """max_completion_tokens (the current name) wins over the deprecated max_tokens."""
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     @property
-    def include_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.include_usage)
+    def max_tokens_param(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
     @property
     def echo_text(self) -> str:
@@ -202,16 +151,13 @@ class ChatCompletionRequest(WireModel):
         role = "assistant" if self.add_generation_prompt else last.role
         return last.text() if self.echo and last.role == role else ""
 
-    def text_size_over(self, limit_bytes: int) -> int | None:
-        """The messages' text length in characters (contents and names) if its UTF-8 encoding takes
-        more than ``limit_bytes``, else None. Cheap whatever the size: since len(str) <= UTF-8 bytes
-        <= 4 * len(str), it encodes only text of at most ``limit_bytes`` characters."""
-        texts = [t for m in self.messages for t in (m.text(), m.name or "")]
-        chars = sum(map(len, texts))
-        if chars > limit_bytes or (4 * chars > limit_bytes and sum(
-                len(t.encode("utf-8", "surrogatepass")) for t in texts) > limit_bytes):
-            return chars
-        return None
+    @property
+    def prompt_param(self) -> str:
+        return "messages"
+
+    def prompt_texts(self) -> list[str]:
+        """Message contents and names (what :meth:`text_size_over` measures)."""
+        return [t for m in self.messages for t in (m.text(), m.name or "")]
 
 
 def _check_json_bounds(value: Any) -> None:

@@ -16,6 +16,8 @@ class ModelCard(BaseModel):
     # replicas), `loading`, or `available` (allowed, loaded on the first request).
     status: Literal["pinned", "loaded", "loading", "available"] | None = None
     loaded_replicas: int | None = None
+    task: str | None = None  # extension: what it serves (chat, embedding, transcription, fill-mask, ...)
+    max_model_len: int | None = None  # extension (vLLM's name): context length in tokens, where it applies
 
 
 class ModelList(BaseModel):

@@ -9,9 +9,8 @@ from typing import Any, AsyncIterator
 
 from app.protocol.chat import (AssistantMessage, ChatCompletionChunk, ChatCompletionRequest,
                                ChatCompletionResponse, Choice, ChunkChoice, Delta)
-from app.errors import ContextLengthExceeded
 from app.protocol.common import Usage
-from app.serving.base import OFF_LOOP_BYTES, Inbound, Serving, maybe_off_loop
+from app.serving.generation import GenerationServing
 
 
 async def chat_chunks(deltas: AsyncIterator[list[Any]], *, model: str, include_usage: bool,
@@ -72,28 +71,10 @@ async def collect_chat(chunks: AsyncIterator[ChatCompletionChunk]) -> ChatComple
                                   usage=usage)
 
 
-class ChatServing(Serving):
-    """``POST /v1/chat/completions``: a chat model's ``chat`` method."""
+class ChatServing(GenerationServing):
+    """``POST /v1/chat/completions``: a chat model's ``generate`` method."""
 
-    task = "chat"
-    method = "chat"
     request_model = ChatCompletionRequest
-
-    def __init__(self) -> None:
-        self._limits: dict[str, dict[str, int]] = {}  # model id -> its deployment's prompt_limits()
-
-    async def screen(self, body: ChatCompletionRequest, inbound: Inbound, spec: Any, deployment: Any) -> None:
-        """A large body whose message text is longer than the model's context can hold (by UTF-8 size,
-        see the deployment's ``prompt_limits``) is refused here: sending megabytes to the replica only
-        for it to refuse them costs both processes seconds of event loop."""
-        if inbound.size <= OFF_LOOP_BYTES:
-            return  # cheap to send; the replica checks it
-        limits = self._limits.get(spec.id)
-        if limits is None:
-            limits = self._limits[spec.id] = await deployment.prompt_limits.remote()
-        chars = await maybe_off_loop(inbound.size, body.text_size_over, limits["prompt_bytes"])
-        if chars is not None:
-            raise ContextLengthExceeded.text_too_long(limits["context_len"], chars)
 
     def chunks(self, records: AsyncIterator[list[Any]], body: ChatCompletionRequest):
         # The collected (non-streamed) answer always needs usage.

@@ -19,6 +19,8 @@ from typing import Any
 from app.config import GenerationLimits
 from app.errors import ContextLengthExceeded, InvalidRequest
 from app.protocol.chat import ChatCompletionRequest
+from app.protocol.sampling import SamplingRequest
+from deployments.engines.prepared import Prepared
 from deployments.engines.records import GenerationRequest, SamplingParams
 
 
@@ -52,12 +54,12 @@ def prompt_limits(engine: Any) -> dict[str, int]:
             "prompt_bytes": prompt_bytes_limit(engine.tokenizer, engine.context_len)}
 
 
-def _check_prompt_size(request: ChatCompletionRequest, tokenizer: Any, context_len: int) -> None:
+def _check_prompt_size(request: SamplingRequest, tokenizer: Any, context_len: int) -> None:
     """ContextLengthExceeded if the messages' UTF-8 size alone proves they cannot fit ``context_len``;
     never calls the tokenizer (only its vocabulary, once per tokenizer)."""
     chars = request.text_size_over(prompt_bytes_limit(tokenizer, context_len))
     if chars is not None:
-        raise ContextLengthExceeded.text_too_long(context_len, chars)
+        raise ContextLengthExceeded.text_too_long(context_len, chars, request.prompt_param)
 
 
 @functools.lru_cache(maxsize=16)
@@ -69,7 +71,7 @@ def _reserved_template_kwargs(tokenizer_type: type) -> frozenset[str]:
     return frozenset(named | {"messages", "conversation", "conversations", "self"})
 
 
-def render_prompt(tokenizer: Any, request: ChatCompletionRequest) -> list[int]:
+def render_prompt(tokenizer: Any, request: ChatCompletionRequest, add_special_tokens: bool = False) -> list[int]:
     """Token ids of the messages rendered with the tokenizer's chat template: with the generation
     prompt (``add_generation_prompt``, default) or continuing the final assistant message
     (``continue_final_message``), and the request's ``chat_template_kwargs`` as template variables."""
@@ -88,8 +90,8 @@ def render_prompt(tokenizer: Any, request: ChatCompletionRequest) -> list[int]:
     except Exception as exc:  # templates raise for unsupported roles/orders (jinja's raise_exception)
         raise InvalidRequest(f"the messages cannot be rendered with this model's chat template: {exc}",
                              param="messages") from None
-    # The template already wrote any BOS/special tokens; do not add them twice.
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    # The template already wrote any BOS/special tokens; do not add them twice (unless asked: /tokenize).
+    return tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
 
 
 def _token_ids(ids: Any, vocab_size: int, param: str) -> None:
@@ -110,10 +112,18 @@ def to_generation_request(request: ChatCompletionRequest, engine: Any, limits: G
                               vocab_size=engine.vocab_size)
 
 
-def generation_request(request: ChatCompletionRequest, prompt_ids: list[int], limits: GenerationLimits,
-                       context_len: int, vocab_size: int | None = None) -> GenerationRequest:
+def prepare_chat(request: ChatCompletionRequest, engine: Any, limits: GenerationLimits,
+                 tokenizer: Any = None) -> Prepared:
+    """The chat request as one engine request (its echo is the ingress's: see ``echo_text``)."""
+    return Prepared([to_generation_request(request, engine, limits, tokenizer)])
+
+
+def generation_request(request: SamplingRequest, prompt_ids: list[int], limits: GenerationLimits,
+                       context_len: int, vocab_size: int | None = None,
+                       prompt_param: str = "messages") -> GenerationRequest:
     """Validate lengths and counts of an already tokenized prompt, and the token ids the request names
-    (logit_bias, stop_token_ids) against ``vocab_size``; fill OpenAI's defaults."""
+    (logit_bias, stop_token_ids) against ``vocab_size``; fill OpenAI's defaults. ``prompt_param`` names
+    where the prompt came from (``messages``, ``prompt``) in error messages."""
     if request.n > limits.max_n:
         raise InvalidRequest(f"n must be at most {limits.max_n}, got {request.n}", param="n")
     stops = request.stop_list
@@ -122,22 +132,22 @@ def generation_request(request: ChatCompletionRequest, prompt_ids: list[int], li
                              f"{len(stops)}", param="stop")
     prompt_len = len(prompt_ids)
     if not prompt_len:  # e.g. a custom chat template that renders these messages as ""
-        raise InvalidRequest("the messages render to an empty prompt with this model's chat template: "
-                             "there is nothing to continue", param="messages")
+        raise InvalidRequest(f"the {prompt_param} make an empty prompt with this model's tokenizer (and chat "
+                             "template): there is nothing to continue", param=prompt_param)
     room = context_len - prompt_len
     if room < 1:
         raise ContextLengthExceeded(
-            f"This model's maximum context length is {context_len} tokens, but the messages use "
-            f"{prompt_len} tokens, leaving no room for a completion.", param="messages")
+            f"This model's maximum context length is {context_len} tokens, but the {prompt_param} use "
+            f"{prompt_len} tokens, leaving no room for a completion.", param=prompt_param)
     asked = request.requested_max_tokens
-    param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
+    param = request.max_tokens_param
     if asked is not None and asked > limits.max_tokens:
         raise InvalidRequest(f"{param} must be at most {limits.max_tokens}, got {asked}", param=param)
     if asked is not None and asked > room:
         raise ContextLengthExceeded(
             f"This model's maximum context length is {context_len} tokens. However, you requested "
-            f"{prompt_len + asked} tokens ({prompt_len} in the messages, {asked} in the completion). "
-            f"Please reduce the length of the messages or the completion.", param=param)
+            f"{prompt_len + asked} tokens ({prompt_len} in the {prompt_param}, {asked} in the completion). "
+            f"Please reduce the length of the {prompt_param} or the completion.", param=param)
     max_new_tokens = asked if asked is not None else min(limits.default_max_tokens, room)
     if (request.min_tokens or 0) > max_new_tokens:
         raise InvalidRequest(f"min_tokens ({request.min_tokens}) must be at most the completion's maximum "

@@ -105,3 +105,19 @@ class WhisperOutput:
     @property
     def output_tokens(self) -> int:
         return sum(len(s.tokens) for s in self.segments)
+
+
+@dataclass
+class TokenizeResult:
+    """``/tokenize``'s answer: the prompt's token ids (and their strings when asked for)."""
+
+    tokens: list[int]
+    max_model_len: int
+    token_strs: list[str] | None = None
+
+
+@dataclass
+class DetokenizeResult:
+    """``/detokenize``'s answer: the text the token ids spell."""
+
+    prompt: str

@@ -39,7 +39,7 @@ def test_task_selects_the_spec_class_and_deployment_is_explicit():
     ({"models": [{"id": "w", "source": "demo:whisper", "task": "transcription",
                   "batching": {"max_running_rows": 4}}]}, "max_running_rows"),
     ({"models": [{"id": "w", "source": "demo:whisper", "task": "transcription", "limits": {}}]}, "limits"),
-    ({"models": [{"id": "a", "source": "demo:chat", "task": "embedding"}]}, "task"),
+    ({"models": [{"id": "a", "source": "demo:chat", "task": "image-to-audio"}]}, "task"),
     ({"models": [{"id": "a", "source": "demo:chat", "deployment": "no spaces"}]}, "deployment"),
     ({"models": [{"id": "a", "source": "demo:chat"}, {"id": "b", "source": "demo:chat", "deployment": "a"}]},
      "duplicate deployment_name"),

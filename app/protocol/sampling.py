@@ -1,0 +1,107 @@
+"""Sampling parameters shared by the text-generation endpoints (chat completions, completions).
+
+:class:`SamplingRequest` holds every generation setting the engine serves per row, validated the same way
+for every endpoint family; ``deployments/engines/chat_params.generation_request`` turns them into engine
+settings. Each family adds its own input fields (``messages``, ``prompt``) and refusals.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field, StrictBool, StrictInt, field_validator
+
+from app.protocol.common import WireModel
+
+Number = Annotated[float, Field(strict=True)]  # a JSON number (an int too), never a string or a bool
+
+MAX_LOGIT_BIAS = 300          # entries, as OpenAI's limit
+MAX_STOP_TOKEN_IDS = 64
+
+
+class StreamOptions(WireModel):
+    include_usage: StrictBool = False
+
+
+class SamplingRequest(WireModel):
+    """Generation settings common to chat completions and completions. Booleans and integers are
+    strict: ``"yes"`` is not true and ``true`` is not 1."""
+
+    model: str = Field(min_length=1)
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    temperature: Number | None = Field(None, ge=0.0, le=2.0)
+    top_p: Number | None = Field(None, gt=0.0, le=1.0)
+    top_k: StrictInt | None = Field(None, ge=-1, description="Extra: sample among the k likeliest; 0/-1 = off.")
+    min_p: Number | None = Field(None, ge=0.0, le=1.0, description=(
+        "Extra: drop tokens less likely than min_p times the likeliest."))
+    n: StrictInt = Field(1, ge=1)
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = Field(
+        None, max_length=MAX_STOP_TOKEN_IDS, description="Extra: token ids that end the completion.")
+    seed: StrictInt | None = Field(None, ge=-(2**63), lt=2**64)
+    presence_penalty: Number | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: Number | None = Field(None, ge=-2.0, le=2.0)
+    repetition_penalty: Number | None = Field(None, ge=0.01, le=10.0, description="Extra (HF-style).")
+    logit_bias: dict[str, Annotated[Number, Field(ge=-100.0, le=100.0)]] | None = Field(
+        None, max_length=MAX_LOGIT_BIAS, description="Token id (as a string) -> bias added to its logit.")
+    min_tokens: StrictInt | None = Field(None, ge=0, description=(
+        "Extra: EOS and stop_token_ids cannot end the completion before this many tokens."))
+    ignore_eos: StrictBool = Field(False, description="Extra: keep generating past EOS.")
+    best_of: StrictInt | None = Field(None, ge=1, description="Accepted only equal to n.")
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_not_empty(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else (value or [])
+        if any(s == "" for s in stops):
+            raise ValueError("stop sequences must be non-empty strings")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_id_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key in value or {}:
+            if not (key.isascii() and key.isdigit() and len(key) <= 10):
+                raise ValueError(f"keys must be token ids (non-negative integers as strings), got {key!r}")
+        return value
+
+    @property
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        """The completion length the request asks for (None: the model's default)."""
+        return self.max_tokens
+
+    @property
+    def max_tokens_param(self) -> str:
+        """The parameter :attr:`requested_max_tokens` came from, for error messages."""
+        return "max_tokens"
+
+    @property
+    def prompt_param(self) -> str:
+        """The parameter that holds the prompt (``messages``, ``prompt``), for error messages."""
+        raise NotImplementedError
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def text_size_over(self, limit_bytes: int) -> int | None:
+        """The prompt text's length in characters if its UTF-8 encoding takes more than ``limit_bytes``,
+        else None. Cheap whatever the size: since len(str) <= UTF-8 bytes <= 4 * len(str), it encodes
+        only text of at most ``limit_bytes`` characters."""
+        texts = self.prompt_texts()
+        chars = sum(map(len, texts))
+        if chars > limit_bytes or (4 * chars > limit_bytes and sum(
+                len(t.encode("utf-8", "surrogatepass")) for t in texts) > limit_bytes):
+            return chars
+        return None
+
+    def prompt_texts(self) -> list[str]:
+        """Every piece of text the prompt is made of (for :meth:`text_size_over`)."""
+        raise NotImplementedError

@@ -1,0 +1,39 @@
+"""What the text-generation endpoint families share on the ingress side: they call a chat model's
+``generate`` method (``deployments/llm.py``, ``deployments/multiplexed.py``) and refuse a huge prompt
+before sending it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.errors import ContextLengthExceeded
+from app.serving.base import OFF_LOOP_BYTES, Inbound, Serving, maybe_off_loop
+
+
+class GenerationServing(Serving):
+    """Base of the chat, completions and responses families (and of tokenize, which shares the size
+    screen): a chat model's deployment, its prompt limits asked once per model."""
+
+    task = "chat"
+    method = "generate"
+
+    def __init__(self) -> None:
+        self._limits: dict[str, dict[str, int]] = {}  # model id -> its deployment's prompt_limits()
+
+    def sized(self, body: Any) -> Any:
+        """The request whose ``text_size_over`` and ``prompt_param`` the screen reads (default ``body``)."""
+        return body
+
+    async def screen(self, body: Any, inbound: Inbound, spec: Any, deployment: Any) -> None:
+        """A large body whose prompt text is longer than the model's context can hold (by UTF-8 size,
+        see the deployment's ``prompt_limits``) is refused here: sending megabytes to the replica only
+        for it to refuse them costs both processes seconds of event loop."""
+        if inbound.size <= OFF_LOOP_BYTES:
+            return  # cheap to send; the replica checks it
+        limits = self._limits.get(spec.id)
+        if limits is None:
+            limits = self._limits[spec.id] = await deployment.prompt_limits.remote()
+        request = self.sized(body)
+        chars = await maybe_off_loop(inbound.size, request.text_size_over, limits["prompt_bytes"])
+        if chars is not None:
+            raise ContextLengthExceeded.text_too_long(limits["context_len"], chars, request.prompt_param)

@@ -1,0 +1,43 @@
+"""``/tokenize`` and ``/detokenize`` in the replica: the model's own tokenizer and chat template, with
+the same size bound and rendering as generation (so a count here is the count generation will see)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from app.errors import ContextLengthExceeded, InvalidRequest
+from app.protocol.tokenize import DetokenizeRequest, TokenizeRequest
+from deployments.engines.chat_params import prompt_bytes_limit, render_prompt
+from deployments.engines.records import DetokenizeResult, TokenizeResult
+
+
+def tokenize(request: TokenizeRequest, engine: Any, tokenizer: Any) -> TokenizeResult:
+    """The prompt's (or rendered messages') token ids. Text that cannot fit the context by its size
+    alone is refused before the tokenizer runs, as generation refuses it."""
+    chars = request.text_size_over(prompt_bytes_limit(tokenizer, engine.context_len))
+    if chars is not None:
+        raise ContextLengthExceeded.text_too_long(engine.context_len, chars, request.prompt_param)
+    if request.prompt is not None:
+        special = True if request.add_special_tokens is None else request.add_special_tokens
+        ids = tokenizer(request.prompt, add_special_tokens=special)["input_ids"]
+    else:
+        ids = render_prompt(tokenizer, request.chat_request(), add_special_tokens=bool(request.add_special_tokens))
+    strs = tokenizer.convert_ids_to_tokens(ids) if request.return_token_strs else None
+    return TokenizeResult(tokens=list(ids), max_model_len=engine.context_len, token_strs=strs)
+
+
+def detokenize(request: DetokenizeRequest, engine: Any, tokenizer: Any) -> DetokenizeResult:
+    bad = next((i for i in request.tokens if i >= engine.vocab_size), None)
+    if bad is not None:
+        raise InvalidRequest(f"tokens names token id {bad}, outside this model's vocabulary "
+                             f"(0..{engine.vocab_size - 1})", param="tokens")
+    return DetokenizeResult(prompt=tokenizer.decode(request.tokens))
+
+
+# What each request type runs.
+TOKENIZERS: dict[type, Callable[..., Any]] = {TokenizeRequest: tokenize, DetokenizeRequest: detokenize}
+
+
+def run_tokenizer(request: Any, engine: Any, tokenizer: Any = None) -> Any:
+    """Answer a tokenize or detokenize request with ``tokenizer`` (default the engine's)."""
+    return TOKENIZERS[type(request)](request, engine, tokenizer or engine.tokenizer)
