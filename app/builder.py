@@ -16,12 +16,15 @@ from ray.serve import Application
 from app.config import AppArgs, OnDemandSpec
 from app.ingress import OpenAIIngress
 from deployments.autoscaling import POLICY_PATH, EngineLoadArgs
+from deployments.embedding import EmbeddingDeployment
 from deployments.llm import LLMDeployment
 from deployments.multiplexed import ModelDirectory, MultiplexedChatDeployment
+from deployments.pipeline import PipelineDeployment
 from deployments.whisper import WhisperDeployment
 
 # Which deployment class serves a task.
-TASKS = {"chat": LLMDeployment, "transcription": WhisperDeployment}
+TASKS = {"chat": LLMDeployment, "transcription": WhisperDeployment, "embedding": EmbeddingDeployment,
+         "fill-mask": PipelineDeployment}
 # Custom Serve autoscaling policies this app ships: import path -> (schema of its policy_kwargs, the
 # tasks whose engines report what it reads). `python -m app.check` validates configs against it.
 AUTOSCALING_POLICIES = {POLICY_PATH: (EngineLoadArgs, ("chat",))}

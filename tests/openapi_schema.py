@@ -49,3 +49,19 @@ def assert_valid(body: Any, component: str) -> None:
     errors = sorted(validator(component).iter_errors(body), key=lambda e: list(e.path))
     assert not errors, f"{component} violations:\n" + "\n".join(
         f"- at {'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message[:300]}" for e in errors)
+
+
+# The spec's schema of each /v1/responses streaming event type this server sends.
+RESPONSE_EVENTS = {
+    "response.created": "ResponseCreatedEvent", "response.in_progress": "ResponseInProgressEvent",
+    "response.output_item.added": "ResponseOutputItemAddedEvent",
+    "response.content_part.added": "ResponseContentPartAddedEvent",
+    "response.output_text.delta": "ResponseTextDeltaEvent", "response.output_text.done": "ResponseTextDoneEvent",
+    "response.content_part.done": "ResponseContentPartDoneEvent",
+    "response.output_item.done": "ResponseOutputItemDoneEvent", "response.completed": "ResponseCompletedEvent",
+    "response.incomplete": "ResponseIncompleteEvent"}
+
+
+def assert_valid_event(event: dict[str, Any]) -> None:
+    """A /v1/responses streaming event, against the spec's schema of its type."""
+    assert_valid(event, RESPONSE_EVENTS[event["type"]])

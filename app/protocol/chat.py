@@ -155,9 +155,9 @@ class ChatCompletionRequest(SamplingRequest):
     def prompt_param(self) -> str:
         return "messages"
 
-    def prompt_texts(self) -> list[str]:
-        """Message contents and names (what :meth:`text_size_over` measures)."""
-        return [t for m in self.messages for t in (m.text(), m.name or "")]
+    def prompt_texts(self) -> list[list[str]]:
+        """One prompt: the message contents and names (what :meth:`text_size_over` measures)."""
+        return [[t for m in self.messages for t in (m.text(), m.name or "")]]
 
 
 def _check_json_bounds(value: Any) -> None:

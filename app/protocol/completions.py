@@ -74,8 +74,9 @@ class CompletionRequest(SamplingRequest):
     def prompt_param(self) -> str:
         return "prompt"
 
-    def prompt_texts(self) -> list[str]:
-        return [p for p in self.prompts if isinstance(p, str)]
+    def prompt_texts(self) -> list[list[str]]:
+        """Each string prompt on its own: every prompt must fit the context, not their sum."""
+        return [[p] for p in self.prompts if isinstance(p, str)]
 
 
 # Parameters this server does not implement: (parameter, refused when, why).

@@ -92,16 +92,22 @@ class SamplingRequest(WireModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
     def text_size_over(self, limit_bytes: int) -> int | None:
-        """The prompt text's length in characters if its UTF-8 encoding takes more than ``limit_bytes``,
-        else None. Cheap whatever the size: since len(str) <= UTF-8 bytes <= 4 * len(str), it encodes
-        only text of at most ``limit_bytes`` characters."""
-        texts = self.prompt_texts()
-        chars = sum(map(len, texts))
-        if chars > limit_bytes or (4 * chars > limit_bytes and sum(
-                len(t.encode("utf-8", "surrogatepass")) for t in texts) > limit_bytes):
-            return chars
-        return None
+        """The length in characters of the longest prompt whose UTF-8 encoding takes more than
+        ``limit_bytes``, else None (see :func:`text_size_over`)."""
+        return max((n for texts in self.prompt_texts() if (n := text_size_over(texts, limit_bytes)) is not None),
+                   default=None)
 
-    def prompt_texts(self) -> list[str]:
-        """Every piece of text the prompt is made of (for :meth:`text_size_over`)."""
+    def prompt_texts(self) -> list[list[str]]:
+        """Each prompt as the pieces of text it is made of (for :meth:`text_size_over`)."""
         raise NotImplementedError
+
+
+def text_size_over(texts: list[str], limit_bytes: int) -> int | None:
+    """The texts' total length in characters if their UTF-8 encoding takes more than ``limit_bytes``,
+    else None. Cheap whatever the size: since len(str) <= UTF-8 bytes <= 4 * len(str), it encodes only
+    text of at most ``limit_bytes`` characters."""
+    chars = sum(map(len, texts))
+    if chars > limit_bytes or (4 * chars > limit_bytes and sum(
+            len(t.encode("utf-8", "surrogatepass")) for t in texts) > limit_bytes):
+        return chars
+    return None

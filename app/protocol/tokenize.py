@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, StrictBool, StrictInt, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, StrictBool, StrictInt, model_validator
 
 from app.protocol.chat import ChatCompletionRequest, ChatMessage
 from app.protocol.common import WireModel, conflict
+from app.protocol.sampling import text_size_over
 
 MAX_DETOKENIZE_TOKENS = 1 << 20
 
@@ -29,6 +30,7 @@ class TokenizeRequest(WireModel):
     continue_final_message: StrictBool = Field(False, description="Messages: continue the last one.")
     chat_template_kwargs: dict[str, Any] | None = Field(None, description="Messages: template variables.")
     return_token_strs: StrictBool = Field(False, description="Also return each token's string.")
+    _chat: Any = PrivateAttr(None)
 
     @model_validator(mode="after")
     def _one_input(self) -> "TokenizeRequest":
@@ -37,16 +39,18 @@ class TokenizeRequest(WireModel):
         return self
 
     def chat_request(self) -> ChatCompletionRequest:
-        """The messages as a chat request (validated as ``/v1/chat/completions`` validates them)."""
-        return ChatCompletionRequest(model=self.model, messages=self.messages,
-                                     add_generation_prompt=self.add_generation_prompt,
-                                     continue_final_message=self.continue_final_message,
-                                     chat_template_kwargs=self.chat_template_kwargs)
+        """The messages as a chat request, made once (validated as ``/v1/chat/completions`` validates
+        them: pydantic's ValidationError when they are not valid there)."""
+        if self._chat is None:
+            self._chat = ChatCompletionRequest(model=self.model, messages=self.messages,
+                                               add_generation_prompt=self.add_generation_prompt,
+                                               continue_final_message=self.continue_final_message,
+                                               chat_template_kwargs=self.chat_template_kwargs)
+        return self._chat
 
     def text_size_over(self, limit_bytes: int) -> int | None:
         if self.prompt is not None:
-            size = len(self.prompt.encode("utf-8", "surrogatepass"))
-            return len(self.prompt) if size > limit_bytes else None
+            return text_size_over([self.prompt], limit_bytes)
         return self.chat_request().text_size_over(limit_bytes)
 
     @property

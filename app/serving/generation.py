@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.errors import ContextLengthExceeded
+from pydantic import ValidationError
+
+from app.errors import ContextLengthExceeded, validation_error
 from app.serving.base import OFF_LOOP_BYTES, Inbound, Serving, maybe_off_loop
 
 
@@ -20,8 +22,18 @@ class GenerationServing(Serving):
     def __init__(self) -> None:
         self._limits: dict[str, dict[str, int]] = {}  # model id -> its deployment's prompt_limits()
 
-    def sized(self, body: Any) -> Any:
-        """The request whose ``text_size_over`` and ``prompt_param`` the screen reads (default ``body``)."""
+    def generation_request(self, body: Any) -> Any:
+        """The request the model runs (default ``body``; a responses request runs as a chat request):
+        validated here, and what the size screen measures (its ``text_size_over``, ``prompt_param``)."""
+        return body
+
+    async def validate(self, inbound: Inbound, spec: Any) -> Any:
+        """The body, and the request it runs as, both valid (a 400 names the first bad field)."""
+        body = await super().validate(inbound, spec)
+        try:
+            self.generation_request(body)
+        except ValidationError as exc:
+            raise validation_error(exc.errors()) from None
         return body
 
     async def screen(self, body: Any, inbound: Inbound, spec: Any, deployment: Any) -> None:
@@ -33,7 +45,7 @@ class GenerationServing(Serving):
         limits = self._limits.get(spec.id)
         if limits is None:
             limits = self._limits[spec.id] = await deployment.prompt_limits.remote()
-        request = self.sized(body)
+        request = self.generation_request(body)
         chars = await maybe_off_loop(inbound.size, request.text_size_over, limits["prompt_bytes"])
         if chars is not None:
             raise ContextLengthExceeded.text_too_long(limits["context_len"], chars, request.prompt_param)

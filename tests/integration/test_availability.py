@@ -147,7 +147,8 @@ def test_health_lists_every_model_ready(server):
     body = resp.json()
     assert body["status"] == "ok"
     assert {m: (s["state"], s["running_replicas"], s["config_error"]) for m, s in body["models"].items()} == {
-        "demo-chat": ("ready", 1, None), "demo-whisper": ("ready", 1, None), "on-demand": ("ready", 1, None)}
+        "demo-chat": ("ready", 1, None), "demo-whisper": ("ready", 1, None), "all-MiniLM-L6-v2": ("ready", 1, None),
+        "demo-fill-mask": ("ready", 1, None), "on-demand": ("ready", 1, None)}
 
 
 def replica_names(deployment, app):

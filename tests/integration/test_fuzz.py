@@ -1,4 +1,5 @@
-"""Fuzz the chat and models routes from the app's own OpenAPI schema (schemathesis + hypothesis).
+"""Fuzz the chat, embeddings, fill-mask and models routes from the app's own OpenAPI schema
+(schemathesis + hypothesis).
 
 The schema is the FastAPI-generated ``GET /openapi.json`` of the running test server. Schemathesis
 generates valid and invalid requests (its coverage phase: boundary values of every field; then a bounded,
@@ -6,7 +7,8 @@ derandomized hypothesis phase). Every answer must be:
 
 - not a 5xx;
 - an error: a JSON body valid as the official OpenAI ``ErrorResponse``;
-- a 200: valid as the OpenAI response of the route; a streamed chat answer is SSE whose every ``data:``
+- a 200: valid as the OpenAI response of the route (fill-mask, which OpenAI lacks: the pipeline's
+  lists of ``FillMaskOutputElement``); a streamed chat answer is SSE whose every ``data:``
   event is a valid ``CreateChatCompletionStreamResponse`` (or an error body) and which ends with
   ``data: [DONE]``.
 
@@ -16,19 +18,27 @@ whole test stays within about a minute on 2 CPUs; invalid values go through unto
 
 from __future__ import annotations
 
+import base64
 import json
 import zlib
 
 import httpx
+import numpy as np
 import pytest
 import requests
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from tests.openapi_schema import assert_valid
+from app.protocol.pipeline import FillMaskOutputElement
+from app.protocol.tokenize import DetokenizeResponse, TokenizeResponse
+from tests.openapi_schema import assert_valid, assert_valid_event
 
 MODEL = "demo-chat"
-ROUTES = r"^/v1/(chat/completions|models(/\{model\})?)$"
+EMBEDDING_MODEL = "all-MiniLM-L6-v2"
+FILL_MASK_MODEL = "demo-fill-mask"
+ROUTES = (r"^(/v1/(chat/completions|completions|responses|embeddings|models(/\{model\})?)|/models/\{model\}"
+          r"|/(de)?tokenize)$")
+GENERATION = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/tokenize", "/detokenize")
 MAX_TOKENS_CAP = 8           # generation bound of an accepted request (the server's own limit is 512)
 MAX_EXAMPLES = 80            # per operation, for the hypothesis (fuzzing) phase
 TIMEOUT_S = 60               # per request: far above the slowest legitimate answer here
@@ -68,14 +78,84 @@ def _steer(body, positive: bool):
         for message in body.get("messages") or []:
             if isinstance(message, dict) and message.get("role") != "assistant" and message.get("content") is None:
                 message["content"] = "hi"
-    for key in ("max_tokens", "max_completion_tokens"):
+    for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         value = body.get(key)
         if type(value) is int and MAX_TOKENS_CAP < value <= 512:
             body[key] = MAX_TOKENS_CAP
+    if positive and isinstance(body.get("prompt"), list):  # completions: a few prompts, a few choices each
+        body["prompt"] = body["prompt"][:4]
+        if type(body.get("n")) is int:
+            body["n"] = min(body["n"], 2)
     return body
 
 
-def _check_stream(text: str) -> None:
+def _steer_embeddings(body, positive: bool):
+    """Schema-valid embeddings bodies name the served embedding model (but for one in five)."""
+    if positive and isinstance(body, dict):
+        if zlib.crc32(repr(sorted(body.items(), key=lambda kv: kv[0])).encode()) % 5:
+            body["model"] = EMBEDDING_MODEL
+    return body
+
+
+def _steer_fill_mask(case, positive: bool) -> None:
+    """Schema-valid pipeline requests name the fill-mask model (but for one in five) and hold its mask
+    token in every text, else nearly all of them would be 404s and 400s."""
+    if not positive:
+        return
+    if zlib.crc32(repr(case.body).encode()) % 5:
+        case.path_parameters["model"] = FILL_MASK_MODEL
+    if isinstance(case.body, str):
+        case.body += " [MASK]"
+    elif isinstance(case.body, dict) and isinstance(case.body.get("inputs"), str):
+        case.body["inputs"] += " [MASK]"
+    elif isinstance(case.body, dict) and isinstance(case.body.get("inputs"), list):
+        case.body["inputs"] = [f"{t} [MASK]" if isinstance(t, str) else t for t in case.body["inputs"]]
+
+
+def _check_fill_mask(value) -> None:
+    """A fill-mask answer: candidates, or a list of them per mask and/or per text (the pipeline's shapes)."""
+    assert isinstance(value, list) and value, value
+    for item in value:
+        if isinstance(item, list):
+            _check_fill_mask(item)
+        else:
+            FillMaskOutputElement.model_validate(item)
+
+
+def _decoded(body: dict) -> dict:
+    """A base64 embeddings answer with its vectors decoded (the spec only describes float lists)."""
+    data = [{**d, "embedding": np.frombuffer(base64.b64decode(d["embedding"]), "<f4").tolist()}
+            if isinstance(d.get("embedding"), str) else d for d in body.get("data", [])]
+    return {**body, "data": data}
+
+
+def _completion_chunk(payload: dict) -> None:
+    """A streamed completion is the completion object with finish_reason null until a choice ends."""
+    choices = [{**c, "finish_reason": c.get("finish_reason") or "stop"} for c in payload.get("choices", [])]
+    assert_valid({**payload, "choices": choices}, "CreateCompletionResponse")
+
+
+# How one SSE event of each streaming route is checked.
+STREAM_EVENTS = {
+    "/v1/chat/completions": lambda p: assert_valid(p, "CreateChatCompletionStreamResponse"),
+    "/v1/completions": _completion_chunk,
+    "/v1/responses": assert_valid_event,
+}
+# How a 200 JSON body of each route is checked (fill-mask and tokenize have no OpenAI schema).
+BODIES = {
+    "/v1/models": lambda b: assert_valid(b, "ListModelsResponse"),
+    "/v1/models/{model}": lambda b: assert_valid(b, "Model"),
+    "/models/{model}": lambda b: _check_fill_mask(b),
+    "/v1/embeddings": lambda b: assert_valid(_decoded(b), "CreateEmbeddingResponse"),
+    "/v1/chat/completions": lambda b: assert_valid(b, "CreateChatCompletionResponse"),
+    "/v1/completions": lambda b: assert_valid(b, "CreateCompletionResponse"),
+    "/v1/responses": lambda b: assert_valid(b, "Response"),
+    "/tokenize": lambda b: TokenizeResponse.model_validate(b),
+    "/detokenize": lambda b: DetokenizeResponse.model_validate(b),
+}
+
+
+def _check_stream(text: str, path: str) -> None:
     events = [block for block in text.split("\n\n") if block.strip()]
     assert events, "empty event stream"
     for block in events[:-1]:
@@ -84,7 +164,7 @@ def _check_stream(text: str) -> None:
         if "error" in payload:
             assert_valid(payload, "ErrorResponse")
         else:
-            assert_valid(payload, "CreateChatCompletionStreamResponse")
+            STREAM_EVENTS[path](payload)
     assert events[-1] == "data: [DONE]", events[-1][:200]
 
 
@@ -93,8 +173,12 @@ def _check_stream(text: str) -> None:
           suppress_health_check=list(HealthCheck))
 def test_fuzz_chat_and_models(case):
     positive = case.meta is not None and case.meta.generation.mode.is_positive
-    if case.operation.path == "/v1/chat/completions":
+    if case.operation.path in GENERATION:
         case.body = _steer(case.body, positive)
+    elif case.operation.path == "/v1/embeddings":
+        case.body = _steer_embeddings(case.body, positive)
+    elif case.operation.path == "/models/{model}":
+        _steer_fill_mask(case, positive)
     elif case.operation.path == "/v1/models/{model}" and positive and len(case.path_parameters["model"]) % 2:
         case.path_parameters["model"] = MODEL  # else every lookup is a 404
     response = case.call(timeout=TIMEOUT_S)
@@ -105,16 +189,12 @@ def test_fuzz_chat_and_models(case):
         assert ctype.startswith("application/json"), f"{where}: {ctype} {response.text[:300]}"
         assert_valid(response.json(), "ErrorResponse")
         return
-    if case.operation.path == "/v1/models":
-        assert_valid(response.json(), "ListModelsResponse")
-    elif case.operation.path == "/v1/models/{model}":
-        assert_valid(response.json(), "Model")
-    elif ctype.startswith("text/event-stream"):
+    if ctype.startswith("text/event-stream"):
         assert not response.stream_cut_short, where
-        _check_stream(response.text)
+        _check_stream(response.text, case.operation.path)
     else:
         assert ctype.startswith("application/json"), f"{where}: {ctype}"
-        assert_valid(response.json(), "CreateChatCompletionResponse")
+        BODIES[case.operation.path](response.json())
 
 
 # Found by the fuzz test (regressions): a positive temperature, top_p or repetition_penalty below float32's

@@ -92,3 +92,24 @@ def test_a_refused_request_is_one_info_line_in_the_replica_log(server):
     assert "400 context_length_exceeded" in refused[0]
     text = "\n".join(lines)
     assert "Traceback" not in text and not any(line.startswith("ERROR") for line in lines), text
+
+
+def test_huge_prompts_of_the_other_generation_routes_are_refused_at_the_ingress(server):
+    """Completions (one string and a list of them), responses and tokenize share chat's size screen: a
+    31 MB prompt is a 400 naming where the text was, and the replica never tokenizes it."""
+    pid = stats()["pid"]
+    text = "a b " * (HUGE // 4)
+    cases = [("/v1/completions", {"prompt": text}, "prompt"),
+             ("/v1/completions", {"prompt": ["ok", text[: HUGE // 2], text[: HUGE // 2]]}, "prompt"),
+             ("/v1/responses", {"input": text}, "messages"),
+             ("/tokenize", {"prompt": text}, "prompt")]
+    for route, body, param in cases:
+        started = time.perf_counter()
+        resp = requests.post(f"{server}{route}", timeout=300, json={"model": MODEL, **body})
+        assert resp.status_code == 400, (route, resp.text[:300])
+        assert_valid(resp.json(), "ErrorResponse")
+        error = resp.json()["error"]
+        assert error["code"] == "context_length_exceeded" and error["param"] == param, (route, error)
+        assert time.perf_counter() - started < 30, route
+    assert small_latency(f"{server}/v1/chat/completions") < 5
+    assert stats()["pid"] == pid

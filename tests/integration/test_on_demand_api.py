@@ -11,7 +11,9 @@ import httpx
 import pytest
 
 from tests.integration import test_chat_api as chat_api
+from tests.integration import test_completions_api as completions_api
 from tests.integration import test_failures as failures
+from tests.integration import test_responses_api as responses_api
 from tests.integration.test_chat_api import msgs
 from tests.integration.test_on_demand import stats
 
@@ -23,6 +25,8 @@ SAME_AS_PINNED = [
     chat_api.test_seed_reproducible_with_different_neighbours, chat_api.test_stop_sequence_and_n_choices,
     chat_api.test_streamed_n_choices_each_finish, chat_api.test_penalties_and_top_k_are_accepted_and_change_sampling,
     chat_api.test_errors_are_openai_shaped, failures.test_failing_request_fails_alone_in_a_crowd,
+    completions_api.test_stream_equals_non_stream_with_usage_and_done,
+    completions_api.test_batched_equals_alone_and_beside_chat, responses_api.test_tokenize_counts_what_generation_sees,
 ]
 
 
@@ -30,6 +34,8 @@ SAME_AS_PINNED = [
 async def test_same_behaviour_as_a_pinned_model(test, monkeypatch, server, client, async_client):
     monkeypatch.setattr(chat_api, "MODEL", MODEL)
     monkeypatch.setattr(failures, "MODEL", MODEL)
+    monkeypatch.setattr(completions_api, "MODEL", MODEL)
+    monkeypatch.setattr(responses_api, "MODEL", MODEL)
     available = {"server": server, "client": client, "async_client": async_client}
     kwargs = {name: available[name] for name in inspect.signature(test).parameters}
     if inspect.iscoroutinefunction(test):

@@ -210,14 +210,13 @@ def test_model_of_another_task_is_not_found_like_openai(client):
 
 
 def test_unknown_routes_name_themselves_and_list_the_routes(server, client):
-    with pytest.raises(openai.NotFoundError) as responses:  # the Agents SDK's default API
-        client.responses.create(model=MODEL, input="hi")
-    message = responses.value.body["message"]
-    assert "POST /v1/responses" in message and "POST /v1/chat/completions" in message
-    assert "GET /v1/models" in message and responses.value.body["code"] == "unknown_route"
-    with pytest.raises(openai.NotFoundError) as completions:  # LlamaIndex OpenAILike's default
-        client.completions.create(model=MODEL, prompt="hi")
-    assert "POST /v1/completions" in completions.value.body["message"]
+    with pytest.raises(openai.NotFoundError) as images:  # an API this server does not have
+        client.images.generate(model=MODEL, prompt="a cat")
+    message = images.value.body["message"]
+    assert "POST /v1/images/generations" in message and images.value.body["code"] == "unknown_route"
+    for route in ("POST /v1/chat/completions", "POST /v1/completions", "POST /v1/responses", "POST /v1/embeddings",
+                  "POST /tokenize", "GET /v1/models"):
+        assert route in message, route
 
 
 def test_wrong_method_is_405_with_allow(server):

@@ -10,19 +10,11 @@ import openai
 import pytest
 import requests
 
-from tests.openapi_schema import assert_valid
+from tests.openapi_schema import assert_valid, assert_valid_event
 
 MODEL = "demo-chat"
 # The demo model answers this prompt greedily with an end of turn after 18 tokens (a complete answer).
 BRIEF = "me story"
-EVENT_SCHEMAS = {
-    "response.created": "ResponseCreatedEvent", "response.in_progress": "ResponseInProgressEvent",
-    "response.output_item.added": "ResponseOutputItemAddedEvent",
-    "response.content_part.added": "ResponseContentPartAddedEvent",
-    "response.output_text.delta": "ResponseTextDeltaEvent", "response.output_text.done": "ResponseTextDoneEvent",
-    "response.content_part.done": "ResponseContentPartDoneEvent",
-    "response.output_item.done": "ResponseOutputItemDoneEvent", "response.completed": "ResponseCompletedEvent",
-    "response.incomplete": "ResponseIncompleteEvent"}
 
 
 def chat_answer(client, text, **kw):
@@ -59,7 +51,7 @@ def test_event_sequence_validates_against_the_spec(server):
     assert set(types[4:-4]) == {"response.output_text.delta"}
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
     for event in events:
-        assert_valid(event, EVENT_SCHEMAS[event["type"]])
+        assert_valid_event(event)
     final = events[-1]["response"]
     assert final["incomplete_details"] == {"reason": "max_output_tokens"} and final["usage"]["output_tokens"] == 12
     assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == \
@@ -128,7 +120,9 @@ def test_tokenize_counts_what_generation_sees(server, client):
     assert chat.usage.prompt_tokens == chat_tok["count"]
     back = requests.post(f"{server}/detokenize", json={"model": MODEL, "tokens": tok["tokens"]}, timeout=30).json()
     assert back == {"prompt": prompt}
+    tool_history = [{"role": "assistant", "content": "x", "tool_calls": [{}]}]  # as chat: refused (found by fuzzing)
     for route, body in [("tokenize", {"prompt": "a", "messages": messages}), ("tokenize", {}),
+                        ("tokenize", {"messages": tool_history}),
                         ("detokenize", {"tokens": [10**7]}), ("detokenize", {"tokens": "1"})]:
         r = requests.post(f"{server}/{route}", json={"model": MODEL, **body}, timeout=30)
         assert r.status_code == 400 and "error" in r.json(), (route, body, r.text)
@@ -139,7 +133,9 @@ def test_tokenize_counts_what_generation_sees(server, client):
 def test_models_list_tasks_and_context(server):
     cards = {m["id"]: m for m in requests.get(f"{server}/v1/models", timeout=30).json()["data"]}
     assert cards[MODEL]["task"] == "chat" and cards[MODEL]["max_model_len"] == 256
-    assert cards["demo-whisper"]["task"] == "transcription"
+    assert cards["demo-whisper"]["task"] == "transcription" and "max_model_len" not in cards["demo-whisper"]
+    assert (cards["all-MiniLM-L6-v2"]["task"], cards["all-MiniLM-L6-v2"]["max_model_len"]) == ("embedding", 256)
+    assert cards["demo-fill-mask"]["task"] == "fill-mask" and cards["demo-fill-mask"]["max_model_len"] == 128
     assert cards["demo-chat-s1"]["task"] == "chat"
     one = requests.get(f"{server}/v1/models/{MODEL}", timeout=30).json()
     assert_valid(one, "Model")

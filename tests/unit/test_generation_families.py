@@ -20,7 +20,7 @@ from deployments.engines.completion_params import prepare_completion
 from deployments.engines.prepared import Prepared, merged
 from deployments.engines.records import Delta, GenerationRequest, SamplingParams
 from deployments.engines.tokenize import run_tokenizer
-from tests.openapi_schema import assert_valid
+from tests.openapi_schema import assert_valid, assert_valid_event
 
 
 @pytest.fixture(scope="module")
@@ -154,16 +154,8 @@ async def test_response_events_follow_the_documented_sequence(finish, last):
         "response.output_text.delta", "response.output_text.delta", "response.output_text.done",
         "response.content_part.done", "response.output_item.done", last]
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
-    schemas = {"response.created": "ResponseCreatedEvent", "response.in_progress": "ResponseInProgressEvent",
-               "response.output_item.added": "ResponseOutputItemAddedEvent",
-               "response.content_part.added": "ResponseContentPartAddedEvent",
-               "response.output_text.delta": "ResponseTextDeltaEvent",
-               "response.output_text.done": "ResponseTextDoneEvent",
-               "response.content_part.done": "ResponseContentPartDoneEvent",
-               "response.output_item.done": "ResponseOutputItemDoneEvent",
-               "response.completed": "ResponseCompletedEvent", "response.incomplete": "ResponseIncompleteEvent"}
     for event in events:
-        assert_valid(event, schemas[event["type"]])
+        assert_valid_event(event)
     final = events[-1]["response"]
     assert_valid(final, "Response")
     assert final["output"][0]["content"][0]["text"] == "Hello" and final["instructions"] == "be brief"
@@ -212,3 +204,15 @@ def test_tokenize_counts_what_generation_sees(engine):
         run_tokenizer(TokenizeRequest(model="m", prompt="x" * 10**6), engine)
     with pytest.raises(ValidationError):
         TokenizeRequest(model="m", prompt="a", messages=[{"role": "user", "content": "b"}])
+
+
+def test_the_size_bound_applies_to_each_prompt_not_their_sum(engine):
+    from deployments.engines.chat_params import prompt_bytes_limit
+
+    limit = prompt_bytes_limit(engine.tokenizer, engine.context_len)
+    many = completion(prompt=["a"] * 200 + ["b" * (limit // 2)] * 4)
+    assert many.text_size_over(limit) is None
+    assert completion(prompt=["a", "b" * (limit + 1)]).text_size_over(limit) == limit + 1
+    with pytest.raises(ContextLengthExceeded) as info:
+        prepare_completion(completion(prompt=["a", "b" * (limit + 1)]), engine, GenerationLimits())
+    assert info.value.param == "prompt[1]"

@@ -56,7 +56,8 @@ class _Engine:
 
 async def test_a_short_prompt_is_not_queued_behind_long_ones(monkeypatch):
     import deployments.batched as batched
-    from deployments.llm import SMALL_PROMPT_CHARS, LLMDeployment
+    from deployments.lanes import SMALL_PROMPT_CHARS
+    from deployments.llm import LLMDeployment
     from ray.serve import batching
 
     monkeypatch.setattr(batched, "replica_max_ongoing_requests", lambda: 8)
