@@ -14,7 +14,8 @@ Contracts:
   a count, or -1 for the model's maximum): text is then cut by the tokenizer, keeping its special tokens
   (as sentence-transformers does), token ids by keeping the first tokens (the last with a tokenizer that
   truncates on the left).
-- :meth:`EmbeddingEngine.submit` (the :class:`~deployments.engines.base.Engine` contract) queues jobs.
+- :meth:`EmbeddingEngine.submit` (the :class:`~deployments.engines.base.Engine` contract, from
+  :class:`~deployments.engines.jobs.JobEngine`) queues jobs.
   When the model thread is free, every waiting job's rows (one @serve.batch admission holds several
   requests, each with several inputs) are sorted by length, longest first, and cut by :func:`plan_passes`
   into forward passes of at most ``max_batch_tokens`` padded tokens. A job's stream yields its one list of
@@ -26,10 +27,7 @@ Contracts:
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -37,8 +35,8 @@ import numpy as np
 import torch
 
 from app.config import BatchingSpec
-from app.errors import ContextLengthExceeded, InternalError, InvalidRequest, ServingError
-from deployments.engines.base import release_memory
+from app.errors import ContextLengthExceeded, InvalidRequest
+from deployments.engines.jobs import JobEngine, JobStream
 from deployments.engines.embedding_recipe import POOLERS, EmbeddingRecipe
 from deployments.engines.embedding_records import EmbeddingOutput
 
@@ -75,36 +73,14 @@ class EmbeddingJob:
     failed: bool = False
 
 
-class JobStream:
-    """The output of one :class:`EmbeddingJob`: one item, its list of :class:`EmbeddingOutput`, or the
-    job's error."""
-
-    def __init__(self, job: EmbeddingJob) -> None:
-        self.job = job
-        self._future: asyncio.Future = asyncio.get_running_loop().create_future()
-
-    def __aiter__(self):
-        return self._items()
-
-    async def _items(self):
-        yield await self._future
-
-    def _set(self, outputs: list[EmbeddingOutput] | None, error: ServingError | None) -> None:
-        if self._future.done():
-            return
-        if error is not None:
-            self._future.set_exception(error)
-        else:
-            self._future.set_result(outputs)
-
-
 # -- the engine --------------------------------------------------------------------------------------
 
-class EmbeddingEngine:
+class EmbeddingEngine(JobEngine):
     """A loaded embedding model (see the module contract)."""
 
     def __init__(self, model, tokenizer, *, device: torch.device, recipe: EmbeddingRecipe, max_input_tokens: int,
                  max_batch_tokens: int = 8192, matryoshka_dimensions: Sequence[int] | None = None) -> None:
+        super().__init__("embedding")
         self.model, self.tokenizer, self.device, self.recipe = model, tokenizer, device, recipe
         self.max_input_tokens = max_input_tokens
         self.max_batch_tokens = max_batch_tokens
@@ -118,45 +94,34 @@ class EmbeddingEngine:
         self.pad_token_id = pad if pad is not None else 0  # masked out: any id in the vocabulary does
         self.special_tokens = tokenizer.num_special_tokens_to_add()
         self.passes = self.rows_embedded = self.tokens = self.padded_tokens = 0
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedding")
-        self._waiting: deque[JobStream] = deque()
         self._running = 0
-        self._loop_task: asyncio.Task | None = None
 
     # -- the Engine contract (event loop) -----------------------------------------------------------
 
-    def submit(self, jobs: Sequence[EmbeddingJob]) -> list[JobStream]:
-        """Queue ``jobs``; what waits when the model thread is free is embedded together."""
-        streams = [JobStream(job) for job in jobs]
-        self._waiting.extend(streams)
-        if self._loop_task is None or self._loop_task.done():
-            self._loop_task = asyncio.get_running_loop().create_task(self._run())
-        return streams
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self._waiting:
-            streams = [s for s in self._waiting if not s.job.cancelled]
-            self._waiting.clear()
-            rows = [(s, i) for s in streams for i in range(len(s.job.rows))]
-            for s in streams:
-                s.job.vectors, s.job.remaining = [None] * len(s.job.rows), len(s.job.rows)
-            self._running = len(streams)
-            for planned in plan_passes([len(s.job.rows[i]) for s, i in rows], self.max_batch_tokens):
-                live = [rows[k] for k in planned if not (rows[k][0].job.cancelled or rows[k][0].job.failed)]
-                if not live:
-                    continue
-                try:
-                    done = await loop.run_in_executor(self._executor, self._embed_pass, live)
-                except Exception:  # a bug or a device failure: fail these requests, keep serving
-                    logger.exception("embedding pass failed")
-                    for stream in {id(s): s for s, _ in live}.values():
-                        stream.job.failed = True
-                        stream._set(None, InternalError("embedding failed"))
-                    continue
-                for stream, outputs in done:
-                    stream._set(outputs, None)
-            self._running = 0
+    async def _serve(self, streams: list[JobStream]) -> None:
+        """Every input of ``streams`` in passes packed by token count, one model-thread call each: a
+        request is answered once its last input is embedded, and a cancelled one's remaining inputs are
+        skipped."""
+        rows = [(s, i) for s in streams for i in range(len(s.job.rows))]
+        for s in streams:
+            s.job.vectors, s.job.remaining = [None] * len(s.job.rows), len(s.job.rows)
+        self._running = len(streams)
+        for planned in plan_passes([len(s.job.rows[i]) for s, i in rows], self.max_batch_tokens):
+            live = [rows[k] for k in planned if not (rows[k][0].job.cancelled or rows[k][0].job.failed)]
+            if not live:
+                continue
+            try:
+                done = await self._on_model_thread(self._embed_pass, live)
+            except Exception:  # a bug or a device failure: fail these requests, keep serving
+                logger.exception("embedding pass failed")
+                failed = list({id(s): s for s, _ in live}.values())
+                for stream in failed:
+                    stream.job.failed = True
+                self._fail(failed)
+                continue
+            for stream, outputs in done:
+                stream.set(outputs)
+        self._running = 0
 
     def apply(self, batching: BatchingSpec) -> None:
         """Adopt ``max_batch_tokens`` (from the next group of passes on)."""
@@ -166,14 +131,6 @@ class EmbeddingEngine:
         return {"passes": self.passes, "inputs": self.rows_embedded, "tokens": self.tokens,
                 "padded_tokens": self.padded_tokens, "waiting": len(self._waiting), "running": self._running,
                 "context_len": self.max_input_tokens}  # /v1/models' max_model_len
-
-    def close(self) -> None:
-        for stream in self._waiting:
-            stream._set(None, InternalError("the model was unloaded"))
-        self._waiting.clear()
-        self._executor.shutdown(wait=True, cancel_futures=True)
-        self.model = None
-        release_memory(self.device.type)
 
     # -- per request (a worker thread) --------------------------------------------------------------
 

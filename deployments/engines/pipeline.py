@@ -7,7 +7,8 @@ Contracts:
   own tokenizer copy) turns one wire request into a :class:`PipelineJob`: its texts tokenized, each
   checked (length; the task's own check, e.g. a mask token), and the task's settings resolved. It raises
   the :class:`~app.errors.InvalidRequest` that refuses this request alone.
-- :meth:`PipelineEngine.submit` (the :class:`~deployments.engines.base.Engine` contract) queues jobs;
+- :meth:`PipelineEngine.submit` (the :class:`~deployments.engines.base.Engine` contract, from
+  :class:`~deployments.engines.jobs.JobEngine`) queues jobs;
   the engine's one model thread takes everything waiting when it is free and runs
   :meth:`PipelineEngine.forward` on it: all texts padded (right) into one batch and one forward pass
   (split only past ``max_batch_tokens``, longest texts first), then each text's answer from its own row.
@@ -21,20 +22,17 @@ What a task adds (model class, settings, checks, forward, postprocessing) is its
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import logging
 import threading
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from app.config import BatchingSpec
-from app.errors import ContextLengthExceeded, InternalError, ServingError
-from deployments.engines.base import release_memory
+from app.errors import ContextLengthExceeded
+from deployments.engines.jobs import JobEngine
 from deployments.engines.pipeline_heads import Head, input_at, narrow_logits_supported
 from deployments.engines.pipeline_records import PipelineResult
 
@@ -59,33 +57,12 @@ class PipelineJob:
     cancelled: bool = False
 
 
-class JobStream:
-    """The output of one job: one item (its results), or the error that failed its batch."""
-
-    def __init__(self, job: PipelineJob) -> None:
-        self.job = job
-        self._future: asyncio.Future = asyncio.get_running_loop().create_future()
-
-    def __aiter__(self):
-        return self._items()
-
-    async def _items(self):
-        yield await self._future
-
-    def _set(self, results: list[PipelineResult] | None, error: ServingError | None) -> None:
-        if self._future.done():
-            return
-        if error is not None:
-            self._future.set_exception(error)
-        else:
-            self._future.set_result(results)
-
-
-class PipelineEngine:
+class PipelineEngine(JobEngine):
     """A loaded pipeline model and its task head. ``forward`` runs on the model thread only."""
 
     def __init__(self, model, tokenizer, head: Head, *, device: torch.device, max_input_tokens: int,
                  max_batch_tokens: int = 16384) -> None:
+        super().__init__("pipeline")
         self.model, self.tokenizer, self.head = model, tokenizer, head
         self.device = device
         self.max_input_tokens = max_input_tokens
@@ -105,9 +82,6 @@ class PipelineEngine:
         self.forwards = 0  # forward passes
         self.texts = 0  # texts answered
         self.batch_tokens = 0  # padded tokens of all passes
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
-        self._waiting: deque[JobStream] = deque()
-        self._loop_task: asyncio.Task | None = None
 
     # -- per request (worker thread) ----------------------------------------------------------------
 
@@ -132,31 +106,6 @@ class PipelineEngine:
 
     # -- the Engine contract (event loop) -----------------------------------------------------------
 
-    def submit(self, jobs: Sequence[PipelineJob]) -> list[JobStream]:
-        """Queue ``jobs``; everything waiting when the model thread is free runs in one forward pass."""
-        streams = [JobStream(job) for job in jobs]
-        self._waiting.extend(streams)
-        if self._loop_task is None or self._loop_task.done():
-            self._loop_task = asyncio.get_running_loop().create_task(self._run())
-        return streams
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self._waiting:
-            streams = [s for s in self._waiting if not s.job.cancelled]
-            self._waiting.clear()
-            if not streams:
-                continue
-            try:
-                results = await loop.run_in_executor(self._executor, self.forward, [s.job for s in streams])
-            except Exception:  # a bug or a device failure: fail this batch, keep serving
-                logger.exception("pipeline batch failed")
-                for stream in streams:
-                    stream._set(None, InternalError("the model failed on this batch"))
-                continue
-            for stream, result in zip(streams, results):
-                stream._set(result, None)
-
     def apply(self, batching: BatchingSpec) -> None:
         """Adopt ``max_batch_tokens`` (admission itself is the deployment's @serve.batch)."""
         self.max_batch_tokens = getattr(batching, "max_batch_tokens", self.max_batch_tokens)
@@ -165,17 +114,12 @@ class PipelineEngine:
         return {"forwards": self.forwards, "texts": self.texts, "batch_tokens": self.batch_tokens,
                 "waiting": len(self._waiting), "context_len": self.max_input_tokens}  # /v1/models' max_model_len
 
-    def close(self) -> None:
-        for stream in self._waiting:
-            stream._set(None, InternalError("the model was unloaded"))
-        self._waiting.clear()
-        self._executor.shutdown(wait=True, cancel_futures=True)
-        self.model = None
-        release_memory(self.device.type)
-
     # -- per batch (model thread) -------------------------------------------------------------------
 
     @torch.inference_mode()
+    def _compute(self, jobs: list[PipelineJob]) -> list[list[PipelineResult]]:
+        return self.forward(jobs)
+
     def forward(self, jobs: list[PipelineJob]) -> list[list[PipelineResult]]:
         """The answers of ``jobs``: every text in one padded pass (more only past max_batch_tokens)."""
         rows = [(j, row) for j, job in enumerate(jobs) for row in job.rows]

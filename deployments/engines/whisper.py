@@ -8,7 +8,8 @@ Contracts:
 - :meth:`WhisperEngine.prepare` (CPU, synchronous) computes one request's log-mel features: 30 s padded
   for short audio, the whole file (``truncation=False``) for long audio, plus the attention mask giving
   its true length in frames.
-- :meth:`WhisperEngine.submit` (the :class:`~deployments.engines.base.Engine` contract) queues jobs; the
+- :meth:`WhisperEngine.submit` (the :class:`~deployments.engines.base.Engine` contract, from
+  :class:`~deployments.engines.jobs.JobEngine`) queues jobs; the
   engine's one model thread transcribes everything waiting together, each job's stream yielding its one
   :class:`WhisperOutput`.
 - :meth:`WhisperEngine.transcribe` (synchronous, on the model thread) transcribes a batch of jobs with
@@ -20,24 +21,21 @@ Contracts:
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import zlib
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from app.config import AudioSpec
 from app.config import BatchingSpec
-from app.errors import InternalError, InvalidRequest, ServingError
+from app.errors import InvalidRequest
 from app.protocol.audio import TranscriptionRequest
 from deployments.engines.audio import SAMPLE_RATE
-from deployments.engines.base import release_memory
+from deployments.engines.jobs import JobEngine
 from deployments.engines.records import Segment, WhisperOutput
 
 logger = logging.getLogger(__name__)
@@ -71,33 +69,14 @@ class AudioJob:
     cancelled: bool = False
 
 
-class JobStream:
-    """The output of one :class:`AudioJob`: one item, ``[WhisperOutput]``, or the job's error."""
-
-    def __init__(self, job: AudioJob) -> None:
-        self.job = job
-        self._future: asyncio.Future = asyncio.get_running_loop().create_future()
-
-    def __aiter__(self):
-        return self._items()
-
-    async def _items(self):
-        yield [await self._future]
-
-    def _set(self, output: WhisperOutput | None, error: ServingError | None) -> None:
-        if self._future.done():
-            return
-        if error is not None:
-            self._future.set_exception(error)
-        else:
-            self._future.set_result(output)
-
-
-class WhisperEngine:
+class WhisperEngine(JobEngine):
     """A loaded Whisper checkpoint. Not thread-safe: one ``transcribe`` call at a time."""
+
+    failure = "transcription failed"
 
     def __init__(self, model, processor, *, device: torch.device, dtype: torch.dtype,
                  max_new_tokens: int | None = None, max_windows_per_batch: int = 32) -> None:
+        super().__init__("whisper")
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -113,37 +92,8 @@ class WhisperEngine:
         self.max_windows_per_batch = max_windows_per_batch
         self.windows_decoded = 0
         self.batches = 0  # transcribe() calls
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="whisper")
-        self._waiting: deque[JobStream] = deque()
-        self._loop_task: asyncio.Task | None = None
 
     # -- the Engine contract (event loop) -----------------------------------------------------------
-
-    def submit(self, jobs: Sequence[AudioJob]) -> list[JobStream]:
-        """Queue ``jobs``; everything waiting when the model thread is free is transcribed together."""
-        streams = [JobStream(job) for job in jobs]
-        self._waiting.extend(streams)
-        if self._loop_task is None or self._loop_task.done():
-            self._loop_task = asyncio.get_running_loop().create_task(self._run())
-        return streams
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self._waiting:
-            streams = [s for s in self._waiting if not s.job.cancelled]
-            self._waiting.clear()
-            if not streams:
-                continue
-            try:
-                outputs = await loop.run_in_executor(self._executor, self.transcribe,
-                                                     [s.job for s in streams])
-            except Exception:  # a bug or a device failure: fail this batch, keep serving
-                logger.exception("transcription batch failed")
-                for stream in streams:
-                    stream._set(None, InternalError("transcription failed"))
-                continue
-            for stream, output in zip(streams, outputs):
-                stream._set(output, None)
 
     def apply(self, batching: BatchingSpec) -> None:
         """Nothing to adopt: the engine takes whatever waits (up to max_windows_per_batch per call)."""
@@ -151,13 +101,8 @@ class WhisperEngine:
     def stats(self) -> dict[str, Any]:
         return {"batches": self.batches, "windows": self.windows_decoded, "waiting": len(self._waiting)}
 
-    def close(self) -> None:
-        for stream in self._waiting:
-            stream._set(None, InternalError("the model was unloaded"))
-        self._waiting.clear()
-        self._executor.shutdown(wait=True, cancel_futures=True)
-        self.model = None
-        release_memory(self.device.type)
+    def _compute(self, jobs: list[AudioJob]) -> list[list[WhisperOutput]]:
+        return [[output] for output in self.transcribe(jobs)]
 
     # -- per request (worker thread) ----------------------------------------------------------------
 

@@ -10,15 +10,14 @@ from __future__ import annotations
 from typing import Any, AsyncIterator
 
 import pytest
-from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from pydantic import BaseModel, Field
 
-from app.config import ChatModelSpec, IngressSpec
-from app.errors import install_error_handlers
-from app.ingress import Endpoint, OpenAIIngress, add_endpoint
+from app.config import ChatModelSpec
+from app.ingress import Endpoint
 from app.protocol.common import WireModel
 from app.serving.base import Serving
+from tests.unit.fake_ingress import ingress_app
 
 
 # -- the toy endpoint: protocol, serving, row ------------------------------------------------------------
@@ -91,27 +90,10 @@ class FakeHandle:
         return Method()
 
 
-class OpenDoor:
-    """Availability stand-in: every model is ready."""
-
-    async def check(self, unit: str) -> None:
-        return None
-
-    def guard(self, unit: str, records):
-        return records
-
-
 @pytest.fixture
 def client():
-    app = FastAPI()
-    install_error_handlers(app)
-    add_endpoint(app, ROW)
-    ingress = OpenAIIngress.func_or_class.__new__(OpenAIIngress.func_or_class)
     handle = FakeHandle()
-    ingress._specs = {"m": ChatModelSpec(id="m", source="unused")}
-    ingress._handles, ingress._on_demand, ingress._multiplexed = {"m": handle}, None, None
-    ingress.settings, ingress.availability = IngressSpec(), OpenDoor()
-    app.state.ingress = ingress
+    app = ingress_app(ROW, [ChatModelSpec(id="m", source="unused")], {"m": handle})
     with TestClient(app) as c:
         c.handle = handle
         yield c

@@ -6,15 +6,14 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from app.config import ChatModelSpec, FillMaskModelSpec, IngressSpec
-from app.errors import install_error_handlers
-from app.ingress import ENDPOINTS, OpenAIIngress, add_endpoint, api
+from app.config import ChatModelSpec, FillMaskModelSpec
+from app.ingress import ENDPOINTS, api
 from app.protocol.pipeline import FillMaskOutputElement, FillMaskRequest
 from deployments.engines.pipeline_records import FillMaskPrediction, PipelineResult
 from tests.openapi_schema import assert_valid
+from tests.unit.fake_ingress import ingress_app
 from tests.unit.test_layout import imported_after
 
 ROW = next(e for e in ENDPOINTS if e.path == "/models/{model:path}")
@@ -71,31 +70,15 @@ class FakePipeline:
         return Method()
 
 
-class OpenDoor:
-    async def check(self, unit: str) -> None:
-        return None
-
-    def guard(self, unit: str, records):
-        return records
-
-
 @pytest.fixture
 def client():
-    app = FastAPI()
-    install_error_handlers(app)
-    add_endpoint(app, ROW)
+    fake = FakePipeline()
+    app = ingress_app(ROW, SPECS, {spec.id: fake for spec in SPECS})
 
-    @app.get("/v1/models/{model:path}")
+    @app.get("/v1/models/{model:path}")  # the GET route beside it must not collide with the POST one
     async def get_model(model: str):
         return {"id": model}
 
-    ingress = OpenAIIngress.func_or_class.__new__(OpenAIIngress.func_or_class)
-    fake = FakePipeline()
-    ingress._specs = {spec.id: spec for spec in SPECS}
-    ingress._handles = {spec.id: fake for spec in SPECS}
-    ingress._on_demand, ingress._multiplexed = None, None
-    ingress.settings, ingress.availability = IngressSpec(), OpenDoor()
-    app.state.ingress = ingress
     with TestClient(app) as c:
         c.fake = fake
         yield c
