@@ -55,13 +55,16 @@ async def level(driver: HttpDriver, prompts: list, concurrency: int, max_tokens:
 
 
 def table(results: dict[tuple[str, int], dict[str, list[LevelStats]]], levels: list[int]) -> str:
-    lines = ["| mix | clients | chat tok/s | completions tok/s | ratio | chat TTFT p50 | completions TTFT p50 |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| mix | clients | chat tok/s | completions tok/s | ratio | chat TTFT p50 | completions TTFT p50 "
+             "| SSE events per request, chat / completions |", "|---|---|---|---|---|---|---|---|"]
     for (mix, c), by_route in sorted(results.items(), key=lambda kv: (kv[0][0], levels.index(kv[0][1]))):
         tps = {r: sum(s.output_tokens for s in v) / sum(s.wall_s for s in v) for r, v in by_route.items()}
         ttft = {r: sorted(s.ttft_p50 or 0 for s in v)[len(v) // 2] * 1000 for r, v in by_route.items()}
+        events = {r: sum((s.events_per_request or 0) * s.requests for s in v) / sum(s.requests for s in v)
+                  for r, v in by_route.items()}
         lines.append(f"| {mix} | {c} | {tps['chat']:.0f} | {tps['completions']:.0f} | "
-                     f"{tps['completions'] / tps['chat']:.2f} | {ttft['chat']:.0f} ms | {ttft['completions']:.0f} ms |")
+                     f"{tps['completions'] / tps['chat']:.2f} | {ttft['chat']:.0f} ms | {ttft['completions']:.0f} ms "
+                     f"| {events['chat']:.1f} / {events['completions']:.1f} |")
     return "\n".join(lines)
 
 

@@ -33,6 +33,7 @@ class RequestRecord:
     e2e: float | None = None
     output_tokens: int = 0
     tokens_from_usage: bool = False
+    events: int = 0  # SSE data events received, [DONE] excluded
     error: str | None = None
 
 
@@ -53,6 +54,7 @@ class LevelStats:
     e2e_p50: float | None
     e2e_p99: float | None
     chunks_per_request: float | None = None  # mean content chunks per ok request (coalescing shows here)
+    events_per_request: float | None = None  # mean SSE events per ok request (content or not)
     cpu_ms_per_token: dict[str, float] | None = None  # CPU ms per output token by process role (bench/cpu.py)
     rounds: int = 1  # measured rounds pooled into these figures
     tokens_counted: str = "usage"  # "usage" | "chunks" (estimate) | "generate"
@@ -85,6 +87,7 @@ def summarize(records: list[RequestRecord], concurrency: int, planned: int, wall
         e2e_p50=_pct([r.e2e for r in ok if r.e2e is not None], 50),
         e2e_p99=_pct([r.e2e for r in ok if r.e2e is not None], 99),
         chunks_per_request=float(np.mean([len(r.chunk_times) for r in ok])) if ok else None,
+        events_per_request=float(np.mean([r.events for r in ok])) if ok else None,
         tokens_counted=tokens_counted,
         first_error=errors[0].error if errors else None)
 
@@ -143,6 +146,7 @@ class HttpDriver:
                     data = line[5:].strip()
                     if data == "[DONE]":
                         break
+                    record.events += 1
                     chunk = json.loads(data)
                     if "error" in chunk:
                         raise RuntimeError(f"stream error: {json.dumps(chunk['error'])[:300]}")
