@@ -10,9 +10,9 @@ all running requests together (continuous batching). One Ray message carries eve
 produced since the previous one.
 
 Preprocessing has two lanes (``deployments/lanes.py``): prompts of at most ``SMALL_PROMPT_CHARS``
-characters never queue behind long ones. A prompt too long for the context by its size alone is refused before either lane tokenizes
-it (see ``chat_params.prompt_bytes_limit``); :meth:`prompt_limits` tells the ingress that bound, so it
-can refuse a huge body without even sending it here.
+characters never queue behind long ones. A prompt too long for the context by its size alone is refused
+before either lane tokenizes it (see ``chat_params.prompt_bytes_limit``); :meth:`prompt_limits` tells the
+ingress that bound, so it can refuse a huge body without even sending it here.
 """
 
 from __future__ import annotations

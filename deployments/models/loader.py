@@ -14,9 +14,8 @@ from pathlib import Path
 
 import torch
 
-from app.config import ChatModelSpec, GenerationLimits, TranscriptionModelSpec, _ModelSpecBase
-from app.config import EmbeddingModelSpec
-from app.config import PipelineModelSpec
+from app.config import (ChatModelSpec, EmbeddingModelSpec, GenerationLimits, PipelineModelSpec,
+                        TranscriptionModelSpec, _ModelSpecBase)
 from deployments.engines.base import on_passing_thread
 from deployments.engines.embedding import EmbeddingEngine
 from deployments.engines.embedding_recipe import max_input_length, read_recipe
