@@ -7,8 +7,8 @@ from typing import Annotated, Any, Callable, Literal, Union
 from pydantic import (BaseModel, Discriminator, Field, StrictBool, StrictInt, Tag, field_validator,
                       model_serializer, model_validator)
 
-from app.protocol.common import Usage, WireModel, conflict, unsupported
-from app.protocol.sampling import SamplingRequest
+from app.protocol.common import Usage, WireModel, unsupported
+from app.protocol.sampling import SAMPLING_CONFLICTS, SAMPLING_REFUSALS, SamplingRequest, refuse
 
 FinishReason = Literal["stop", "length"]
 PartType = Literal["text", "image_url", "input_audio", "file", "refusal"]
@@ -125,12 +125,7 @@ class ChatCompletionRequest(SamplingRequest):
             for param, refused, reason in MESSAGE_REFUSALS:
                 if (where := refused(message)) is not None:
                     raise unsupported(f"messages[{i}]{param}{where}", reason)
-        for param, refused, reason in REFUSALS:
-            if refused(self):
-                raise unsupported(param, reason)
-        for param, broken, message in CONFLICTS:
-            if broken(self):
-                raise conflict(param, message)
+        refuse(self, REFUSALS, CONFLICTS)
         return self
 
     @property
@@ -203,8 +198,7 @@ REFUSALS: tuple[tuple[str, Callable[[ChatCompletionRequest], bool], str], ...] =
     ("prediction", lambda r: _is_set(r.prediction), "predicted outputs are not implemented"),
     ("reasoning_effort", lambda r: r.reasoning_effort is not None,
      "the served models are not reasoning models"),
-    ("best_of", lambda r: r.best_of not in (None, r.n),
-     "choosing the best of several completions is not implemented (best_of must equal n)"),
+    *SAMPLING_REFUSALS,
 )
 
 # Parameters that are only valid with another one: (parameter, invalid when, message).
@@ -215,8 +209,7 @@ CONFLICTS: tuple[tuple[str, Callable[[ChatCompletionRequest], bool], str], ...] 
      "'tool_choice' is only allowed when 'tools' are specified"),
     ("parallel_tool_calls", lambda r: r.parallel_tool_calls is True and not r.tools,
      "'parallel_tool_calls' is only allowed when 'tools' are specified"),
-    ("stream_options", lambda r: r.stream_options is not None and not r.stream,
-     "'stream_options' is only allowed when 'stream' is true"),
+    *SAMPLING_CONFLICTS,
     ("continue_final_message", lambda r: r.continue_final_message and r.add_generation_prompt,
      "'continue_final_message' and 'add_generation_prompt' cannot both be true "
      "('add_generation_prompt' defaults to true: set it to false)"),

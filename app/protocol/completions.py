@@ -12,8 +12,8 @@ from typing import Annotated, Any, Callable, Literal, Union
 
 from pydantic import BaseModel, Discriminator, Field, StrictBool, StrictInt, Tag, model_validator
 
-from app.protocol.common import Usage, conflict, unsupported
-from app.protocol.sampling import SamplingRequest
+from app.protocol.common import Usage
+from app.protocol.sampling import SAMPLING_CONFLICTS, SAMPLING_REFUSALS, SamplingRequest, refuse
 
 MAX_PROMPTS = 256  # prompts in one request: each is a separate generation, with n choices each
 
@@ -54,11 +54,7 @@ class CompletionRequest(SamplingRequest):
 
     @model_validator(mode="after")
     def _refusals(self) -> "CompletionRequest":
-        for param, refused, reason in REFUSALS:
-            if refused(self):
-                raise unsupported(param, reason)
-        if self.stream_options is not None and not self.stream:
-            raise conflict("stream_options", "'stream_options' is only allowed when 'stream' is true")
+        refuse(self, REFUSALS, SAMPLING_CONFLICTS)
         return self
 
     @property
@@ -83,8 +79,7 @@ class CompletionRequest(SamplingRequest):
 REFUSALS: tuple[tuple[str, Callable[[CompletionRequest], bool], str], ...] = (
     ("suffix", lambda r: bool(r.suffix), "inserting text before a suffix is not implemented"),
     ("logprobs", lambda r: r.logprobs is not None, "log probabilities are not implemented"),
-    ("best_of", lambda r: r.best_of not in (None, r.n),
-     "choosing the best of several completions is not implemented (best_of must equal n)"),
+    *SAMPLING_REFUSALS,
 )
 
 FinishReason = Literal["stop", "length"]

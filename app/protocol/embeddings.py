@@ -101,18 +101,20 @@ class EmbeddingRequest(WireModel):
         return value
 
     @property
+    def inputs(self) -> list[str] | list[list[int]]:
+        """The inputs as a list (a string or a flat list of token ids is one input)."""
+        single = isinstance(self.input, str) or isinstance(self.input[0], int)
+        return [self.input] if single else self.input
+
+    @property
     def size(self) -> int:
         """Characters of text, or token ids, in the request: how much tokenizing or checking it needs."""
-        if isinstance(self.input, str) or isinstance(self.input[0], int):
-            return len(self.input)
-        return sum(len(item) for item in self.input)
+        return sum(len(item) for item in self.inputs)
 
     @property
     def count(self) -> int:
-        """How many inputs the request holds (a flat list of token ids is one)."""
-        if isinstance(self.input, str) or isinstance(self.input[0], int):
-            return 1
-        return len(self.input)
+        """How many inputs the request holds."""
+        return len(self.inputs)
 
 
 class Embedding(BaseModel):

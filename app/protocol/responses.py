@@ -15,7 +15,7 @@ from pydantic import (BaseModel, Discriminator, Field, PrivateAttr, StrictBool, 
                       model_validator)
 
 from app.protocol.common import WireModel, unsupported
-from app.protocol.sampling import Number
+from app.protocol.sampling import Number, refuse
 
 MAX_INPUT_ITEMS = 4096
 
@@ -118,9 +118,7 @@ class ResponsesRequest(WireModel):
 
     @model_validator(mode="after")
     def _refusals(self) -> "ResponsesRequest":
-        for param, refused, reason in REFUSALS:
-            if refused(self):
-                raise unsupported(param, reason)
+        refuse(self, REFUSALS)
         return self
 
     def messages(self) -> list[dict[str, Any]]:

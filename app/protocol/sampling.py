@@ -7,11 +7,11 @@ settings. Each family adds its own input fields (``messages``, ``prompt``) and r
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any, Callable, Sequence
 
 from pydantic import Field, StrictBool, StrictInt, field_validator
 
-from app.protocol.common import WireModel
+from app.protocol.common import WireModel, conflict, unsupported
 
 Number = Annotated[float, Field(strict=True)]  # a JSON number (an int too), never a string or a bool
 
@@ -111,3 +111,28 @@ def text_size_over(texts: list[str], limit_bytes: int) -> int | None:
             len(t.encode("utf-8", "surrogatepass")) for t in texts) > limit_bytes):
         return chars
     return None
+
+
+# A refusal table: (parameter, refused (or invalid) when, why). Each family lists its own, these included.
+Rule = tuple[str, Callable[[Any], bool], str]
+
+# What every generation family refuses, and what it accepts only with another parameter.
+SAMPLING_REFUSALS: tuple[Rule, ...] = (
+    ("best_of", lambda r: r.best_of not in (None, r.n),
+     "choosing the best of several completions is not implemented (best_of must equal n)"),
+)
+SAMPLING_CONFLICTS: tuple[Rule, ...] = (
+    ("stream_options", lambda r: r.stream_options is not None and not r.stream,
+     "'stream_options' is only allowed when 'stream' is true"),
+)
+
+
+def refuse(request: Any, refusals: Sequence[Rule], conflicts: Sequence[Rule] = ()) -> None:
+    """Raise the first rule ``request`` breaks: a refusal as ``unsupported_parameter``, then a conflict
+    as ``invalid_parameter_combination`` (one shape for every family's refusals)."""
+    for param, refused, reason in refusals:
+        if refused(request):
+            raise unsupported(param, reason)
+    for param, broken, message in conflicts:
+        if broken(request):
+            raise conflict(param, message)

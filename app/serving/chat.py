@@ -10,7 +10,7 @@ from typing import Any, AsyncIterator
 from app.protocol.chat import (AssistantMessage, ChatCompletionChunk, ChatCompletionRequest,
                                ChatCompletionResponse, Choice, ChunkChoice, Delta)
 from app.protocol.common import Usage
-from app.serving.generation import GenerationServing
+from app.serving.generation import GenerationServing, by_choice
 
 
 async def chat_chunks(deltas: AsyncIterator[list[Any]], *, model: str, include_usage: bool,
@@ -30,10 +30,7 @@ async def chat_chunks(deltas: AsyncIterator[list[Any]], *, model: str, include_u
     started: set[int] = set()
     prompt_tokens = completion_tokens = 0
     async for batch in deltas:
-        by_choice: dict[int, list[Any]] = {}
-        for delta in batch:
-            by_choice.setdefault(delta.index, []).append(delta)
-        for index, items in by_choice.items():
+        for index, items in by_choice(batch).items():
             if index not in started:
                 started.add(index)
                 yield chunk([ChunkChoice(index=index, delta=Delta(role="assistant", content=""))])

@@ -9,7 +9,7 @@ from typing import Any, AsyncIterator
 
 from app.protocol.common import Usage
 from app.protocol.completions import CompletionChoice, CompletionChunk, CompletionRequest
-from app.serving.generation import GenerationServing
+from app.serving.generation import GenerationServing, by_choice
 
 
 async def completion_chunks(deltas: AsyncIterator[list[Any]], *, model: str, n: int,
@@ -21,10 +21,7 @@ async def completion_chunks(deltas: AsyncIterator[list[Any]], *, model: str, n: 
     prompt_tokens: dict[int, int] = {}
     completion_tokens = 0
     async for batch in deltas:
-        by_choice: dict[int, list[Any]] = {}
-        for delta in batch:
-            by_choice.setdefault(delta.index, []).append(delta)
-        for index, items in by_choice.items():
+        for index, items in by_choice(batch).items():
             last = items[-1]
             if last.finish_reason is not None:
                 prompt_tokens[index // n] = last.prompt_tokens

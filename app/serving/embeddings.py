@@ -2,7 +2,7 @@
 
 The embedding deployment streams one list of
 :class:`deployments.engines.embedding_records.EmbeddingOutput` per request (plain data: each vector as its
-float32 little-endian bytes). The answer is never streamed: :func:`collect_embeddings` folds the records
+float32 little-endian bytes). The answer is never streamed: ``collect`` folds the records
 into a ``CreateEmbeddingResponse``, with each vector as a list of floats or, for ``encoding_format:
 base64``, those same bytes base64-encoded (what the openai SDK decodes with ``numpy.frombuffer(...,
 dtype="float32")``). A large answer is serialised off the event loop.

@@ -12,6 +12,14 @@ from app.errors import ContextLengthExceeded, validation_error
 from app.serving.base import OFF_LOOP_BYTES, Inbound, Serving, maybe_off_loop
 
 
+def by_choice(batch: list[Any]) -> dict[int, list[Any]]:
+    """One message of deltas grouped by choice, in order of first appearance."""
+    groups: dict[int, list[Any]] = {}
+    for delta in batch:
+        groups.setdefault(delta.index, []).append(delta)
+    return groups
+
+
 class GenerationServing(Serving):
     """Base of the chat, completions and responses families (and of tokenize, which shares the size
     screen): a chat model's deployment, its prompt limits asked once per model."""

@@ -119,17 +119,17 @@ def prepare_chat(request: ChatCompletionRequest, engine: Any, limits: Generation
 
 
 def generation_request(request: SamplingRequest, prompt_ids: list[int], limits: GenerationLimits,
-                       context_len: int, vocab_size: int | None = None,
-                       prompt_param: str = "messages") -> GenerationRequest:
+                       context_len: int, vocab_size: int | None = None) -> GenerationRequest:
     """Validate lengths and counts of an already tokenized prompt, and the token ids the request names
-    (logit_bias, stop_token_ids) against ``vocab_size``; fill OpenAI's defaults. ``prompt_param`` names
-    where the prompt came from (``messages``, ``prompt``) in error messages."""
+    (logit_bias, stop_token_ids) against ``vocab_size``; fill OpenAI's defaults. Errors name where the
+    prompt came from (the request's ``prompt_param``: ``messages``, ``prompt``)."""
     if request.n > limits.max_n:
         raise InvalidRequest(f"n must be at most {limits.max_n}, got {request.n}", param="n")
     stops = request.stop_list
     if len(stops) > limits.max_stop_sequences:
         raise InvalidRequest(f"at most {limits.max_stop_sequences} stop sequences are allowed, got "
                              f"{len(stops)}", param="stop")
+    prompt_param = request.prompt_param
     prompt_len = len(prompt_ids)
     if not prompt_len:  # e.g. a custom chat template that renders these messages as ""
         raise InvalidRequest(f"the {prompt_param} make an empty prompt with this model's tokenizer (and chat "

@@ -46,8 +46,8 @@ def prepare_completion(request: CompletionRequest, engine: Any, limits: Generati
     """The completions request as engine requests, one per prompt (see the module docstring)."""
     tokenizer = tokenizer or engine.tokenizer
     ids = prompt_ids(request, tokenizer, engine.context_len, engine.vocab_size)
-    requests = [generation_request(request, p, limits, engine.context_len, vocab_size=engine.vocab_size,
-                                   prompt_param="prompt") for p in ids]
+    requests = [generation_request(request, p, limits, engine.context_len, vocab_size=engine.vocab_size)
+                for p in ids]
     echo = []
     if request.echo:
         echo = [p if isinstance(p, str) else tokenizer.decode(p) for p in request.prompts]
