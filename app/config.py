@@ -59,6 +59,10 @@ class ChatBatchingSpec(BatchingSpec, EngineBatchingSpec):
     """Batching of a chat model: admission plus the continuous-batching engine's bounds."""
 
 
+# The tool-call formats of deployments/engines/tool_parsers.TOOL_FORMATS (a unit test keeps them equal).
+ToolParser = Literal["hermes", "json"]
+
+
 class GenerationLimits(_Strict):
     """Bounds a request's generation settings may not exceed."""
 
@@ -147,6 +151,11 @@ class ChatModelSpec(_ModelSpecBase):
         "a compiler, or false, oneDNN's product."))
     chat_template: str | None = Field(None, description=(
         "Jinja chat template overriding the tokenizer's own (for checkpoints that ship none)."))
+    tool_parser: ToolParser = Field("hermes", description=(
+        "How the model writes tool calls, so its output parses into `tool_calls` and a required or named "
+        "tool_choice is enforced in that form (deployments/engines/tool_parsers.py): `hermes` = "
+        "`<tool_call>{json}</tool_call>` (Qwen2.5/Qwen3, Hermes, and most templates that take `tools`); "
+        "`json` = the whole answer is a JSON call object or an array of them (Llama 3.x style)."))
     batching: ChatBatchingSpec = Field(default_factory=ChatBatchingSpec, description=(
         "Initial batching settings; user_config in the deployments section overrides them at runtime."))
     limits: GenerationLimits = Field(default_factory=GenerationLimits, description=(
@@ -284,6 +293,7 @@ class AllowEntry(_Strict):
     trust_remote_code: bool = Field(False, description=(
         "Allow model code shipped with admitted checkpoints; off unless an entry says so."))
     chat_template: str | None = Field(None, description="Chat template overriding the tokenizer's.")
+    tool_parser: ToolParser = Field("hermes", description="Tool-call format (see ChatModelSpec).")
     prefill_threads: int | None = Field(None, ge=1, le=256, description="See ChatModelSpec.")
     batching: EngineBatchingSpec = Field(default_factory=EngineBatchingSpec, description=(
         "Engine batching bounds of each admitted model (each model has its own engine, so a batch never "

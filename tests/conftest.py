@@ -26,7 +26,8 @@ TEST_APP_ARGS = {
     "models": [
         {"id": "demo-chat", "source": "demo:chat", "task": "chat",
          "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.05, "max_running_rows": 32},
-         "limits": {"default_max_tokens": 16, "max_tokens": 512, "max_context_len": 256}},
+         # 1024: a prompt with tools, rendered by the demo template with its 889-token vocabulary, is ~600.
+         "limits": {"default_max_tokens": 16, "max_tokens": 512, "max_context_len": 1024}},
         {"id": "demo-whisper", "source": "demo:whisper", "task": "transcription",
          "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.1},
          "audio": {"max_upload_bytes": 8 * 1024 * 1024}},  # above gRPC's default message size (4 MiB)

@@ -59,7 +59,9 @@ RESPONSE_EVENTS = {
     "response.output_text.delta": "ResponseTextDeltaEvent", "response.output_text.done": "ResponseTextDoneEvent",
     "response.content_part.done": "ResponseContentPartDoneEvent",
     "response.output_item.done": "ResponseOutputItemDoneEvent", "response.completed": "ResponseCompletedEvent",
-    "response.incomplete": "ResponseIncompleteEvent"}
+    "response.incomplete": "ResponseIncompleteEvent",
+    "response.function_call_arguments.delta": "ResponseFunctionCallArgumentsDeltaEvent",
+    "response.function_call_arguments.done": "ResponseFunctionCallArgumentsDoneEvent"}
 
 
 def assert_valid_event(event: dict[str, Any]) -> None:

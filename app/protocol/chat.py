@@ -9,8 +9,10 @@ from pydantic import (BaseModel, Discriminator, Field, StrictBool, StrictInt, Ta
 
 from app.protocol.common import Usage, WireModel, unsupported
 from app.protocol.sampling import SAMPLING_CONFLICTS, SAMPLING_REFUSALS, SamplingRequest, refuse
+from app.protocol.structured import ChoiceLogprobs
+from app.protocol.tools import MAX_TOOLS, Tool, ToolCall, ToolCallChunk, ToolCallOut, ToolChoice, forced_tools
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 PartType = Literal["text", "image_url", "input_audio", "file", "refusal"]
 MAX_TEMPLATE_KWARGS = 32      # top-level keys of chat_template_kwargs
 MAX_TEMPLATE_KWARGS_ITEMS = 1024  # values in chat_template_kwargs, nested ones included
@@ -45,7 +47,7 @@ class ChatMessage(WireModel):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: Content | None = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCall] | None = Field(None, max_length=MAX_TOOLS)
     function_call: dict[str, Any] | None = None
     tool_call_id: str | None = None
 
@@ -53,6 +55,8 @@ class ChatMessage(WireModel):
     def _content_required(self) -> "ChatMessage":
         if self.content is None and self.role != "assistant":
             raise ValueError(f"a {self.role} message needs content")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs 'tool_call_id' (the id of the call it answers)")
         return self
 
     def text(self) -> str:
@@ -62,11 +66,6 @@ class ChatMessage(WireModel):
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text or "" for part in self.content)
-
-
-class ResponseFormat(WireModel):
-    type: Literal["text", "json_object", "json_schema"] = Field(
-        description="Only plain text is served; structured output is refused.")
 
 
 def _is_set(value: Any) -> bool:
@@ -83,9 +82,8 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
     logprobs: StrictBool | None = None
     top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
-    response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: ToolChoice | None = None
     parallel_tool_calls: StrictBool | None = None
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
@@ -150,6 +148,21 @@ class ChatCompletionRequest(SamplingRequest):
     def prompt_param(self) -> str:
         return "messages"
 
+    @property
+    def top_logprobs_asked(self) -> int | None:
+        """How many alternatives each token's logprobs list (None: no logprobs)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    @property
+    def forced_tools(self) -> list[Tool] | None:
+        """The tools a call must be made to (see ``app.protocol.tools.forced_tools``)."""
+        return forced_tools(self.tools, self.tool_choice)
+
+    @property
+    def parses_tool_calls(self) -> bool:
+        """Whether the model's output is parsed into tool calls (tools given, tool_choice not none)."""
+        return bool(self.tools) and self.tool_choice != "none"
+
     def prompt_texts(self) -> list[list[str]]:
         """One prompt: the message contents and names (what :meth:`text_size_over` measures)."""
         return [[t for m in self.messages for t in (m.text(), m.name or "")]]
@@ -177,22 +190,19 @@ def _other_parts(message: ChatMessage) -> str | None:
 # What a message may hold that this server cannot honour: (field, where it is refused in the message
 # (None: not refused), why). The parameter reported is messages[i] + field + where.
 MESSAGE_REFUSALS: tuple[tuple[str, Callable[[ChatMessage], str | None], str], ...] = (
-    (".role", lambda m: "" if m.role in ("tool", "function") else None,
-     "tool and function messages belong to tool calling, which is not implemented"),
-    (".tool_calls", lambda m: "" if _is_set(m.tool_calls) else None, "tool calling is not implemented"),
+    (".role", lambda m: "" if m.role == "function" else None,
+     "function messages belong to the deprecated function calling; use tools and tool messages"),
     (".function_call", lambda m: "" if _is_set(m.function_call) else None,
-     "function calling is not implemented"),
+     "the deprecated function calling is not implemented; use tool_calls"),
     (".content", _other_parts, "only text content parts are served (no images, audio or files)"),
 )
 
 # Request parameters this server does not implement: (parameter, refused when, why).
 REFUSALS: tuple[tuple[str, Callable[[ChatCompletionRequest], bool], str], ...] = (
-    ("logprobs", lambda r: r.logprobs is True, "log probabilities are not implemented"),
-    ("tools", lambda r: _is_set(r.tools), "tool calling is not implemented"),
-    ("functions", lambda r: _is_set(r.functions), "function calling is not implemented"),
-    ("function_call", lambda r: _is_set(r.function_call), "function calling is not implemented"),
-    ("response_format.type", lambda r: r.response_format is not None and r.response_format.type != "text",
-     "structured output (json_object, json_schema) is not implemented; only 'text'"),
+    ("functions", lambda r: _is_set(r.functions),
+     "the deprecated function calling is not implemented; use tools"),
+    ("function_call", lambda r: _is_set(r.function_call),
+     "the deprecated function calling is not implemented; use tool_choice"),
     ("modalities", lambda r: "audio" in (r.modalities or ()), "audio output is not implemented"),
     ("audio", lambda r: _is_set(r.audio), "audio output is not implemented"),
     ("prediction", lambda r: _is_set(r.prediction), "predicted outputs are not implemented"),
@@ -209,6 +219,11 @@ CONFLICTS: tuple[tuple[str, Callable[[ChatCompletionRequest], bool], str], ...] 
      "'tool_choice' is only allowed when 'tools' are specified"),
     ("parallel_tool_calls", lambda r: r.parallel_tool_calls is True and not r.tools,
      "'parallel_tool_calls' is only allowed when 'tools' are specified"),
+    ("tool_choice.function.name", lambda r: r.tools and r.forced_tools == [],
+     "'tool_choice' names a function that is not among 'tools'"),
+    ("tool_choice", lambda r: r.forced_tools and r.constrained,
+     "a required or named 'tool_choice' constrains the output itself: it cannot be combined with "
+     "'response_format' or 'structured_outputs'"),
     *SAMPLING_CONFLICTS,
     ("continue_final_message", lambda r: r.continue_final_message and r.add_generation_prompt,
      "'continue_final_message' and 'add_generation_prompt' cannot both be true "
@@ -222,12 +237,17 @@ class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
+
+    @model_serializer(mode="wrap")
+    def _calls_if_any(self, handler: Any) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if not (k == "tool_calls" and v is None)}
 
 
 class Choice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: FinishReason
 
 
@@ -243,17 +263,18 @@ class ChatCompletionResponse(BaseModel):
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallChunk] | None = None
 
-    @model_serializer
-    def _drop_unset(self) -> dict[str, Any]:
-        # A delta carries only what changed: the role once, then content pieces.
-        return {k: v for k, v in (("role", self.role), ("content", self.content)) if v is not None}
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler: Any) -> dict[str, Any]:
+        # A delta carries only what changed: the role once, then content pieces or tool-call pieces.
+        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class ChunkChoice(BaseModel):
     index: int
     delta: Delta
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 

@@ -14,6 +14,7 @@ from pydantic import BaseModel, Discriminator, Field, StrictBool, StrictInt, Tag
 
 from app.protocol.common import Usage
 from app.protocol.sampling import SAMPLING_CONFLICTS, SAMPLING_REFUSALS, SamplingRequest, refuse
+from app.protocol.structured import CompletionLogprobs
 
 MAX_PROMPTS = 256  # prompts in one request: each is a separate generation, with n choices each
 
@@ -70,6 +71,10 @@ class CompletionRequest(SamplingRequest):
     def prompt_param(self) -> str:
         return "prompt"
 
+    @property
+    def top_logprobs_asked(self) -> int | None:
+        return self.logprobs
+
     def prompt_texts(self) -> list[list[str]]:
         """Each string prompt on its own: every prompt must fit the context, not their sum."""
         return [[p] for p in self.prompts if isinstance(p, str)]
@@ -78,7 +83,8 @@ class CompletionRequest(SamplingRequest):
 # Parameters this server does not implement: (parameter, refused when, why).
 REFUSALS: tuple[tuple[str, Callable[[CompletionRequest], bool], str], ...] = (
     ("suffix", lambda r: bool(r.suffix), "inserting text before a suffix is not implemented"),
-    ("logprobs", lambda r: r.logprobs is not None, "log probabilities are not implemented"),
+    ("echo", lambda r: r.echo and r.logprobs is not None,
+     "logprobs of the echoed prompt's tokens are not implemented (use echo or logprobs)"),
     *SAMPLING_REFUSALS,
 )
 
@@ -88,7 +94,7 @@ FinishReason = Literal["stop", "length"]
 class CompletionChoice(BaseModel):
     text: str
     index: int
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Callable, Sequence
 from pydantic import Field, StrictBool, StrictInt, field_validator
 
 from app.protocol.common import WireModel, conflict, unsupported
+from app.protocol.structured import ResponseFormat, StructuredOutputs
 
 Number = Annotated[float, Field(strict=True)]  # a JSON number (an int too), never a string or a bool
 
@@ -51,6 +52,9 @@ class SamplingRequest(WireModel):
     ignore_eos: StrictBool = Field(False, description="Extra: keep generating past EOS.")
     best_of: StrictInt | None = Field(None, ge=1, description="Accepted only equal to n.")
     user: str | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = Field(None, description=(
+        "Extra (vLLM): constrain the output to a JSON schema, a regex, a choice or a grammar."))
 
     @field_validator("stop")
     @classmethod
@@ -86,6 +90,17 @@ class SamplingRequest(WireModel):
     def prompt_param(self) -> str:
         """The parameter that holds the prompt (``messages``, ``prompt``), for error messages."""
         raise NotImplementedError
+
+    @property
+    def constrained(self) -> bool:
+        """Whether response_format or structured_outputs constrain the output."""
+        format_ = self.response_format
+        return self.structured_outputs is not None or (format_ is not None and format_.type != "text")
+
+    @property
+    def top_logprobs_asked(self) -> int | None:
+        """How many alternatives each token's logprobs list (None: no logprobs)."""
+        return None
 
     @property
     def include_usage(self) -> bool:
@@ -124,6 +139,9 @@ SAMPLING_REFUSALS: tuple[Rule, ...] = (
 SAMPLING_CONFLICTS: tuple[Rule, ...] = (
     ("stream_options", lambda r: r.stream_options is not None and not r.stream,
      "'stream_options' is only allowed when 'stream' is true"),
+    ("structured_outputs", lambda r: r.structured_outputs is not None and r.response_format is not None
+     and r.response_format.type != "text",
+     "'structured_outputs' and a 'response_format' other than text both constrain the output: give one"),
 )
 
 

@@ -10,6 +10,8 @@ from typing import Any, AsyncIterator
 from app.protocol.chat import (AssistantMessage, ChatCompletionChunk, ChatCompletionRequest,
                                ChatCompletionResponse, Choice, ChunkChoice, Delta)
 from app.protocol.common import Usage
+from app.protocol.structured import ChoiceLogprobs, chat_logprobs
+from app.protocol.tools import FunctionCallOut, ToolCallOut, tool_call_chunk
 from app.serving.generation import GenerationServing, by_choice
 
 
@@ -18,9 +20,10 @@ async def chat_chunks(deltas: AsyncIterator[list[Any]], *, model: str, include_u
     """Turn the deployment's stream of delta lists into OpenAI chunks.
 
     Order per choice: one chunk with the role, a chunk with ``echo`` (the request's echoed text) if any,
-    content chunks (the deltas of one message for one choice are coalesced into one chunk), one chunk
-    with an empty delta and the finish_reason; then, if ``include_usage``, one chunk with empty
-    ``choices`` and the usage.
+    content chunks (the deltas of one message for one choice are coalesced into one chunk, with their
+    tokens' logprobs when asked), tool-call pieces as ``delta.tool_calls`` chunks, one chunk with an
+    empty delta and the finish_reason; then, if ``include_usage``, one chunk with empty ``choices`` and
+    the usage.
     """
     chunk_id, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
 
@@ -37,8 +40,13 @@ async def chat_chunks(deltas: AsyncIterator[list[Any]], *, model: str, include_u
                 if echo:
                     yield chunk([ChunkChoice(index=index, delta=Delta(content=echo))])
             text = "".join(d.text for d in items)
-            if text:
-                yield chunk([ChunkChoice(index=index, delta=Delta(content=text))])
+            logprobs = [r for d in items for r in d.logprobs or ()]
+            if text or logprobs:
+                yield chunk([ChunkChoice(index=index, delta=Delta(content=text or None), logprobs=ChoiceLogprobs(
+                    content=chat_logprobs(logprobs)) if logprobs else None)])
+            calls = [tool_call_chunk(piece) for d in items for piece in d.tool_calls]
+            if calls:
+                yield chunk([ChunkChoice(index=index, delta=Delta(tool_calls=calls))])
             last = items[-1]
             if last.finish_reason is not None:
                 prompt_tokens = last.prompt_tokens
@@ -49,21 +57,46 @@ async def chat_chunks(deltas: AsyncIterator[list[Any]], *, model: str, include_u
                               total_tokens=prompt_tokens + completion_tokens))
 
 
+class _Collected:
+    """One choice's collected answer: text, tool calls (by call index) and logprobs."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+        self.calls: dict[int, tuple[str, str, list[str]]] = {}  # index -> (id, name, argument fragments)
+        self.logprobs: list[Any] | None = None
+        self.finish = "stop"
+
+    def add(self, choice: ChunkChoice) -> None:
+        self.texts.append(choice.delta.content or "")
+        for piece in choice.delta.tool_calls or ():
+            call = self.calls.setdefault(piece.index, (piece.id or "", piece.function.name or "", []))
+            call[2].append(piece.function.arguments or "")
+        if choice.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + (choice.logprobs.content or [])
+        if choice.finish_reason is not None:
+            self.finish = choice.finish_reason
+
+    def choice(self, index: int) -> Choice:
+        text = "".join(self.texts)
+        calls = [ToolCallOut(id=id_, function=FunctionCallOut(name=name, arguments="".join(args)))
+                 for _, (id_, name, args) in sorted(self.calls.items())] or None
+        # With tool calls and no text, content is null (as OpenAI answers).
+        message = AssistantMessage(content=None if calls and not text else text, tool_calls=calls)
+        logprobs = None if self.logprobs is None else ChoiceLogprobs(content=self.logprobs)
+        return Choice(index=index, message=message, logprobs=logprobs, finish_reason=self.finish)
+
+
 async def collect_chat(chunks: AsyncIterator[ChatCompletionChunk]) -> ChatCompletionResponse:
     """The non-streamed response: the chunks of :func:`chat_chunks` (with usage) folded together."""
-    texts: dict[int, list[str]] = {}
-    finish: dict[int, str] = {}
+    collected: dict[int, _Collected] = {}
     usage = head = None
     async for c in chunks:
         head = head or c
         usage = c.usage or usage
         for choice in c.choices:
-            texts.setdefault(choice.index, []).append(choice.delta.content or "")
-            if choice.finish_reason is not None:
-                finish[choice.index] = choice.finish_reason
+            collected.setdefault(choice.index, _Collected()).add(choice)
     assert head is not None and usage is not None, "a chat stream always ends with a usage chunk"
-    choices = [Choice(index=i, message=AssistantMessage(content="".join(texts[i])), finish_reason=finish[i])
-               for i in sorted(texts)]
+    choices = [collected[i].choice(i) for i in sorted(collected)]
     return ChatCompletionResponse(id=head.id, created=head.created, model=head.model, choices=choices,
                                   usage=usage)
 

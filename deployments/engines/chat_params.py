@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 from typing import Any
 
 from app.config import GenerationLimits
@@ -22,6 +23,7 @@ from app.protocol.chat import ChatCompletionRequest
 from app.protocol.sampling import SamplingRequest
 from deployments.engines.prepared import Prepared
 from deployments.engines.records import GenerationRequest, SamplingParams
+from deployments.engines.structured_params import output_parser, request_grammar
 
 
 @functools.lru_cache(maxsize=16)
@@ -71,18 +73,43 @@ def _reserved_template_kwargs(tokenizer_type: type) -> frozenset[str]:
     return frozenset(named | {"messages", "conversation", "conversations", "self"})
 
 
+def _arguments(text: str) -> Any:
+    """A call's arguments as the template expects them: a JSON object as a dict (templates such as
+    Llama 3's apply ``tojson`` to it), anything else as the text it is."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, dict) else text
+
+
+def _template_message(message: Any) -> dict[str, Any]:
+    """A wire message as chat templates read it (OpenAI's shape, arguments parsed)."""
+    out: dict[str, Any] = {"role": message.role, "content": message.text()}
+    if message.name:
+        out["name"] = message.name
+    if message.tool_call_id:
+        out["tool_call_id"] = message.tool_call_id
+    if message.tool_calls:
+        out["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+            "name": c.function.name, "arguments": _arguments(c.function.arguments)}} for c in message.tool_calls]
+    return out
+
+
 def render_prompt(tokenizer: Any, request: ChatCompletionRequest, add_special_tokens: bool = False) -> list[int]:
     """Token ids of the messages rendered with the tokenizer's chat template: with the generation
     prompt (``add_generation_prompt``, default) or continuing the final assistant message
-    (``continue_final_message``), and the request's ``chat_template_kwargs`` as template variables."""
-    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-                for m in request.messages]
+    (``continue_final_message``), the request's ``tools`` (the template's ``tools`` variable) and its
+    ``chat_template_kwargs`` as template variables."""
+    messages = [_template_message(m) for m in request.messages]
     extra = dict(request.chat_template_kwargs or {})
     clash = sorted(extra.keys() & _reserved_template_kwargs(type(tokenizer)))
     if clash:
         raise InvalidRequest(f"chat_template_kwargs may not set {', '.join(map(repr, clash))}: these are "
                              "arguments of the template call itself (use the request's own "
                              "add_generation_prompt / continue_final_message)", param="chat_template_kwargs")
+    if request.tools:
+        extra["tools"] = [t.model_dump(exclude_none=True) for t in request.tools]
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False,
                                              add_generation_prompt=request.add_generation_prompt,
@@ -109,20 +136,24 @@ def to_generation_request(request: ChatCompletionRequest, engine: Any, limits: G
     context_len, tokenizer = engine.context_len, tokenizer or engine.tokenizer
     _check_prompt_size(request, tokenizer, context_len)
     return generation_request(request, render_prompt(tokenizer, request), limits, context_len,
-                              vocab_size=engine.vocab_size)
+                              vocab_size=engine.vocab_size, grammar=request_grammar(request, engine))
 
 
 def prepare_chat(request: ChatCompletionRequest, engine: Any, limits: GenerationLimits,
                  tokenizer: Any = None) -> Prepared:
-    """The chat request as one engine request (its echo is the ingress's: see ``echo_text``)."""
-    return Prepared([to_generation_request(request, engine, limits, tokenizer)])
+    """The chat request as one engine request (its echo is the ingress's: see ``echo_text``), its
+    output parsed into tool calls when it has tools."""
+    return Prepared([to_generation_request(request, engine, limits, tokenizer)],
+                    tool_format=output_parser(request, engine))
 
 
 def generation_request(request: SamplingRequest, prompt_ids: list[int], limits: GenerationLimits,
-                       context_len: int, vocab_size: int | None = None) -> GenerationRequest:
+                       context_len: int, vocab_size: int | None = None, grammar: str | None = None
+                       ) -> GenerationRequest:
     """Validate lengths and counts of an already tokenized prompt, and the token ids the request names
-    (logit_bias, stop_token_ids) against ``vocab_size``; fill OpenAI's defaults. Errors name where the
-    prompt came from (the request's ``prompt_param``: ``messages``, ``prompt``)."""
+    (logit_bias, stop_token_ids) against ``vocab_size``; fill OpenAI's defaults; ``grammar`` (validated)
+    constrains the output. Errors name where the prompt came from (the request's ``prompt_param``:
+    ``messages``, ``prompt``)."""
     if request.n > limits.max_n:
         raise InvalidRequest(f"n must be at most {limits.max_n}, got {request.n}", param="n")
     stops = request.stop_list
@@ -173,5 +204,6 @@ def generation_request(request: SamplingRequest, prompt_ids: list[int], limits: 
         min_tokens=request.min_tokens or 0,
         ignore_eos=request.ignore_eos,
         stop_token_ids=stop_ids,
+        logprobs=request.top_logprobs_asked,
     )
-    return GenerationRequest(prompt_ids=list(prompt_ids), params=params, n=request.n)
+    return GenerationRequest(prompt_ids=list(prompt_ids), params=params, n=request.n, grammar=grammar)

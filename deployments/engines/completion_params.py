@@ -19,6 +19,7 @@ from app.protocol.completions import CompletionRequest
 from app.protocol.sampling import text_size_over
 from deployments.engines.chat_params import generation_request, prompt_bytes_limit
 from deployments.engines.prepared import Prepared
+from deployments.engines.structured_params import request_grammar
 
 
 def prompt_ids(request: CompletionRequest, tokenizer: Any, context_len: int, vocab_size: int) -> list[list[int]]:
@@ -46,8 +47,9 @@ def prepare_completion(request: CompletionRequest, engine: Any, limits: Generati
     """The completions request as engine requests, one per prompt (see the module docstring)."""
     tokenizer = tokenizer or engine.tokenizer
     ids = prompt_ids(request, tokenizer, engine.context_len, engine.vocab_size)
-    requests = [generation_request(request, p, limits, engine.context_len, vocab_size=engine.vocab_size)
-                for p in ids]
+    grammar = request_grammar(request, engine)
+    requests = [generation_request(request, p, limits, engine.context_len, vocab_size=engine.vocab_size,
+                                   grammar=grammar) for p in ids]
     echo = []
     if request.echo:
         echo = [p if isinstance(p, str) else tokenizer.decode(p) for p in request.prompts]

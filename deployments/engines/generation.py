@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import weakref
 from collections import deque
 from dataclasses import dataclass, field
@@ -44,9 +45,10 @@ from deployments.engines.batch import Batch, PlainBatch, supports_concatenation
 from deployments.engines.buckets import MAX_BUCKETS, Buckets
 from deployments.engines.detokenize import TextStream
 from deployments.engines.fast_decode import fast_decoder
+from deployments.engines.grammar import Grammars, MaskJob, start_masks
 from deployments.engines.prefill_groups import length_groups, packs
-from deployments.engines.records import Delta, GenerationRequest, SamplingParams
-from deployments.engines.sampling import make_generator, select_tokens
+from deployments.engines.records import Delta, GenerationRequest, SamplingParams, TokenLogprob
+from deployments.engines.sampling import Logprobs, make_generator, select_tokens
 from deployments.engines.streams import RequestStream, deliver_threadsafe
 
 logger = logging.getLogger(__name__)
@@ -69,6 +71,7 @@ class _Sequence:
     generator: torch.Generator | None
     output_ids: list[int] = field(default_factory=list)
     pending: list[Delta] = field(default_factory=list)  # written on the model thread, moved by _publish
+    matcher: Any = None  # the request's grammar state for this choice (model thread), if constrained
     finished: bool = False
     error: ServingError | None = None
 
@@ -91,7 +94,7 @@ class GenerationEngine:
                  pad_token_id: int, context_len: int = 2048, max_running_rows: int = 64,
                  max_prefill_tokens: int = 4096, prefill_threads: int | None = None,
                  decode_threads: int | None = None, fast_decode: bool = True,
-                 packed_weights: bool = True, product_kernel: bool = True) -> None:
+                 packed_weights: bool = True, product_kernel: bool = True, tool_parser: str = "hermes") -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
@@ -101,6 +104,9 @@ class GenerationEngine:
         # Token ids a request may name (logit_bias, stop_token_ids): known to the tokenizer and the model.
         width = getattr(getattr(model, "config", None), "vocab_size", None)
         self.vocab_size = min(len(tokenizer), width) if width else len(tokenizer)
+        self.tool_parser = tool_parser  # the model's tool-call format (deployments.engines.tool_parsers)
+        # Structured output and logprobs' token texts (deployments.engines.grammar).
+        self.grammars = Grammars(tokenizer, width or len(tokenizer))
         self.pad_token_id = pad_token_id
         self.max_running_rows = max_running_rows
         self.max_prefill_tokens = max_prefill_tokens
@@ -123,6 +129,8 @@ class GenerationEngine:
         # Counters for metrics and tests (e.g. that a cancelled request stopped consuming steps).
         self.steps = 0
         self.tokens_generated = 0
+        self.masked_rows = 0  # constrained row-steps, and the model thread's seconds waiting for their masks
+        self.mask_wait_s = 0.0
         _ENGINES.add(self)
 
     @property
@@ -138,6 +146,7 @@ class GenerationEngine:
         with self._lock:
             waiting = [s for group in self._waiting for s in group if s.live]
         return {"steps": self.steps, "tokens_generated": self.tokens_generated,
+                "masked_rows": self.masked_rows, "mask_wait_s": self.mask_wait_s,
                 "running_rows": self.running_rows, "waiting_groups": len(self._waiting),
                 # What the autoscaling policy reads (deployments/autoscaling.py): rows not yet prefilled
                 # and their prompt tokens (a request's n choices share one prompt).
@@ -249,15 +258,19 @@ class GenerationEngine:
         try:
             with torch.inference_mode():
                 live = [s for s in seqs if s.live]
+                for seq in live:  # here, not in submit: a matcher takes ~2 ms to set up, off the event loop
+                    if seq.request.grammar is not None and seq.matcher is None:
+                        seq.matcher = self.grammars.matcher(seq.request.grammar)
                 # The lean prefill packs prompts without padding; the forward needs similar lengths, but
                 # a batch that cannot concatenate (sliding-window layers) is prefilled as one, padded.
                 groups = (packs(live) if self.fast_decoder else length_groups(live) if self.can_concatenate
                           else [live])
                 for group in groups:
+                    masks = start_masks(group, self.grammars)  # computed while the prompts run
                     batch, logits = self._batch_class.prefill(
                         self.model, group, [s.request.prompt_ids for s in group], self.pad_token_id,
                         self.device, self.fast_decoder)
-                    self._advance(batch, logits)
+                    self._advance(batch, logits, masks)
                     if (batch := self._keep_live(batch)) is None:
                         continue
                     if self._running is not None:
@@ -277,14 +290,20 @@ class GenerationEngine:
             if batch is None:
                 self._running = None
                 return
+            masks = start_masks(batch.rows, self.grammars)  # computed while the step runs
             logits = batch.decode(self.model, self.fast_decoder)
-            self._advance(batch, logits)
+            self._advance(batch, logits, masks)
             self._running = self._keep_live(batch)
 
-    def _advance(self, batch: Batch, logits: torch.Tensor) -> None:
-        """Choose each row's next token and turn it into output."""
+    def _advance(self, batch: Batch, logits: torch.Tensor, masks: MaskJob | None = None) -> None:
+        """Choose each row's next token (within its grammar, if any) and turn it into output."""
         self.steps += 1
-        tokens, failed = select_tokens(logits, batch.rows, self._eos)
+        if masks is not None:
+            self.masked_rows += len(masks.rows)
+            started = time.perf_counter()
+            masks.wait()
+            self.mask_wait_s += time.perf_counter() - started
+        tokens, failed, logprobs = select_tokens(logits, batch.rows, self._eos, masks)
         batch.set_next(tokens)
         self.tokens_generated += len(tokens)
         for i, (seq, token) in enumerate(zip(batch.rows, tokens)):
@@ -293,16 +312,21 @@ class GenerationEngine:
                 seq.error = InternalError("sampling failed for this request's settings")
                 continue
             try:
-                self._append(seq, token)
+                if seq.matcher is not None and not seq.matcher.consume_token(token):
+                    raise RuntimeError(f"grammar refused token {token}: {seq.matcher.get_error()}")
+                self._append(seq, token, logprobs.get(i))
             except Exception:  # isolate: this sequence fails, its neighbours carry on
                 logger.exception("request %s failed while decoding", seq.request.request_id)
                 seq.error = InternalError("generation failed for this request")
 
-    def _append(self, seq: _Sequence, token: int) -> None:
+    def _append(self, seq: _Sequence, token: int, logprobs: Logprobs | None = None) -> None:
         seq.output_ids.append(token)
         finish, params = None, seq.params
-        # An ending token (EOS unless ignore_eos, or one of stop_token_ids) adds no text of its own.
-        if token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos):
+        report = None if logprobs is None else [self._token_logprob(token, logprobs)]
+        # An ending token (EOS unless ignore_eos, or one of stop_token_ids) adds no text of its own; a
+        # grammar's end is the end even with ignore_eos (its matcher takes nothing after it).
+        ends = token in self.eos_token_ids and (not params.ignore_eos or seq.matcher is not None)
+        if token in params.stop_token_ids or ends:
             text, finish = seq.text.finish(), "stop"
         else:
             text = seq.text.push(token)
@@ -311,12 +335,17 @@ class GenerationEngine:
             elif len(seq.output_ids) >= params.max_new_tokens:
                 text, finish = text + seq.text.finish(), "length"
         if finish is None:
-            if text:
-                seq.pending.append(Delta(seq.index, text, [token]))
+            if text or report:
+                seq.pending.append(Delta(seq.index, text, [token], logprobs=report))
             return
         seq.finished = True
         seq.pending.append(Delta(seq.index, text, [token], finish, len(seq.request.prompt_ids),
-                                 len(seq.output_ids)))
+                                 len(seq.output_ids), logprobs=report))
+
+    def _token_logprob(self, token: int, logprobs: Logprobs) -> TokenLogprob:
+        chosen, top = logprobs
+        text, raw = self.grammars.token(token)
+        return TokenLogprob(text, raw, chosen, tuple((*self.grammars.token(t), lp) for t, lp in top))
 
     @staticmethod
     def _keep_live(batch: Batch) -> Batch | None:

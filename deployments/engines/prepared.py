@@ -6,6 +6,9 @@ completions request one per prompt it lists) plus the text each choice echoes fi
 (``deployments.engines.preparers`` makes them). :func:`merged` turns the per-prompt record streams back into the
 one stream the ingress reads, numbering choices across prompts (``prompt_index * n + choice``) as
 OpenAI's completions do. So the deployments and the engine have one generation path for every family.
+When the request has tools, each choice's text goes through the model's tool-call parser on the way
+(``tool_format``, ``deployments.engines.tool_parsers``): content stays text, calls become ``tool_calls``
+pieces, and a choice that called a tool and stopped finishes with ``tool_calls``.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 from deployments.engines.records import Delta, GenerationRequest
 
@@ -24,6 +27,7 @@ class Prepared:
 
     requests: list[GenerationRequest]
     echo: list[str] = field(default_factory=list)  # per request: text each of its choices starts with
+    tool_format: Any = None  # a tool_parsers format: parses each choice's output into tool calls
 
     def cancel(self) -> None:
         for request in self.requests:
@@ -34,10 +38,31 @@ def _shifted(items: list[Delta], offset: int) -> list[Delta]:
     return items if not offset else [dataclasses.replace(d, index=d.index + offset) for d in items]
 
 
+async def parsed(stream: AsyncIterator[list[Delta]], tool_format: Any) -> AsyncIterator[list[Delta]]:
+    """``stream`` with each choice's text split by a parser of ``tool_format`` into content and
+    tool-call pieces (see the module docstring)."""
+    parsers: dict[int, Any] = {}
+    async for items in stream:
+        out = []
+        for d in items:
+            parser = parsers.get(d.index) or parsers.setdefault(d.index, tool_format.parser())
+            text, calls = parser.feed(d.text) if d.text else ("", [])
+            finish = d.finish_reason
+            if finish is not None:
+                rest, more = parser.finish()
+                text, calls = text + rest, calls + more
+                finish = "tool_calls" if parser.calls and finish == "stop" else finish
+            out.append(dataclasses.replace(d, text=text, tool_calls=calls, finish_reason=finish))
+        yield out
+
+
 async def merged(prepared: Prepared, streams: list[AsyncIterator[list[Delta]]]) -> AsyncIterator[list[Delta]]:
     """One record stream for the whole request: each prompt's echoes first, then its streams' records
-    as they come, choice indices shifted past the earlier prompts' choices. Leaving early (or an error
-    in any stream) closes every stream, which cancels the request's rows in the engine."""
+    as they come (through the tool-call parser when the request has tools), choice indices shifted past
+    the earlier prompts' choices. Leaving early (or an error in any stream) closes every stream, which
+    cancels the request's rows in the engine."""
+    if prepared.tool_format is not None:
+        streams = [parsed(s, prepared.tool_format) for s in streams]
     offsets = [sum(r.n for r in prepared.requests[:k]) for k in range(len(prepared.requests))]
     echoes = [Delta(index=offsets[k] + i, text=text)
               for k, text in enumerate(prepared.echo) if text for i in range(prepared.requests[k].n)]

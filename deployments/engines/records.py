@@ -32,6 +32,7 @@ class SamplingParams:
     min_tokens: int = 0  # EOS and stop_token_ids are masked until the completion has this many tokens
     ignore_eos: bool = False  # EOS does not end the completion (it is generated like any token)
     stop_token_ids: tuple[int, ...] = ()  # these end the completion ("stop"); their text is not emitted
+    logprobs: int | None = None  # None: none; k >= 0: each chosen token's logprob and its k likeliest
 
     @property
     def greedy(self) -> bool:
@@ -41,6 +42,10 @@ class SamplingParams:
     @property
     def penalized(self) -> bool:
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.logprobs is not None
 
     @property
     def adjusts_logits(self) -> bool:
@@ -53,21 +58,48 @@ class GenerationRequest:
     """One request: a tokenized prompt and ``n`` choices to generate for it.
 
     ``cancelled`` is set by the deployment when the caller goes away; the engine drops the request's
-    sequences at its next step.
+    sequences at its next step. ``grammar`` (an llguidance grammar, already validated against the
+    model's tokenizer: ``deployments.engines.grammar``) constrains every choice's tokens to it.
     """
 
     prompt_ids: list[int]
     params: SamplingParams
     n: int = 1
+    grammar: str | None = None
     request_id: str = field(default_factory=lambda: secrets.token_hex(8))
     cancelled: bool = False
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token with its log probability and, when asked, the likeliest alternatives
+    (``top``: ``(token, bytes, logprob)``, likeliest first). ``token`` is the token's text (invalid UTF-8
+    replaced), ``bytes`` its exact bytes."""
+
+    token: str
+    bytes: bytes
+    logprob: float
+    top: tuple[tuple[str, bytes, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class ToolCallDelta:
+    """A piece of one tool call: the first piece of call ``index`` has its ``id`` and ``name``; every
+    piece may add a fragment of its JSON ``arguments`` (their concatenation is the whole)."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
 
 
 @dataclass
 class Delta:
     """New output of one choice. The last delta of a choice has ``finish_reason`` set, and with it the
     token counts for usage (``prompt_tokens`` is the request's, counted once per request by the
-    caller; ``completion_tokens`` is this choice's)."""
+    caller; ``completion_tokens`` is this choice's). ``text`` is content; when the request has tools,
+    what the model wrote as tool calls comes as ``tool_calls`` instead. ``logprobs`` (when asked) covers
+    the tokens generated since the previous delta of this choice."""
 
     index: int
     text: str = ""
@@ -75,6 +107,8 @@ class Delta:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)
 
 
 @dataclass

@@ -1,14 +1,20 @@
 """Per-row token selection for a batch whose rows have different sampling settings.
 
 Each row is processed with its own settings only, so a request's output does not depend on its batch
-neighbours: greedy rows take the argmax (after their penalties, logit_bias and min_tokens mask, if any);
-sampled rows apply those, then temperature, top-k, top-p and min-p, and draw with the row's own ``torch.Generator`` (seeded from the request's ``seed``), so the same seed
-gives the same draw whatever else is in the batch.
+neighbours: a constrained row's logits are first masked to what its grammar allows (``grammar.MaskJob``);
+greedy rows take the argmax (after their penalties, logit_bias and min_tokens mask, if any); sampled rows
+apply those, then temperature, top-k, top-p and min-p, and draw with the row's own ``torch.Generator``
+(seeded from the request's ``seed``), so the same seed gives the same draw whatever else is in the batch.
+
+Logprobs (rows that ask only) are the log-softmax of the distribution the token was drawn from before
+truncation: after the grammar mask, penalties, logit_bias, the min_tokens ban and (sampled rows) the
+temperature; before top-k, top-p and min-p. With none of these set they are the model's own
+``log_softmax``. A disallowed token's -inf is reported as -9999.0, as OpenAI does.
 """
 
 from __future__ import annotations
 
-from typing import Collection, Protocol, Sequence
+from typing import Any, Collection, Protocol, Sequence
 
 import torch
 
@@ -20,6 +26,9 @@ class SamplingRow(Protocol):
     generator: torch.Generator | None
     output_ids: list[int]
 
+
+Logprobs = tuple[float, list[tuple[int, float]]]  # the chosen token's logprob, the top (id, logprob)s
+_FLOOR = -9999.0
 
 def make_generator(seed: int | None, choice_index: int) -> torch.Generator:
     """A CPU generator for one choice; choices of one seeded request get distinct, stable streams."""
@@ -88,37 +97,62 @@ def unfinishable(row: SamplingRow, eos_token_ids: Collection[int]) -> tuple[int,
     return (*eos_token_ids, *params.stop_token_ids)
 
 
-def select_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow], eos_token_ids: Collection[int] = ()
-                  ) -> tuple[list[int], dict[int, Exception]]:
-    """Choose the next token of every row. ``logits`` is [rows, vocab] for the last position.
+def select_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow], eos_token_ids: Collection[int] = (),
+                  masks: Any = None) -> tuple[list[int], dict[int, Exception], dict[int, Logprobs]]:
+    """Choose the next token of every row. ``logits`` is [rows, vocab] for the last position; ``masks``
+    (a ``grammar.MaskJob`` or None) restricts the constrained rows.
 
-    Returns the tokens and, by row index, the errors of rows that could not be sampled (their token is
-    the argmax, to be discarded): one row's bad settings never fail its neighbours. A greedy row whose
-    logits are not adjusted (penalties, logit_bias, min_tokens) takes the shared vectorised argmax.
+    Returns the tokens; by row index, the errors of rows that could not be sampled (their token is the
+    argmax, to be discarded: one row's bad settings never fail its neighbours); and by row index, the
+    logprobs of the rows that asked for them. A greedy row whose logits are not adjusted (penalties,
+    logit_bias, min_tokens) and that wants no logprobs takes the shared vectorised argmax.
     """
     logits = logits.float()
+    if masks is not None:
+        masks.apply(logits)  # in place: a masked greedy row's argmax is then the shared one too
     chosen = torch.argmax(logits, dim=-1).tolist()  # one vectorised pass serves every plain greedy row
     failed: dict[int, Exception] = {}
+    logprobs: dict[int, Logprobs] = {}
     for i, row in enumerate(rows):
         params = row.params
         banned = unfinishable(row, eos_token_ids)
-        if params.greedy and not params.adjusts_logits and not banned:
+        if params.greedy and not params.adjusts_logits and not banned and not params.wants_logprobs:
             continue
         try:
-            chosen[i] = _sample_row(logits[i], row, banned)
+            chosen[i], logprobs_i = _sample_row(logits[i], row, banned)
         except Exception as exc:  # e.g. settings that make every probability NaN
             failed[i] = exc
-    return chosen, failed
+            continue
+        if logprobs_i is not None:
+            logprobs[i] = logprobs_i
+    return chosen, failed, logprobs
 
 
-def _sample_row(logits: torch.Tensor, row: SamplingRow, banned: tuple[int, ...] = ()) -> int:
+def _sample_row(logits: torch.Tensor, row: SamplingRow, banned: tuple[int, ...] = ()
+                ) -> tuple[int, Logprobs | None]:
     params = row.params
     logits = apply_logit_bias(apply_penalties(logits, params, row.output_ids), params.logit_bias)
     if banned:
-        logits = logits.index_fill(0, torch.tensor(banned, device=logits.device), float("-inf"))
+        kept = logits.index_fill(0, torch.tensor(banned, device=logits.device), float("-inf"))
+        # A grammar that allows only the end wins over min_tokens (the row could not go on otherwise).
+        logits = kept if bool(torch.isfinite(kept).any()) else logits
+    if not params.greedy:
+        logits = logits / params.temperature
+    report = _logprobs(logits, params.logprobs) if params.wants_logprobs else None
     if params.greedy:
-        return int(torch.argmax(logits))
-    logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
-    logits = filter_min_p(logits, params.min_p)
-    probs = torch.softmax(logits, dim=-1).cpu()
-    return int(torch.multinomial(probs, 1, generator=row.generator))
+        token = int(torch.argmax(logits))
+    else:
+        cut = filter_min_p(filter_top_k_top_p(logits, params.top_k, params.top_p), params.min_p)
+        token = int(torch.multinomial(torch.softmax(cut, dim=-1).cpu(), 1, generator=row.generator))
+    return token, None if report is None else report(token)
+
+
+def _logprobs(logits: torch.Tensor, top: int):
+    """The row's log-softmax, and a function of the chosen token giving its logprob and the ``top``
+    likeliest (id, logprob) pairs (see the module docstring)."""
+    logp = torch.log_softmax(logits, dim=-1)
+    pairs: list[tuple[int, float]] = []
+    if top:
+        values, ids = torch.topk(logp, top)
+        pairs = [(int(t), max(float(v), _FLOOR)) for t, v in zip(ids.tolist(), values.tolist())]
+    return lambda token: (max(float(logp[token]), _FLOOR), pairs)

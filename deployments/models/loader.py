@@ -83,7 +83,7 @@ def load_chat_engine(spec: ChatModelSpec) -> GenerationEngine:
                             max_prefill_tokens=spec.batching.max_prefill_tokens,
                             prefill_threads=spec.prefill_threads, decode_threads=spec.decode_threads,
                             fast_decode=spec.fast_decode, packed_weights=spec.packed_weights,
-                            product_kernel=spec.product_kernel)
+                            product_kernel=spec.product_kernel, tool_parser=spec.tool_parser)
 
 
 def context_length(limits: GenerationLimits, config, tokenizer) -> int:

@@ -175,8 +175,8 @@ def test_errors_are_openai_shaped(server, client):
         client.chat.completions.create(model=MODEL, messages=msgs("hi"), temperature=7)
     assert bad.value.body["param"] == "temperature"
     with pytest.raises(openai.BadRequestError) as long:
-        client.chat.completions.create(model=MODEL, messages=msgs("hi"), max_tokens=500)
-    assert long.value.body["code"] == "context_length_exceeded" and "256" in long.value.body["message"]
+        client.chat.completions.create(model=MODEL, messages=msgs("hi " * 1100), max_tokens=4)
+    assert long.value.body["code"] == "context_length_exceeded" and "1024" in long.value.body["message"]
     for resp in [requests.post(f"{server}/v1/chat/completions", data="{nope", timeout=30,
                                headers={"content-type": "application/json"}),
                  requests.post(f"{server}/v1/chat/completions", timeout=30, json={

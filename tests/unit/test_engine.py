@@ -134,10 +134,10 @@ async def test_failing_request_fails_alone(engine, monkeypatch):
     good = request(engine, "one two", max_new_tokens=8)
     original = engine._append
 
-    def flaky(seq, token):
+    def flaky(seq, token, logprobs=None):
         if seq.request is bad:
             raise RuntimeError("boom")
-        return original(seq, token)
+        return original(seq, token, logprobs)
 
     monkeypatch.setattr(engine, "_append", flaky)
     out = await collect(engine, [bad, good])

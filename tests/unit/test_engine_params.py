@@ -20,9 +20,9 @@ def engine(demo_engine_factory, monkeypatch):
     engine.chosen = defaultdict(list)
     append = engine._append
 
-    def recording(seq, token):
+    def recording(seq, token, logprobs=None):
         engine.chosen[seq.request.request_id].append(token)
-        return append(seq, token)
+        return append(seq, token, logprobs)
 
     monkeypatch.setattr(engine, "_append", recording)
     return engine

@@ -67,7 +67,8 @@ def test_bad_prompts_name_the_prompt_at_fault(engine, fields, param, error):
 
 @pytest.mark.parametrize("fields, param", [
     ({"prompt": []}, "prompt"), ({"prompt": [[]]}, "prompt"), ({"prompt": 3}, "prompt"),
-    ({"prompt": [True]}, "prompt"), ({"suffix": "x"}, "suffix"), ({"logprobs": 1}, "logprobs"),
+    ({"prompt": [True]}, "prompt"), ({"suffix": "x"}, "suffix"), ({"logprobs": 6}, "logprobs"),
+    ({"echo": True, "logprobs": 1}, "echo"), ({"structured_outputs": {"choice": []}}, "structured_outputs.choice"),
     ({"best_of": 3}, "best_of"), ({"stream_options": {"include_usage": True}}, "stream_options"),
 ])
 def test_wire_refusals(fields, param):
@@ -176,11 +177,10 @@ def test_responses_map_onto_one_chat_request():
 
 
 @pytest.mark.parametrize("fields, param", [
-    ({"tools": [{"type": "function", "name": "f"}]}, "tools"), ({"previous_response_id": "resp_1"},
-                                                                "previous_response_id"),
-    ({"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]}, "type"),
+    ({"tools": [{"type": "web_search"}]}, "tools"), ({"previous_response_id": "resp_1"}, "previous_response_id"),
+    ({"input": [{"type": "reasoning", "summary": []}]}, "type"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "data:"}]}]}, "type"),
-    ({"input": []}, "input"), ({"text": {"format": {"type": "json_object"}}}, "text.format.type"),
+    ({"input": []}, "input"), ({"text": {"format": {"type": "xml"}}}, "text.format"),
     ({"background": True}, "background"), ({"reasoning": {"effort": "high"}}, "reasoning"),
 ])
 def test_responses_refusals(fields, param):

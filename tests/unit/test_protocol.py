@@ -14,6 +14,7 @@ from app.protocol.models import ModelCard, ModelList
 from tests.openapi_schema import assert_valid
 
 BASE = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
 
 
 def refused(**fields) -> tuple[str, str]:
@@ -45,9 +46,18 @@ def test_accepts_text_parts_and_vendor_extras():
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
     ({"messages": [{"role": "user"}]}, "messages[0]"),
-    ({"logprobs": True}, "logprobs"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"response_format": {"type": "json_object"}}, "response_format.type"),
+    ({"logprobs": "yes"}, "logprobs"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"tools": [{"type": "function", "function": {"name": "no spaces"}}]}, "tools[0].function.name"),
+    ({"tools": [{"type": "custom", "custom": {"name": "f"}}]}, "tools[0].type"),
+    ({"tools": [TOOL], "tool_choice": "bogus"}, "tool_choice"),
+    ({"response_format": {"type": "json_schema"}}, "response_format"),
+    ({"response_format": {"type": "yaml"}}, "response_format.type"),
+    ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
+    ({"structured_outputs": {}}, "structured_outputs"),
+    ({"messages": [{"role": "tool", "content": "42"}]}, "messages[0]"),
+    ({"messages": [{"role": "assistant", "tool_calls": [{"id": "1", "type": "function"}]}]},
+     "messages[0].tool_calls[0].function"),
 ])
 def test_bad_values_are_refused_naming_the_param(fields, param):
     got, message = refused(**fields)
@@ -157,12 +167,8 @@ def test_other_unusual_text_is_accepted():
 
 
 @pytest.mark.parametrize("fields,param", [
-    ({"logprobs": True}, "logprobs"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"functions": [{"name": "f"}]}, "functions"),
     ({"function_call": "auto"}, "function_call"),
-    ({"response_format": {"type": "json_object"}}, "response_format.type"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format.type"),
     ({"modalities": ["text", "audio"]}, "modalities"),
     ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
     ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
@@ -174,11 +180,9 @@ def test_other_unusual_text_is_accepted():
      "messages[0].content[1].type"),
     ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]},
      "messages[0].content[0].type"),
-    ({"messages": [{"role": "user", "content": "hi"},
-                   {"role": "assistant", "tool_calls": [{"id": "1", "type": "function"}]}]},
-     "messages[1].tool_calls"),
-    ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "1"}]}, "messages[0].role"),
     ({"messages": [{"role": "function", "content": "42", "name": "f"}]}, "messages[0].role"),
+    ({"messages": [{"role": "assistant", "content": "x", "function_call": {"name": "f"}}]},
+     "messages[0].function_call"),
 ])
 def test_unsupported_features_are_refused_in_one_shape(fields, param):
     err = refusal(**fields)
@@ -188,8 +192,11 @@ def test_unsupported_features_are_refused_in_one_shape(fields, param):
 
 
 @pytest.mark.parametrize("fields,param", [
-    ({"tool_choice": "bogus"}, "tool_choice"),
     ({"tool_choice": "none"}, "tool_choice"),
+    ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "absent"}}},
+     "tool_choice.function.name"),
+    ({"tools": [TOOL], "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
+    ({"structured_outputs": {"regex": "a+"}, "response_format": {"type": "json_object"}}, "structured_outputs"),
     ({"parallel_tool_calls": True}, "parallel_tool_calls"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"stream": False, "stream_options": {"include_usage": False}}, "stream_options"),

@@ -32,10 +32,10 @@ def test_greedy_rows_take_argmax_and_seeded_rows_repeat():
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
     greedy = Row(SamplingParams(max_new_tokens=1, temperature=0.0))
     sampled = SamplingParams(max_new_tokens=1, temperature=1.0, seed=5)
-    first, failed = select_tokens(logits, [greedy, Row(sampled, 5), Row(sampled, 5)])
+    first, failed, _ = select_tokens(logits, [greedy, Row(sampled, 5), Row(sampled, 5)])
     assert not failed
     assert first[0] == int(torch.argmax(logits[0]))
-    again, _ = select_tokens(logits[[2, 1, 0]], [Row(sampled, 5), Row(sampled, 5), greedy])
+    again, _, _ = select_tokens(logits[[2, 1, 0]], [Row(sampled, 5), Row(sampled, 5), greedy])
     assert again[1] == first[1]  # same row content + same seed -> same draw, wherever it sits
 
 
@@ -46,7 +46,7 @@ def test_extreme_settings_degrade_or_fail_one_row_only():
     assert tiny_temperature.params.greedy  # treated as argmax instead of overflowing
     broken = Row(SamplingParams(max_new_tokens=1, temperature=1.0), seed=2)
     broken.generator = "not a generator"  # sampling this row raises
-    tokens, failed = select_tokens(logits, [tiny_temperature, tiny_top_p, broken])
+    tokens, failed, _ = select_tokens(logits, [tiny_temperature, tiny_top_p, broken])
     assert tokens[0] == int(torch.argmax(logits[0])) and tokens[1] == int(torch.argmax(logits[1]))
     assert list(failed) == [2]
 
@@ -59,8 +59,8 @@ def test_logit_bias_applies_to_its_row_only_greedy_included():
     plain = Row(SamplingParams(max_new_tokens=1, temperature=0.0))
     forced = Row(SamplingParams(max_new_tokens=1, temperature=0.0, logit_bias=((7, 100.0),)))
     sampled = SamplingParams(max_new_tokens=1, temperature=1.0, seed=5)
-    base, _ = select_tokens(logits, [plain, plain, Row(sampled, 5)])
-    tokens, failed = select_tokens(logits, [plain, forced, Row(sampled, 5)])
+    base, _, _ = select_tokens(logits, [plain, plain, Row(sampled, 5)])
+    tokens, failed, _ = select_tokens(logits, [plain, forced, Row(sampled, 5)])
     assert not failed and tokens[1] == 7
     assert tokens[0] == base[0] and tokens[2] == base[2]  # the neighbours chose as before
 
@@ -80,7 +80,7 @@ def test_min_tokens_masks_eos_and_stop_ids_until_reached():
     params = SamplingParams(max_new_tokens=8, temperature=0.0, min_tokens=2, stop_token_ids=(8,))
     logits[0, 8] = 4.0  # then the stop token
     early = Row(params, output_ids=[1])
-    tokens, _ = select_tokens(logits, [early], eos_token_ids=(9,))
+    tokens, _, _ = select_tokens(logits, [early], eos_token_ids=(9,))
     assert tokens[0] not in (8, 9)
-    tokens, _ = select_tokens(logits, [Row(params, output_ids=[1, 2])], eos_token_ids=(9,))
+    tokens, _, _ = select_tokens(logits, [Row(params, output_ids=[1, 2])], eos_token_ids=(9,))
     assert tokens == [9]

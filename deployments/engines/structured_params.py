@@ -1,0 +1,77 @@
+"""What a generation request asks of its output's form, for the engine: the constraint that
+``response_format``, ``structured_outputs`` or a required/named ``tool_choice`` put on the tokens (a
+grammar, ``deployments.engines.grammar``), and the tool-call format that parses the output when the
+request has tools (``deployments.engines.tool_parsers``; the model's ``tool_parser`` setting).
+
+At most one constraint applies (the wire models refuse two). A forced tool choice is enforced with the
+grammar of the model's own tool-call format, so the calls parse back whatever the model would have
+written. CPU work (a grammar's first validation): callers run it off the event loop.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from app.errors import InvalidRequest
+from deployments.engines.tool_parsers import TOOL_FORMATS
+
+# structured_outputs field -> constraint kind (deployments.engines.grammar.GRAMMARS)
+_STRUCTURED_KINDS = (("json_", "json_schema", "json"), ("regex", "regex", "regex"),
+                     ("choice", "choice", "choice"), ("grammar", "grammar", "grammar"))
+# response_format type -> (constraint kind, where its value is, parameter named in errors)
+_FORMAT_KINDS = {
+    "json_object": ("json_object", lambda f: None, "response_format"),
+    "json_schema": ("json_schema", lambda f: f.json_schema.schema_, "response_format.json_schema.schema"),
+}
+
+
+def _structured(outputs: Any) -> tuple[str, Any, str]:
+    if outputs.json_object:
+        return "json_object", None, "structured_outputs.json_object"
+    for field, kind, name in _STRUCTURED_KINDS:
+        value = getattr(outputs, field)
+        if value is None:
+            continue
+        param = f"structured_outputs.{name}"
+        if kind == "json_schema" and isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError as exc:
+                raise InvalidRequest(f"{param} is not valid JSON: {exc}", param=param) from None
+        return kind, value, param
+    raise AssertionError("StructuredOutputs validates that one field is set")
+
+
+def tool_format(engine: Any) -> Any:
+    """The model's tool-call format (its ``tool_parser`` setting)."""
+    return TOOL_FORMATS[engine.tool_parser]
+
+
+def constraint(request: Any, engine: Any) -> tuple[str, Any, str] | None:
+    """``(kind, value, parameter)`` of the request's constraint, or None."""
+    if request.structured_outputs is not None:
+        return _structured(request.structured_outputs)
+    format_ = request.response_format
+    if format_ is not None and format_.type in _FORMAT_KINDS:
+        kind, value, param = _FORMAT_KINDS[format_.type]
+        return kind, value(format_), param
+    forced = getattr(request, "forced_tools", None)
+    if forced:
+        tools = [{"name": t.function.name, "parameters": t.function.parameters} for t in forced]
+        # One call unless parallel calls are allowed (OpenAI's default) and the choice is not one function.
+        parallel = request.parallel_tool_calls is not False and request.tool_choice == "required"
+        return "lark", tool_format(engine).grammar(tools, parallel), "tool_choice"
+    return None
+
+
+def request_grammar(request: Any, engine: Any) -> str | None:
+    """The validated grammar of the request's constraint (None: unconstrained); InvalidRequest names
+    the parameter of a constraint that cannot compile."""
+    found = constraint(request, engine)
+    return None if found is None else engine.grammars.compile(*found)
+
+
+def output_parser(request: Any, engine: Any) -> Any:
+    """The tool-call format that parses this request's output, or None (no tools, or tool_choice none)."""
+    return tool_format(engine) if getattr(request, "parses_tool_calls", False) else None
