@@ -286,14 +286,6 @@ def install_error_handlers(app) -> None:
 
 
 # Routes of OpenAI's API that this server does not have, with what a client should do instead.
-_ELSEWHERE = {
-    "/v1/responses": " The Responses API is not implemented: use POST /v1/chat/completions (OpenAI Agents "
-                     "SDK: OpenAIChatCompletionsModel, or set_default_openai_api('chat_completions')).",
-    "/v1/completions": " The legacy Completions API is not implemented: use POST /v1/chat/completions "
-                       "(LlamaIndex OpenAILike: is_chat_model=True).",
-}
-
-
 def routes_of(app) -> list[str]:
     """``"METHOD /path"`` of every documented route of the FastAPI ``app``, from its OpenAPI schema
     (which also sees routes that routers and Ray Serve's class-based views nest)."""
@@ -304,8 +296,8 @@ def routes_of(app) -> list[str]:
 def unknown_route(request, exc) -> NotFound:
     """The 404 of a path no route matches: says which request missed and which routes exist."""
     method, path = request.method, request.url.path
-    return NotFound(f"Invalid URL ({method} {path}): this server has no such route."
-                    f"{_ELSEWHERE.get(path.rstrip('/'), '')} Routes: {', '.join(routes_of(request.app))}.",
+    return NotFound(f"Invalid URL ({method} {path}): this server has no such route. "
+                    f"Routes: {', '.join(routes_of(request.app))}.",
                     code="unknown_route")
 
 

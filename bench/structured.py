@@ -35,17 +35,21 @@ from bench.prompts import make_prompts
 
 FRACTIONS = (0.0, 0.5, 1.0)
 
-# Bounded strings and arrays, so that a random model under the grammar can close the document.
+# Bounded strings and arrays, so that a random model under the grammar can close the document. Strings
+# are printable ASCII: left free, a random model puts U+2028 or U+0085 in them, which the server streams
+# raw (valid JSON and SSE) and httpx's aiter_lines (bench/load.py) takes for line breaks.
+_TEXT = "^[ -~]*$"
 SCHEMA: dict[str, Any] = {
     "type": "object", "additionalProperties": False,
     "required": ["name", "age", "role", "tags", "address"],
     "properties": {
-        "name": {"type": "string", "maxLength": 24},
+        "name": {"type": "string", "maxLength": 24, "pattern": _TEXT},
         "age": {"type": "integer", "minimum": 0, "maximum": 120},
         "role": {"enum": ["admin", "user", "guest"]},
-        "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 3},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 12, "pattern": _TEXT},
+                 "maxItems": 3},
         "address": {"type": "object", "additionalProperties": False, "required": ["city", "zip"],
-                    "properties": {"city": {"type": "string", "maxLength": 20},
+                    "properties": {"city": {"type": "string", "maxLength": 20, "pattern": _TEXT},
                                    "zip": {"type": "string", "pattern": "^[0-9]{5}$"}}}}}
 RESPONSE_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA, "strict": True}}
 
@@ -81,6 +85,7 @@ class Cell:
     free: list[RequestRecord] = field(default_factory=list)
     constrained: list[RequestRecord] = field(default_factory=list)
     counters: dict[str, float] = field(default_factory=dict)  # deltas of the engine's COUNTERS
+    failed: list[str] = field(default_factory=list)  # errors of failed requests
 
 
 def _ok(records: list[RequestRecord]) -> list[RequestRecord]:
@@ -121,8 +126,9 @@ def run_level(base: str, model: str, prompts: list, fraction: float, clients: in
     records, wall = asyncio.run(driver.measure(prompts, clients, max_tokens, deadline_s))
     after = engine_counters(handle)
     failed = [r.error for r in records if r.error]
-    if failed:
+    if len(failed) > len(records) // 10:
         raise RuntimeError(f"{fraction:.0%} constrained at {clients} clients: {len(failed)} failed: {failed[0]}")
+    cell.failed += failed  # a few are reported, not fatal: their tokens are not counted
     cell.walls.append(wall)
     cell.free += [r for r in records if r.index not in constrained]
     cell.constrained += [r for r in records if r.index in constrained]
@@ -234,6 +240,10 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
     note = (f" Engine counters read around each level: {', '.join(f'`{k}`' for k in counters)}."
             if counters else " The engine's stats have no mask counters: the mask cost column is empty.")
+    failures = [f"{len(cell.failed)} at {mix} {c} clients {f:.0%} ({cell.failed[0]})"
+                for (mix, c, f), cell in cells.items() if cell.failed]
+    if failures:
+        note += " Failed requests (not counted): " + "; ".join(failures) + "."
     report = (f"# Constrained rows in a shared batch\n\n`python -m bench.structured`: model `{config.model}`, "
               f"batching of contender (a), {opts.rounds} rounds pooled, max_tokens {opts.max_tokens}, temperature "
               f"1 seeded per prompt; constrained requests carry `response_format` json_schema (strict) of "

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Callable, Literal, Union
 from pydantic import (BaseModel, Discriminator, Field, StrictBool, StrictInt, Tag, field_validator,
                       model_serializer, model_validator)
 
-from app.protocol.common import Usage, WireModel, unsupported
+from app.protocol.common import Usage, WireModel, check_json_bounds, unsupported
 from app.protocol.sampling import SAMPLING_CONFLICTS, SAMPLING_REFUSALS, SamplingRequest, refuse
 from app.protocol.structured import ChoiceLogprobs
 from app.protocol.tools import MAX_TOOLS, Tool, ToolCall, ToolCallChunk, ToolCallOut, ToolChoice, forced_tools
@@ -114,7 +114,7 @@ class ChatCompletionRequest(SamplingRequest):
         for key in value:
             if not key.isidentifier():
                 raise ValueError(f"keys must be identifiers (template variable names), got {key!r}")
-        _check_json_bounds(value)
+        check_json_bounds(value, MAX_TEMPLATE_KWARGS_ITEMS, MAX_TEMPLATE_KWARGS_DEPTH)
         return value
 
     @model_validator(mode="after")
@@ -166,20 +166,6 @@ class ChatCompletionRequest(SamplingRequest):
     def prompt_texts(self) -> list[list[str]]:
         """One prompt: the message contents and names (what :meth:`text_size_over` measures)."""
         return [[t for m in self.messages for t in (m.text(), m.name or "")]]
-
-
-def _check_json_bounds(value: Any) -> None:
-    """Refuse JSON holding more than MAX_TEMPLATE_KWARGS_ITEMS values or nested deeper than
-    MAX_TEMPLATE_KWARGS_DEPTH (iteratively: deep input must not exhaust the stack)."""
-    stack, items = [(value, 0)], 0
-    while stack:
-        item, depth = stack.pop()
-        items += 1
-        if items > MAX_TEMPLATE_KWARGS_ITEMS or depth > MAX_TEMPLATE_KWARGS_DEPTH:
-            raise ValueError(f"at most {MAX_TEMPLATE_KWARGS_ITEMS} values nested at most "
-                             f"{MAX_TEMPLATE_KWARGS_DEPTH} deep are allowed")
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
-        stack.extend((child, depth + 1) for child in children)
 
 
 def _other_parts(message: ChatMessage) -> str | None:

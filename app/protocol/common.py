@@ -55,6 +55,21 @@ def lone_surrogate_at(value: Any) -> tuple[str, str] | None:
     return None
 
 
+def check_json_bounds(value: Any, max_values: int, max_depth: int) -> Any:
+    """``value``, or ValueError if it holds more than ``max_values`` JSON values or nests deeper than
+    ``max_depth`` (iteratively: deep input must not exhaust the stack). Free-form JSON fields need it:
+    a request is pickled to reach its replica, and pickling recurses once per level."""
+    stack, values = [(value, 0)], 0
+    while stack:
+        item, depth = stack.pop()
+        values += 1
+        if values > max_values or depth > max_depth:
+            raise ValueError(f"at most {max_values} values nested at most {max_depth} deep are allowed")
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        stack.extend((child, depth + 1) for child in children)
+    return value
+
+
 class WireModel(BaseModel):
     """Base of request models: unknown fields are ignored (clients send vendor extras), known ones are
     validated strictly enough that a bad value is a 400 naming the field. NaN and ±Infinity (which

@@ -25,6 +25,7 @@ from pydantic import Discriminator, Field, PrivateAttr, StrictBool, StrictInt, T
 from pydantic_core import PydanticCustomError
 
 from app.protocol.common import UNSUPPORTED, WireModel, conflict
+from app.protocol.structured import Schema
 from app.protocol.sampling import Number, refuse
 from app.protocol.tools import FUNCTION_NAME, MAX_TOOLS
 
@@ -148,7 +149,7 @@ class FunctionTool(WireModel):
     type: Literal["function"]
     name: str = Field(pattern=FUNCTION_NAME)
     description: str | None = None
-    parameters: dict[str, Any] | None = None
+    parameters: Schema | None = None
     strict: StrictBool | None = None
 
     def chat(self) -> dict[str, Any]:
@@ -213,7 +214,7 @@ class JsonSchema(WireModel):
 
     type: Literal["json_schema"]
     name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
-    schema_: dict[str, Any] = Field(alias="schema")
+    schema_: Schema = Field(alias="schema")
     description: str | None = None
     strict: StrictBool | None = None
 

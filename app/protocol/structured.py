@@ -11,12 +11,18 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, StrictBool, model_validator
+from pydantic import AfterValidator, BaseModel, Field, StrictBool, model_validator
 
-from app.protocol.common import WireModel
+from app.protocol.common import WireModel, check_json_bounds
 
 MAX_CHOICES = 1024         # structured_outputs.choice options
 MAX_PATTERN_CHARS = 16384  # a regex or a grammar's text
+MAX_SCHEMA_VALUES = 50_000  # JSON values in one schema (a tool's parameters, a response format's)
+MAX_SCHEMA_DEPTH = 64
+
+# A JSON schema as a request carries it: an object of bounded size and depth.
+Schema = Annotated[dict[str, Any], AfterValidator(lambda v: check_json_bounds(v, MAX_SCHEMA_VALUES,
+                                                                               MAX_SCHEMA_DEPTH))]
 
 
 class JsonSchemaFormat(WireModel):
@@ -25,7 +31,7 @@ class JsonSchemaFormat(WireModel):
 
     name: str = Field("response", min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
     description: str | None = None
-    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    schema_: Schema = Field(default_factory=dict, alias="schema")
     strict: StrictBool | None = None
 
 
@@ -43,7 +49,7 @@ class ResponseFormat(WireModel):
 class StructuredOutputs(WireModel):
     """Extra (vLLM's ``structured_outputs``): exactly one of these constrains the output."""
 
-    json_: dict[str, Any] | str | None = Field(None, alias="json", description="A JSON schema (or its text).")
+    json_: Schema | str | None = Field(None, alias="json", description="A JSON schema (or its text).")
     regex: str | None = Field(None, min_length=1, max_length=MAX_PATTERN_CHARS)
     choice: list[Annotated[str, Field(min_length=1)]] | None = Field(None, min_length=1, max_length=MAX_CHOICES)
     grammar: str | None = Field(None, min_length=1, max_length=MAX_PATTERN_CHARS, description=(

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, StrictBool, model_serializer
 
 from app.protocol.common import WireModel
+from app.protocol.structured import Schema
 
 MAX_TOOLS = 128
 FUNCTION_NAME = r"^[a-zA-Z0-9_.-]{1,64}$"
@@ -22,7 +23,7 @@ FUNCTION_NAME = r"^[a-zA-Z0-9_.-]{1,64}$"
 class FunctionDefinition(WireModel):
     name: str = Field(pattern=FUNCTION_NAME)
     description: str | None = None
-    parameters: dict[str, Any] | None = None
+    parameters: Schema | None = None
     strict: StrictBool | None = None
 
 

@@ -135,8 +135,10 @@ def to_generation_request(request: ChatCompletionRequest, engine: Any, limits: G
     fill OpenAI's defaults."""
     context_len, tokenizer = engine.context_len, tokenizer or engine.tokenizer
     _check_prompt_size(request, tokenizer, context_len)
-    return generation_request(request, render_prompt(tokenizer, request), limits, context_len,
-                              vocab_size=engine.vocab_size, grammar=request_grammar(request, engine))
+    out = generation_request(request, render_prompt(tokenizer, request), limits, context_len,
+                             vocab_size=engine.vocab_size)
+    out.grammar = request_grammar(request, engine)  # compiled once the cheaper checks passed
+    return out
 
 
 def prepare_chat(request: ChatCompletionRequest, engine: Any, limits: GenerationLimits,
@@ -148,12 +150,10 @@ def prepare_chat(request: ChatCompletionRequest, engine: Any, limits: Generation
 
 
 def generation_request(request: SamplingRequest, prompt_ids: list[int], limits: GenerationLimits,
-                       context_len: int, vocab_size: int | None = None, grammar: str | None = None
-                       ) -> GenerationRequest:
+                       context_len: int, vocab_size: int | None = None) -> GenerationRequest:
     """Validate lengths and counts of an already tokenized prompt, and the token ids the request names
-    (logit_bias, stop_token_ids) against ``vocab_size``; fill OpenAI's defaults; ``grammar`` (validated)
-    constrains the output. Errors name where the prompt came from (the request's ``prompt_param``:
-    ``messages``, ``prompt``)."""
+    (logit_bias, stop_token_ids) against ``vocab_size``; fill OpenAI's defaults. Errors name where the
+    prompt came from (the request's ``prompt_param``: ``messages``, ``prompt``)."""
     if request.n > limits.max_n:
         raise InvalidRequest(f"n must be at most {limits.max_n}, got {request.n}", param="n")
     stops = request.stop_list
@@ -206,4 +206,4 @@ def generation_request(request: SamplingRequest, prompt_ids: list[int], limits: 
         stop_token_ids=stop_ids,
         logprobs=request.top_logprobs_asked,
     )
-    return GenerationRequest(prompt_ids=list(prompt_ids), params=params, n=request.n, grammar=grammar)
+    return GenerationRequest(prompt_ids=list(prompt_ids), params=params, n=request.n)

@@ -47,9 +47,11 @@ def prepare_completion(request: CompletionRequest, engine: Any, limits: Generati
     """The completions request as engine requests, one per prompt (see the module docstring)."""
     tokenizer = tokenizer or engine.tokenizer
     ids = prompt_ids(request, tokenizer, engine.context_len, engine.vocab_size)
-    grammar = request_grammar(request, engine)
-    requests = [generation_request(request, p, limits, engine.context_len, vocab_size=engine.vocab_size,
-                                   grammar=grammar) for p in ids]
+    requests = [generation_request(request, p, limits, engine.context_len, vocab_size=engine.vocab_size)
+                for p in ids]
+    grammar = request_grammar(request, engine)  # compiled once the cheaper checks passed
+    for r in requests:
+        r.grammar = grammar
     echo = []
     if request.echo:
         echo = [p if isinstance(p, str) else tokenizer.decode(p) for p in request.prompts]

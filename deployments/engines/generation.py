@@ -327,7 +327,7 @@ class GenerationEngine:
         # grammar's end is the end even with ignore_eos (its matcher takes nothing after it).
         ends = token in self.eos_token_ids and (not params.ignore_eos or seq.matcher is not None)
         if token in params.stop_token_ids or ends:
-            text, finish = seq.text.finish(), "stop"
+            text, finish, report = seq.text.finish(), "stop", None  # not content: no logprob either
         else:
             text = seq.text.push(token)
             if seq.text.stopped:

@@ -244,3 +244,57 @@ def test_a_tool_conversation_is_rendered_and_answered(client):
     assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")
     assert answer.usage.prompt_tokens > client.chat.completions.create(
         model=MODEL, messages=ASK, max_tokens=1).usage.prompt_tokens + 20  # the history and tools were rendered
+
+
+def _nested(depth):
+    schema = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}, "required": ["a"]}
+    return schema
+
+
+HOSTILE = {
+    "deep schema": {"response_format": {"type": "json_schema", "json_schema": {"name": "d", "schema": _nested(300)}}},
+    "huge enum": {"structured_outputs": {"json": {"enum": [f"value {i}" for i in range(100_000)]}}},
+    "explosive regex": {"structured_outputs": {"regex": "(a|b|ab|ba)*c{1,900}" * 12}},
+    "many tools": {"tools": [{**WEATHER, "function": {**WEATHER["function"], "name": f"t{i}"}} for i in range(128)],
+                   "tool_choice": "required"},
+}
+
+
+def test_hostile_constraints_are_answered_quickly_and_stall_no_one(server):
+    """Schemas and patterns that are cheap to send and costly to compile: each is answered (a 400 that
+    names the problem, or a 200), and a small request beside them is not held up."""
+    import concurrent.futures
+    import time
+
+    def timed(body):
+        started = time.perf_counter()
+        r = post(server, "/v1/chat/completions", messages=ASK, max_tokens=4, **body)
+        return r, time.perf_counter() - started
+
+    baseline = min(timed({})[1] for _ in range(3))
+    with concurrent.futures.ThreadPoolExecutor(len(HOSTILE) + 1) as pool:
+        hostile = {name: pool.submit(timed, body) for name, body in HOSTILE.items()}
+        time.sleep(0.2)
+        small = [timed({})[1] for _ in range(3)]
+        for name, future in hostile.items():
+            r, seconds = future.result()
+            assert r.status_code in (200, 400), (name, r.text[:300])
+            assert seconds < 30, (name, seconds)
+            if r.status_code == 400:
+                assert_valid(r.json(), "ErrorResponse")
+                message = r.json()["error"]["message"]
+                assert any(why in message for why in ("cannot be compiled", "values nested at most",
+                                                      "maximum context length")), (name, message)
+    assert min(small) < baseline + 2.0, (baseline, small)
+
+
+def test_on_demand_models_have_the_same_features(client):
+    """A multiplexed (on-demand) model runs the same engine: constraints, logprobs and forced calls."""
+    answer = client.chat.completions.create(model="demo-chat-s1", messages=ASK, temperature=1, seed=2,
+                                            max_tokens=200, logprobs=True, top_logprobs=1,
+                                            extra_body={"structured_outputs": {"choice": ["red", "green"]}})
+    choice = answer.choices[0]
+    assert choice.message.content in ("red", "green") and choice.finish_reason == "stop"
+    assert "".join(t.token for t in choice.logprobs.content) == choice.message.content

@@ -53,9 +53,9 @@ def test_framework_errors_become_openai_errors(http):
 
 
 def test_unknown_route_names_the_request_and_the_routes(http):
-    err = error_of(http.post("/v1/responses", json={}), 404)
+    err = error_of(http.post("/v1/nothing", json={}), 404)
     assert err["code"] == "unknown_route"
-    assert "POST /v1/responses" in err["message"] and "/v1/chat/completions" in err["message"]
+    assert "POST /v1/nothing" in err["message"]
     assert "POST /echo" in err["message"] and "GET /boom" in err["message"]  # the routes that exist
     assert "GET /nowhere" in error_of(http.get("/nowhere"), 404)["message"]
 
