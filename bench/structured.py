@@ -1,16 +1,17 @@
 """What constrained rows cost a shared batch: chat completions with 0 %, 50 % and 100 % of the requests
 under ``response_format: json_schema`` (strict), on one running server.
 
-    python -m bench.structured --levels 1,8,32 --rounds 2 [--seconds 30] [--requests N] [--mixes short,mixed]
+    python -m bench.structured --levels 32,8,1 --rounds 2 --seconds 15 [--requests N] [--mixes short,mixed]
 
 Runs this server in-process as ``bench.embeddings`` does (``app.local.serve_locally``: the bench config's
 model, contender (a)'s batching and threads, the README's serving path), so that between levels it can read
 the model deployment's ``stats()`` (the engine's mask counters, :data:`COUNTERS`, when it has them: the
-mask cost per constrained row and step, and the share of the time the model thread waited for masks). At each mix and level the three fractions run on the same
-prompts with the same closed-loop streaming clients (``bench.load``); their order alternates by level and
-round. Every request samples at temperature 1 with its own seed (the prompt's index: the same request
-draws the same way at every fraction), ``max_tokens`` fixed; a constrained request's JSON may end before
-``max_tokens`` and a free one may stop at an end token, so tokens are counted (usage), not assumed.
+mask cost per constrained row and step, and the share of the time the model thread waited for masks). At
+each mix and level the three fractions run on the same prompts with the same closed-loop streaming clients
+(``bench.load``); their order alternates by level and round. Every request samples at temperature 1 with
+its own seed (the prompt's index: the same request draws the same way at every fraction), ``max_tokens``
+fixed; free requests ``ignore_eos`` (a random model under the schema does not close its JSON in 64 tokens,
+so both classes run to ``max_tokens``); tokens are counted (usage), not assumed.
 
 Reports, rounds pooled: output tokens/s overall and its ratio to 0 %; each class's (free, constrained)
 tokens over the level's wall time and its per-request decode rate (tokens after the first over the time
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -74,6 +74,10 @@ class StructuredDriver(HttpDriver):
         body = {**super().body(messages, max_tokens), "temperature": 1.0, "seed": index}
         if index in self.constrained:
             body["response_format"] = RESPONSE_FORMAT
+        else:
+            # As long as the constrained ones (whose JSON a random model does not close in max_tokens):
+            # requests of unequal lengths would change how clients' turns line up, not what a row costs.
+            body["ignore_eos"] = True
         return body
 
 
@@ -160,11 +164,10 @@ def table(cells: dict[tuple[str, int, float], Cell], levels: list[int]) -> str:
             return " / ".join(_fmt(fn(v) if v else None, spec, unit) for v in classes.values())
 
         rows = cell.counters.get("masked_rows")
-        mask = " / ".join(_fmt(cell.counters[k] / rows * 1e6 if rows else None, ".0f", " us")
-                          for k in COUNTERS[1:] if k in cell.counters)
-        if "mask_wait_s" in cell.counters:
-            mask += f" ({cell.counters['mask_wait_s'] / wall:.1%} of the wall)"
-        mask = mask or "–"
+        mask = " / ".join(_fmt(cell.counters[k] / rows * 1e6, ".1f", " us") for k in COUNTERS[1:]
+                          if k in cell.counters) if rows else "–"
+        if rows and "mask_wait_s" in cell.counters:
+            mask += f" ({rows:.0f} row-steps; waits {cell.counters['mask_wait_s'] / wall:.2%} of the wall)"
         lines.append(
             f"| {mix} | {c} | {f:.0%} | {tps:.0f} | {_fmt(ratio, '.2f')} | "
             + " / ".join(_fmt(tokens[k] / wall if classes[k] else None, ".0f") for k in classes) + " | "
@@ -246,8 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         note += " Failed requests (not counted): " + "; ".join(failures) + "."
     report = (f"# Constrained rows in a shared batch\n\n`python -m bench.structured`: model `{config.model}`, "
               f"batching of contender (a), {opts.rounds} rounds pooled, max_tokens {opts.max_tokens}, temperature "
-              f"1 seeded per prompt; constrained requests carry `response_format` json_schema (strict) of "
-              f"bench/structured.py's SCHEMA.{note}\n\n" + table(cells, levels) + "\n")
+              f"1 seeded per prompt, free requests `ignore_eos`; constrained requests carry `response_format` "
+              f"json_schema (strict) of bench/structured.py's SCHEMA.{note}\n\n" + table(cells, levels) + "\n")
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     (RESULTS_DIR / "structured.md").write_text(report)
     print(report)

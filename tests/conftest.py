@@ -44,7 +44,8 @@ TEST_APP_ARGS = {
     "on_demand": {
         "allow": [{"pattern": "demo-*", "source": "demo",
                    "batching": {"max_running_rows": 32},
-                   "limits": {"default_max_tokens": 16, "max_tokens": 512, "max_context_len": 256}},
+                   # As demo-chat's: the on-demand tests rerun the pinned model's tests on these.
+                   "limits": {"default_max_tokens": 16, "max_tokens": 512, "max_context_len": 1024}},
                   {"pattern": "local-*", "source": "models_root"}],
         "models_root": str(MODELS_ROOT),
         "max_models_per_replica": 2,

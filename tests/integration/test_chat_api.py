@@ -180,7 +180,7 @@ def test_errors_are_openai_shaped(server, client):
     for resp in [requests.post(f"{server}/v1/chat/completions", data="{nope", timeout=30,
                                headers={"content-type": "application/json"}),
                  requests.post(f"{server}/v1/chat/completions", timeout=30, json={
-                     "model": MODEL, "messages": msgs("x" * 2000), "stream": True}),
+                     "model": MODEL, "messages": msgs("x " * 2000), "stream": True}),
                  requests.get(f"{server}/v1/chat/completions", timeout=30),
                  requests.get(f"{server}/v1/nothing", timeout=30)]:
         assert resp.status_code in (400, 404, 405), resp.text

@@ -144,7 +144,7 @@ async def test_failing_request_fails_alone_in_a_crowd(async_client):
         return await async_client.chat.completions.create(model=MODEL, messages=msgs(text),
                                                           max_tokens=max_tokens, temperature=0)
 
-    results = await asyncio.gather(ask("hi", 10), ask("x " * 300, 10), ask("one two", 10),
+    results = await asyncio.gather(ask("hi", 10), ask("x " * 1100, 10), ask("one two", 10),
                                    ask("hi", 5000), ask("aaa", 10), return_exceptions=True)
     assert isinstance(results[1], openai.BadRequestError)
     assert isinstance(results[3], openai.BadRequestError)

@@ -298,3 +298,21 @@ def test_on_demand_models_have_the_same_features(client):
     choice = answer.choices[0]
     assert choice.message.content in ("red", "green") and choice.finish_reason == "stop"
     assert "".join(t.token for t in choice.logprobs.content) == choice.message.content
+
+
+def test_streamed_chunks_with_tool_calls_and_logprobs_validate(server):
+    """Raw SSE, as any client sees it: every chunk validates against the spec's stream response."""
+    r = requests.post(f"{server}/v1/chat/completions", timeout=120, stream=True, json={
+        "model": MODEL, "messages": ASK, "tools": [WEATHER], "tool_choice": "required", "stream": True,
+        "logprobs": True, "top_logprobs": 2, "temperature": 1, "seed": 4, "max_tokens": 200,
+        "stream_options": {"include_usage": True}})
+    assert r.status_code == 200
+    events = [line[6:] for line in r.iter_lines(decode_unicode=True) if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    for chunk in chunks:
+        assert_valid(chunk, "CreateChatCompletionStreamResponse")
+    assert any(c["choices"] and c["choices"][0]["delta"].get("tool_calls") for c in chunks)
+    assert any(c["choices"] and c["choices"][0].get("logprobs") for c in chunks)
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "tool_calls"
+    assert chunks[-1]["usage"]["completion_tokens"] > 0
