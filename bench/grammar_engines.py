@@ -10,11 +10,13 @@ wheel) and each engine it measures, on this machine's CPUs:
   ``anyOf`` of 8 functions, and the hostile ones: 300 optional properties, nesting 30 deep, a 5,000-value
   enum, a ~1.5 kB regex): **compile** cold, fastest of 3 (xgrammar ``cache_enabled=False``; llguidance has no
   compile step: building the matcher is it), **first mask** on that fresh matcher (llguidance builds its
-  lexer lazily), **matcher** creation again (what a request pays once xgrammar's cache holds the grammar),
-  the **mask per token** walking a valid document token by token (per position the fastest of WALKS walks,
-  each on a new matcher, then median / p90 / max; and the first walk's total), and **32 rows** at spread
-  positions of the document: one batched fill (llguidance ``fill_next_token_bitmask_par`` on an
-  ``LLExecutor``; xgrammar ``BatchGrammarMatcher``) against 32 fills one after another;
+  lexer lazily), the **request matcher** of a schema seen before (xgrammar: a new one on the cached grammar;
+  llguidance: a copy of the schema's matcher, as deployments/engines/grammar.py serves it), the **mask per
+  token** walking a valid document token by token (per position the fastest of WALKS walks, then median /
+  p90 / max; for a new schema and for one seen before; and the first walk's total), and **32 rows** of
+  request matchers at spread positions of the document: one batched fill (llguidance
+  ``fill_next_token_bitmask_par`` on an ``LLExecutor``; xgrammar ``BatchGrammarMatcher``) against 32 fills
+  one after another;
 - per tokenizer, applying real bitmasks to logits (1 and 32 rows, :func:`document_masks`): each library's
   ``apply_token_bitmask_inplace``, plain torch ``masked_fill_`` from a bool mask, and unpacking the bits to
   that bool mask in torch;
@@ -84,6 +86,10 @@ class XGrammar:
     def matcher(self, compiled: Any) -> Any:
         return self.xgr.GrammarMatcher(compiled)
 
+    def served(self, compiled: Any) -> Callable[[], Any]:
+        """Matchers for the requests of a schema seen before: new ones on the cached compiled grammar."""
+        return lambda: self.xgr.GrammarMatcher(compiled)
+
     def fill(self, matcher: Any, bitmask: Any, row: int = 0) -> None:
         matcher.fill_next_token_bitmask(bitmask, row)
 
@@ -122,6 +128,11 @@ class LLGuidance:
     def matcher(self, compiled: Any) -> Any:
         return self.ll.LLMatcher(self.tokenizer, compiled)
 
+    def served(self, compiled: Any) -> Callable[[], Any]:
+        """Matchers for the requests of a schema seen before: copies of one matcher built when the schema
+        was first compiled, as deployments/engines/grammar.py serves them (copies share its lexer states)."""
+        return self.ll.LLMatcher(self.tokenizer, compiled).deep_copy
+
     def fill(self, matcher: Any, bitmask: Any, row: int = 0) -> None:
         self.llt.fill_next_token_bitmask(matcher, bitmask, row)
 
@@ -154,9 +165,10 @@ def _best(fn: Callable[[], Any], repeat: int) -> float:
     return min(_timed(fn)[1] for _ in range(repeat))
 
 
-def _walk(engine: Any, compiled: Any, ids: list[int], bitmask: Any) -> list[float]:
-    """Fill the mask before every token of ``ids`` and after the last; each token must be allowed."""
-    matcher = engine.matcher(compiled)
+def _walk(engine: Any, make: Callable[[], Any], ids: list[int], bitmask: Any) -> list[float]:
+    """On a matcher from ``make``, fill the mask before every token of ``ids`` and after the last (each
+    token must be allowed, the end accepted); the seconds of each fill."""
+    matcher = make()
     times = []
     for token in ids:
         times.append(_timed(lambda: engine.fill(matcher, bitmask))[1])
@@ -176,17 +188,20 @@ def measure_case(engine: Any, case: Case, ids: list[int], vocab: int) -> dict[st
     compiled, compile_s = min((_timed(lambda: engine.compile(case.schema)) for _ in range(3)), key=lambda t: t[1])
     matcher = engine.matcher(compiled)
     _, first_mask_s = _timed(lambda: engine.fill(matcher, bitmask))
-    first = _walk(engine, compiled, ids, bitmask)
-    # Each position's fastest of WALKS walks, each on a new matcher (a request's matcher computes each
-    # mask once, from whatever it has built so far).
-    warm = sorted(map(min, zip(*(_walk(engine, compiled, ids, bitmask) for _ in range(WALKS)))))
-    matcher_s = _best(lambda: engine.matcher(compiled), 20)
+    first = _walk(engine, lambda: engine.matcher(compiled), ids, bitmask)
+    # Per position the fastest of WALKS walks (a request's matcher computes each mask once): on new
+    # matchers (a schema never seen), then on the served ones after one walk (a schema seen before).
+    new = _fastest_walks(engine, lambda: engine.matcher(compiled), ids, bitmask)
+    make = engine.served(compiled)
+    _walk(engine, make, ids, bitmask)
+    served = _fastest_walks(engine, make, ids, bitmask)
+    matcher_s = _best(make, 20)
     masks = torch.full((ROWS, bitmask.shape[1]), -1, dtype=torch.int32)
 
     def fresh_fill(fill: Callable[[list[Any]], Any], repeat: int = 5) -> float:
         times = []
         for _ in range(repeat):
-            matchers = spread_rows(engine, compiled, ids, masks)
+            matchers = spread_rows(engine, make, ids, masks)
             times.append(_timed(lambda: fill(matchers))[1])
         return min(times)
 
@@ -194,19 +209,23 @@ def measure_case(engine: Any, case: Case, ids: list[int], vocab: int) -> dict[st
     sequential_s = fresh_fill(lambda ms: [engine.fill(m, masks, i) for i, m in enumerate(ms)])
     return {"compile_ms": compile_s * 1e3, "first_mask_ms": first_mask_s * 1e3, "matcher_ms": matcher_s * 1e3,
             "first_walk_ms": sum(first) * 1e3, "tokens": len(ids),
-            "mask_us": {"median": statistics.median(warm) * 1e6, "p90": warm[int(0.9 * len(warm))] * 1e6,
-                        "max": warm[-1] * 1e6},
+            "mask_us": new, "served_mask_us": served,
             f"batch{ROWS}_ms": {"batched": batched_s * 1e3, "sequential": sequential_s * 1e3}}
 
 
-def spread_rows(engine: Any, compiled: Any, ids: list[int], masks: Any) -> list[Any]:
-    """ROWS new matchers at spread positions of the document, as a batch's rows are at different points
-    of theirs, each having filled (into its row of ``masks``) the mask before every token it took, as a
-    request's matcher has. New ones for every measured fill: a matcher keeps what it has computed
-    (llguidance: its lexer states), and a request's matcher computes each mask once."""
+def _fastest_walks(engine: Any, make: Callable[[], Any], ids: list[int], bitmask: Any) -> dict[str, float]:
+    times = sorted(map(min, zip(*(_walk(engine, make, ids, bitmask) for _ in range(WALKS)))))
+    return {"median": statistics.median(times) * 1e6, "p90": times[int(0.9 * len(times))] * 1e6,
+            "max": times[-1] * 1e6}
+
+
+def spread_rows(engine: Any, make: Callable[[], Any], ids: list[int], masks: Any) -> list[Any]:
+    """ROWS matchers from ``make`` at spread positions of the document, as a batch's rows are at different
+    points of theirs, each having filled (into its row of ``masks``) the mask before every token it took, as
+    a request's matcher has. New ones for every measured fill: a matcher keeps the mask it has computed."""
     rows = []
     for r in range(ROWS):
-        m = engine.matcher(compiled)
+        m = make()
         for token in ids[:r * len(ids) // ROWS]:
             engine.fill(m, masks, r)
             engine.accept(m, token)
@@ -222,7 +241,8 @@ def document_masks(engine: Any, tokenizer: Any, vocab: int) -> Any:
     case = CASES["nested object"]()
     ids = tokenizer(json.dumps(case.doc), add_special_tokens=False)["input_ids"]
     masks = torch.full((ROWS, (vocab + 31) // 32), -1, dtype=torch.int32)
-    for r, m in enumerate(spread_rows(engine, engine.compile(case.schema), ids, masks)):
+    compiled = engine.compile(case.schema)
+    for r, m in enumerate(spread_rows(engine, lambda: engine.matcher(compiled), ids, masks)):
         engine.fill(m, masks, r)
     return masks
 
@@ -326,10 +346,11 @@ def run(tokenizer_names: list[str]) -> dict[str, Any]:
 
 def _row(f: dict[str, Any]) -> str:
     if "error" in f:
-        return f"| {f['error']} | | | | | | |"
-    m, b = f["mask_us"], f[f"batch{ROWS}_ms"]
+        return f"| {f['error']} | | | | | | | |"
+    walk = lambda m: f"{m['median']:.0f} / {m['p90']:.0f} / {m['max']:.0f} us"  # noqa: E731
+    b = f[f"batch{ROWS}_ms"]
     return (f"| {f['tokens']} | {f['compile_ms']:.1f} ms | {f['first_mask_ms']:.2f} ms | {f['matcher_ms']:.3f} ms "
-            f"| {f['first_walk_ms']:.1f} ms | {m['median']:.0f} / {m['p90']:.0f} / {m['max']:.0f} us "
+            f"| {f['first_walk_ms']:.1f} ms | {walk(f['mask_us'])} | {walk(f['served_mask_us'])} "
             f"| {b['batched']:.2f} / {b['sequential']:.2f} ms |")
 
 
@@ -338,12 +359,14 @@ def report(results: dict[str, Any]) -> str:
     lines = ["# xgrammar against llguidance", "", "`python -m bench.grammar_engines`; times on this machine's "
              "CPUs (see bench/README.md). compile: cold, fastest of 3 (xgrammar `cache_enabled=False`; "
              "llguidance: building the matcher, which parses the grammar); first mask: on that fresh matcher; "
-             "matcher: a new matcher for the same grammar again (warm: what every request pays once xgrammar's "
-             "cache holds the grammar); first walk: all masks of the first walk over the document, summed; mask/token: "
-             f"per position of the document the fastest of {WALKS} walks (each on a new matcher), then their "
-             f"median / p90 / max; {ROWS} rows: one batched fill of {ROWS} matchers at spread positions of the "
-             f"document (each having computed the masks before, as in a batch) against {ROWS} fills one after "
-             "another (fastest of 5).", "", "## Footprint", "",
+             "request matcher: what each request of a schema seen before pays for its matcher (xgrammar: a new "
+             "one on the cached grammar; llguidance: a copy of the schema's matcher, as the engine does); first "
+             "walk: all masks of the first walk over the document, summed; mask/token: per position of the "
+             f"document the fastest of {WALKS} walks, then their median / p90 / max, for a new schema (new "
+             "matchers) and for one seen before (request matchers, after one walk: llguidance's copies share "
+             f"their lexer states); {ROWS} rows: one batched fill of {ROWS} request matchers at spread positions "
+             f"of the document (each having computed the masks before, as in a batch) against {ROWS} fills one "
+             "after another (fastest of 5).", "", "## Footprint", "",
              "| engine | version | wheel installed | import, by module (torch, transformers already in) | requires "
              "| what it adds beyond torch/transformers |", "|---|---|---:|---:|---|---|"]
     for name, f in results["footprint"].items():
@@ -355,9 +378,9 @@ def report(results: dict[str, Any]) -> str:
     for tname, entry in results["tokenizers"].items():
         lines += ["", f"## Tokenizer `{tname}` ({entry['vocab']} tokens)", "",
                   "Tokenizer setup: " + ", ".join(f"{k} {v:.0f} ms" for k, v in entry["setup_ms"].items()) + ".",
-                  "", "| schema | engine | doc tokens | compile | first mask | matcher (warm) | first walk "
-                  f"| mask/token median / p90 / max | {ROWS} rows batched / sequential |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "", "| schema | engine | doc tokens | compile | first mask | request matcher | first walk "
+                  "| mask/token median / p90 / max: new schema | schema seen before "
+                  f"| {ROWS} rows batched / sequential |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         lines += [f"| {cname} | {ename} {_row(f)}" for cname, by_engine in entry["cases"].items()
                   for ename, f in by_engine.items()]
         lines += ["", "Applying real masks (the nested object's document) to logits, one torch thread, us: fastest "
