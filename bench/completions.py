@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.config import RESULTS_DIR, load_config, model_dir
+from bench.config import load_config, model_dir, write_result
 from bench.contenders import managed_server
 from bench.load import HttpDriver, LevelStats, summarize
 from bench.prompts import make_prompts
@@ -110,9 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     report = (f"# /v1/completions beside /v1/chat/completions\n\nModel `{config.model}`, batching of "
               f"contender (a), {opts.rounds} rounds pooled, max_tokens {opts.max_tokens}, greedy, ignore_eos.\n\n"
               + table(results, levels) + "\n")
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / "completions.md").write_text(report)
-    print(report)
+    write_result("completions.md", report)
     return 0
 
 

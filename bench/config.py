@@ -14,6 +14,13 @@ DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")
 RESULTS_DIR = Path(__file__).with_name("results")
 
 
+def write_result(name: str, text: str) -> None:
+    """Write a bench's report to bench/results/``name`` and print it."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (RESULTS_DIR / name).write_text(text)
+    print(text)
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import httpx
 
-from bench.config import RESULTS_DIR, load_config
+from bench.config import load_config, write_result
 from bench.load import HttpDriver, RequestRecord
 from bench.prompts import make_prompts
 
@@ -251,9 +251,7 @@ def main(argv: list[str] | None = None) -> int:
               f"batching of contender (a), {opts.rounds} rounds pooled, max_tokens {opts.max_tokens}, temperature "
               f"1 seeded per prompt, free requests `ignore_eos`; constrained requests carry `response_format` "
               f"json_schema (strict) of bench/structured.py's SCHEMA.{note}\n\n" + table(cells, levels) + "\n")
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / "structured.md").write_text(report)
-    print(report)
+    write_result("structured.md", report)
     return 0
 
 
