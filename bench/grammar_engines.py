@@ -36,7 +36,7 @@ import statistics
 import time
 from typing import Any, Callable
 
-from bench.config import RESULTS_DIR
+from bench.config import write_result
 from bench.grammar_cases import CASES, Case
 
 ROWS = 32  # rows of the batched fill and apply: the bench's highest client level
@@ -398,13 +398,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="PATH", help="also write the figures here")
     opts = parser.parse_args(argv)
     results = run(opts.tokenizers.split(","))
-    text = report(results)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / "grammar_engines.md").write_text(text)
     if opts.json:
         with open(opts.json, "w") as fh:
             json.dump(results, fh, indent=1)
-    print(text)
+    write_result("grammar_engines.md", report(results))
     return 0
 
 

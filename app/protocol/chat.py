@@ -207,9 +207,6 @@ CONFLICTS: tuple[tuple[str, Callable[[ChatCompletionRequest], bool], str], ...] 
      "'parallel_tool_calls' is only allowed when 'tools' are specified"),
     ("tool_choice.function.name", lambda r: r.tools and r.forced_tools == [],
      "'tool_choice' names a function that is not among 'tools'"),
-    ("tool_choice", lambda r: r.forced_tools and r.constrained,
-     "a required or named 'tool_choice' constrains the output itself: it cannot be combined with "
-     "'response_format' or 'structured_outputs'"),
     *SAMPLING_CONFLICTS,
     ("continue_final_message", lambda r: r.continue_final_message and r.add_generation_prompt,
      "'continue_final_message' and 'add_generation_prompt' cannot both be true "

@@ -373,7 +373,4 @@ CONFLICTS: tuple[tuple[str, Callable[[ResponsesRequest], bool], str], ...] = (
      "a 'required' or named 'tool_choice' needs function 'tools' to call"),
     ("tool_choice.name", lambda r: isinstance(r.tool_choice, FunctionChoice) and r.tools
      and r.tool_choice.name not in r.function_names, "'tool_choice' names a function that is not among 'tools'"),
-    ("tool_choice", lambda r: r.forces_a_call and r.text is not None and not isinstance(r.text.format, PlainText),
-     "a required or named 'tool_choice' constrains the output itself: it cannot be combined with a "
-     "'text.format' other than text"),
 )

@@ -103,8 +103,15 @@ class ToolCallChunk(_Sparse):
     function: FunctionCallChunk
 
 
-def tool_call_chunk(piece: Any) -> ToolCallChunk:
-    """An engine ``ToolCallDelta`` as the wire chunk."""
-    first = piece.id is not None
-    return ToolCallChunk(index=piece.index, id=piece.id, type="function" if first else None,
-                         function=FunctionCallChunk(name=piece.name, arguments=piece.arguments))
+def tool_call_chunks(pieces: list[Any]) -> list[ToolCallChunk]:
+    """Engine ``ToolCallDelta`` pieces as wire pieces, one per run of pieces of the same call (its
+    argument fragments joined): clients such as instructor read one entry per call and chunk."""
+    out: list[ToolCallChunk] = []
+    for piece in pieces:
+        if out and out[-1].index == piece.index:
+            out[-1].function.arguments = (out[-1].function.arguments or "") + piece.arguments
+            continue
+        first = piece.id is not None
+        out.append(ToolCallChunk(index=piece.index, id=piece.id, type="function" if first else None,
+                                 function=FunctionCallChunk(name=piece.name, arguments=piece.arguments)))
+    return out

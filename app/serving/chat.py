@@ -11,7 +11,7 @@ from app.protocol.chat import (AssistantMessage, ChatCompletionChunk, ChatComple
                                ChatCompletionResponse, Choice, ChunkChoice, Delta)
 from app.protocol.common import Usage
 from app.protocol.structured import ChoiceLogprobs, chat_logprobs
-from app.protocol.tools import FunctionCallOut, ToolCallOut, tool_call_chunk
+from app.protocol.tools import FunctionCallOut, ToolCallOut, tool_call_chunks
 from app.serving.generation import GenerationServing, by_choice
 
 
@@ -21,7 +21,8 @@ async def chat_chunks(deltas: AsyncIterator[list[Any]], *, model: str, include_u
 
     Order per choice: one chunk with the role, a chunk with ``echo`` (the request's echoed text) if any,
     content chunks (the deltas of one message for one choice are coalesced into one chunk, with their
-    tokens' logprobs when asked), tool-call pieces as ``delta.tool_calls`` chunks, one chunk with an
+    tokens' logprobs when asked), tool calls as ``delta.tool_calls`` chunks (one call per chunk, the
+    fragments of one message joined), one chunk with an
     empty delta and the finish_reason; then, if ``include_usage``, one chunk with empty ``choices`` and
     the usage.
     """
@@ -44,9 +45,8 @@ async def chat_chunks(deltas: AsyncIterator[list[Any]], *, model: str, include_u
             if text or logprobs:
                 yield chunk([ChunkChoice(index=index, delta=Delta(content=text or None), logprobs=ChoiceLogprobs(
                     content=chat_logprobs(logprobs)) if logprobs else None)])
-            calls = [tool_call_chunk(piece) for d in items for piece in d.tool_calls]
-            if calls:
-                yield chunk([ChunkChoice(index=index, delta=Delta(tool_calls=calls))])
+            for call in tool_call_chunks([piece for d in items for piece in d.tool_calls]):
+                yield chunk([ChunkChoice(index=index, delta=Delta(tool_calls=[call]))])  # one call a chunk
             last = items[-1]
             if last.finish_reason is not None:
                 prompt_tokens = last.prompt_tokens

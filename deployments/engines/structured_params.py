@@ -22,7 +22,8 @@ _STRUCTURED_KINDS = (("json_", "json_schema", "json"), ("regex", "regex", "regex
 # response_format type -> (constraint kind, where its value is, parameter named in errors)
 _FORMAT_KINDS = {
     "json_object": ("json_object", lambda f: None, "response_format"),
-    "json_schema": ("json_schema", lambda f: f.json_schema.schema_, "response_format.json_schema.schema"),
+    "json_schema": ("json_schema", lambda f: closed(f.json_schema.schema_) if f.json_schema.strict
+                    else f.json_schema.schema_, "response_format.json_schema.schema"),
 }
 
 
@@ -48,20 +49,50 @@ def tool_format(engine: Any) -> Any:
     return TOOL_FORMATS[engine.tool_parser]
 
 
+# Where a JSON schema holds subschemas: a map of them, one, or a list of them.
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMA_ONE = ("items", "additionalItems", "contains", "not", "if", "then", "else", "propertyNames",
+               "additionalProperties", "unevaluatedProperties", "unevaluatedItems")
+_SCHEMA_LISTS = ("anyOf", "allOf", "oneOf", "prefixItems")
+
+
+def closed(schema: Any) -> Any:
+    """``schema`` with ``additionalProperties: false`` on every object schema that does not say: what
+    ``strict`` means (OpenAI requires it there; JSON Schema's default would let a model add keys)."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: closed(sub) for name, sub in out[key].items()}
+    for key in _SCHEMA_ONE:
+        if key in out:
+            out[key] = closed(out[key])
+    for key in _SCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [closed(sub) for sub in out[key]]
+    if (out.get("type") == "object" or "properties" in out) and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
 def constraint(request: Any, engine: Any) -> tuple[str, Any, str] | None:
-    """``(kind, value, parameter)`` of the request's constraint, or None."""
+    """``(kind, value, parameter)`` of the request's constraint, or None. A forced tool call wins over
+    a response format (its answer is the call, not text), as OpenAI accepts the pair."""
+    forced = getattr(request, "forced_tools", None)
+    if forced:
+        tools = [{"name": t.function.name,
+                  "parameters": closed(t.function.parameters) if t.function.strict else t.function.parameters}
+                 for t in forced]
+        # One call unless parallel calls are allowed (OpenAI's default) and the choice is not one function.
+        parallel = request.parallel_tool_calls is not False and request.tool_choice == "required"
+        return "lark", tool_format(engine).grammar(tools, parallel), "tool_choice"
     if request.structured_outputs is not None:
         return _structured(request.structured_outputs)
     format_ = request.response_format
     if format_ is not None and format_.type in _FORMAT_KINDS:
         kind, value, param = _FORMAT_KINDS[format_.type]
         return kind, value(format_), param
-    forced = getattr(request, "forced_tools", None)
-    if forced:
-        tools = [{"name": t.function.name, "parameters": t.function.parameters} for t in forced]
-        # One call unless parallel calls are allowed (OpenAI's default) and the choice is not one function.
-        parallel = request.parallel_tool_calls is not False and request.tool_choice == "required"
-        return "lark", tool_format(engine).grammar(tools, parallel), "tool_choice"
     return None
 
 

@@ -109,3 +109,32 @@ def test_the_tool_formats_grammars_compile(grammars):
         for parallel in (False, True):
             grammar = grammars.compile("lark", fmt.grammar(tools, parallel), "tool_choice")
             assert llguidance.LLMatcher.validate_grammar(grammar, grammars.tokenizer) == "", name
+
+
+def test_strict_schemas_are_closed_and_forced_calls_win_over_a_response_format(grammars):
+    from app.protocol.chat import ChatCompletionRequest
+    from deployments.engines.structured_params import closed, constraint
+
+    schema = {"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "string"}}},
+                                               "properties": {"type": "integer"}},
+              "$defs": {"D": {"type": "object"}}, "anyOf": [{"properties": {}}], "additionalProperties": True}
+    out = closed(schema)
+    assert out["additionalProperties"] is True  # said: kept
+    assert out["properties"]["a"]["additionalProperties"] is False and "additionalProperties" not in out["properties"]
+    assert out["properties"]["properties"] == {"type": "integer"}  # a property named "properties" is no schema map
+    assert out["$defs"]["D"]["additionalProperties"] is False and out["anyOf"][0]["additionalProperties"] is False
+
+    class Engine:
+        tool_parser = "hermes"
+
+    tool = {"type": "function", "function": {"name": "f", "strict": True,
+                                             "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}}}}
+    request = ChatCompletionRequest.model_validate({
+        "model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": [tool], "tool_choice": "required",
+        "response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": {"type": "object"}}}})
+    kind, grammar, param = constraint(request, Engine())
+    assert (kind, param) == ("lark", "tool_choice") and '"additionalProperties": false' in grammar.replace(
+        '"additionalProperties":false', '"additionalProperties": false')
+    matcher = grammars.matcher(grammars.compile(kind, grammar, param))
+    assert not matcher.consume_tokens(grammars.tokenizer.tokenize_str(
+        '<tool_call>\n{"name": "f", "arguments": {"x": 1, "y": 2}}'))  # no extra key under strict

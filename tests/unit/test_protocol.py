@@ -195,7 +195,6 @@ def test_unsupported_features_are_refused_in_one_shape(fields, param):
     ({"tool_choice": "none"}, "tool_choice"),
     ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "absent"}}},
      "tool_choice.function.name"),
-    ({"tools": [TOOL], "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
     ({"structured_outputs": {"regex": "a+"}, "response_format": {"type": "json_object"}}, "structured_outputs"),
     ({"parallel_tool_calls": True}, "parallel_tool_calls"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
@@ -252,3 +251,16 @@ def test_echo_follows_the_answer_role():
 
 def test_validation_error_without_location_does_not_crash():
     assert validation_error([{"type": "value_error", "loc": (), "msg": "bad"}]).status_code == 400
+
+
+def test_one_entry_per_call_in_a_streamed_chunk():
+    from app.protocol.tools import tool_call_chunks
+    from deployments.engines.records import ToolCallDelta
+
+    pieces = [ToolCallDelta(0, "call_a", "f", '{"x"'), ToolCallDelta(0, arguments=": 1"), ToolCallDelta(0, arguments="}"),
+              ToolCallDelta(1, "call_b", "g", "{"), ToolCallDelta(1, arguments="}")]
+    out = [c.model_dump() for c in tool_call_chunks(pieces)]
+    assert out == [{"index": 0, "id": "call_a", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}},
+                   {"index": 1, "id": "call_b", "type": "function", "function": {"name": "g", "arguments": "{}"}}]
+    later = tool_call_chunks([ToolCallDelta(0, arguments='"a'), ToolCallDelta(0, arguments='"')])
+    assert [c.model_dump() for c in later] == [{"index": 0, "function": {"arguments": '"a"'}}]

@@ -96,7 +96,6 @@ def test_text_format_is_the_chat_response_format(fmt, expected):
     ({"tool_choice": {"type": "file_search"}}, "tool_choice.type"),
     ({"tools": [TOOL], "tool_choice": {"type": "function", "name": "absent"}}, "tool_choice.name"),
     ({"tool_choice": "required"}, "tool_choice"),
-    ({"tools": [TOOL], "tool_choice": "required", "text": {"format": {"type": "json_object"}}}, "tool_choice"),
     ({"input": [{"role": "user", "content": "x"}, {"type": "reasoning", "summary": []}]}, "input[1].type"),
     ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input[0].content[0].type"),
