@@ -111,8 +111,13 @@ async def with_deadline(chunks: AsyncIterator[Chunk], timeout_s: float) -> Async
         await chunks.aclose()
 
 
+# Characters that Python's str.splitlines (httpx's aiter_lines, which many SSE clients read with) takes for
+# line breaks and json.dumps leaves raw: escaped, so a model writing U+2028 cannot split an event.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse_data(payload: dict[str, Any] | str) -> str:
-    text = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    text = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False).translate(_LINE_BREAKS)
     return f"data: {text}\n\n"
 
 

@@ -264,3 +264,15 @@ def test_one_entry_per_call_in_a_streamed_chunk():
                    {"index": 1, "id": "call_b", "type": "function", "function": {"name": "g", "arguments": "{}"}}]
     later = tool_call_chunks([ToolCallDelta(0, arguments='"a'), ToolCallDelta(0, arguments='"')])
     assert [c.model_dump() for c in later] == [{"index": 0, "function": {"arguments": '"a"'}}]
+
+
+def test_sse_events_hold_no_character_that_python_reads_as_a_line_break():
+    """A model may write U+2028: httpx's aiter_lines (str.splitlines) would split the event there."""
+    import json
+
+    from app.streaming import sse_data
+
+    text = "x\u2028y\x85z\u2029 \u00e9\n\x0b"
+    event = sse_data({"content": text})
+    assert event.endswith("\n\n") and len(event.splitlines()) == 2 and "\u00e9" in event  # not all escaped
+    assert json.loads(event[len("data: "):]) == {"content": text}
