@@ -93,7 +93,9 @@ def chat_bodies(draw):
 def test_any_unicode_in_text_fields_is_never_a_5xx(server, body):
     resp = post(server, body)
     assert resp.status_code < 500, f"{body!r} -> {resp.status_code} {resp.text[:300]}"
-    if _lone(body):  # the oracle: invalid Unicode is exactly what is refused
+    # The oracle: invalid Unicode is exactly what is refused, as the server reads it: JSON joins a high and
+    # a low surrogate escape that end up side by side ("\ud800\udc00") into one valid character.
+    if _lone(json.loads(json.dumps(body))):
         assert error_of(resp, 400)["code"] == "invalid_unicode"
     else:
         assert resp.status_code == 200, f"{body!r} -> {resp.text[:300]}"
