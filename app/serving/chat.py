@@ -72,7 +72,9 @@ class _Collected:
             call = self.calls.setdefault(piece.index, (piece.id or "", piece.function.name or "", []))
             call[2].append(piece.function.arguments or "")
         if choice.logprobs is not None:
-            self.logprobs = (self.logprobs or []) + (choice.logprobs.content or [])
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs.extend(choice.logprobs.content or [])  # in place: one copy per chunk was quadratic
         if choice.finish_reason is not None:
             self.finish = choice.finish_reason
 
