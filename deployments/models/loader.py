@@ -25,6 +25,7 @@ from deployments.engines.pipeline import PipelineEngine
 from deployments.engines.pipeline_heads import HEADS
 from deployments.engines.product_kernel import available as kernel_available
 from deployments.engines.whisper import WhisperEngine
+from deployments.models.quantization import METHODS, prequantized, quantized_weight_bytes
 from deployments.models.sources import resolve_source
 
 logger = logging.getLogger(__name__)
@@ -58,31 +59,46 @@ def load_chat_engine(spec: ChatModelSpec) -> GenerationEngine:
     """A :class:`GenerationEngine` over any transformers causal LM with a chat template."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = resolve_source(spec.source, spec.revision)
+    method = METHODS[spec.quantization]
+    method.check_installed(spec.quantization)  # before minutes of reading weights
+    path = resolve_source(spec.source, spec.revision, spec.gguf_file)
     device = pick_device(spec)
     dtype = pick_dtype(spec, device)
+    stored = prequantized(path)
+    if stored is not None and spec.quantization != "none":
+        raise ValueError(f"model {spec.id!r}: the checkpoint at {path} is already quantized ({stored}); "
+                         f"remove `quantization: {spec.quantization}`")
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
     if spec.chat_template:
         tokenizer.chat_template = spec.chat_template
     if not tokenizer.chat_template:
         raise ValueError(f"model {spec.id!r}: the tokenizer at {path} has no chat template; set "
                          "`chat_template` in the model's config")
+    quantized = stored is not None or method.weight_bytes is not None
+    # Quantized weights are placed on the device as they load (bitsandbytes quantizes when it moves them
+    # there, and refuses a later .to()).
+    placement = {"device_map": device.type} if quantized and method.after_load is None else {}
     with FROM_PRETRAINED_LOCK:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
-                                                     trust_remote_code=spec.trust_remote_code)
-    model.to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=spec.trust_remote_code,
+                                                     **method.load_kwargs(dtype), **placement)
+    if not placement:
+        model.to(device)
+    if method.after_load is not None:
+        method.after_load(model)
+    model.eval()
     eos = model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     if tokenizer.eos_token_id is not None:
         eos_ids.add(tokenizer.eos_token_id)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids, default=0)
-    logger.info("loaded %s from %s on %s as %s", spec.id, path, device, dtype)
+    logger.info("loaded %s from %s on %s as %s%s", spec.id, path, device, dtype,
+                f", quantized ({stored or spec.quantization}): transformers forward" if quantized else "")
     return GenerationEngine(model, tokenizer, device=device, eos_token_ids=eos_ids, pad_token_id=pad,
                             context_len=context_length(spec.limits, model.config, tokenizer),
                             max_running_rows=spec.batching.max_running_rows,
                             max_prefill_tokens=spec.batching.max_prefill_tokens,
                             prefill_threads=spec.prefill_threads, decode_threads=spec.decode_threads,
-                            fast_decode=spec.fast_decode, packed_weights=spec.packed_weights,
+                            fast_decode=spec.fast_decode and not quantized, packed_weights=spec.packed_weights,
                             product_kernel=spec.product_kernel, tool_parser=spec.tool_parser)
 
 
@@ -190,13 +206,13 @@ def import_model_code() -> None:
 def prepare_chat(spec: ChatModelSpec) -> tuple[Path, int]:
     """Fetch or build ``spec``'s checkpoint (no model in memory yet); return its directory and the bytes
     its weights will take once loaded (file sizes scaled from the stored dtype to the loaded one)."""
-    path = resolve_source(spec.source, spec.revision)
+    path = resolve_source(spec.source, spec.revision, spec.gguf_file)
     return path, estimate_weight_bytes(path, spec)
 
 
 def load_prepared_chat(spec: ChatModelSpec, path: Path) -> tuple[GenerationEngine, int]:
     """Load the checkpoint that :func:`prepare_chat` returned; return the engine and its weight bytes."""
-    engine = load_chat_engine(spec.model_copy(update={"source": str(path)}))
+    engine = load_chat_engine(spec.model_copy(update={"source": str(path), "gguf_file": None}))
     packed = engine.fast_decoder.packed_bytes if engine.fast_decoder is not None else 0
     return engine, weight_bytes(engine.model) + packed
 
@@ -219,6 +235,9 @@ def estimate_weight_bytes(path: Path, spec: ChatModelSpec) -> int:
         stored_dtype, family = torch.float32, None
     device = pick_device(spec)
     target = pick_dtype(spec, device)
+    quantized = quantized_weight_bytes(path, spec.quantization, target)
+    if quantized is not None:  # the transformers forward: no packed copies
+        return quantized
     # Packed weights (fast_decode.FastDecoder, its families on CPU in float32) are a second copy, and the
     # product kernel's panels, where this machine builds it, a third.
     packed = spec.fast_decode and spec.packed_weights and family in FAMILIES and packs_weights(device, target)

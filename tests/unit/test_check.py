@@ -14,6 +14,7 @@ import yaml
 from app.check import check_config, check_file
 
 ROOT = Path(__file__).resolve().parents[2]
+CHAT = "SmolLM2-135M-Instruct"  # serve_config.yaml's chat model and its deployment
 
 
 def shipped_configs() -> list[Path]:
@@ -66,46 +67,53 @@ def autoscale(config: dict, name: str, autoscaling_config: dict) -> None:
 
 # (id, mutation, expected YAML path of the reported field, a word the message must contain)
 BAD = [
-    ("args-typo", lambda c: model(c, "demo-chat").__setitem__("batchng", {}),
+    ("args-typo", lambda c: model(c, CHAT).__setitem__("batchng", {}),
      "applications[0].args.models[0].batchng", "Extra inputs"),
-    ("args-field-of-other-task", lambda c: model(c, "demo-chat").__setitem__("audio", {}),
+    ("args-field-of-other-task", lambda c: model(c, CHAT).__setitem__("audio", {}),
      "applications[0].args.models[0].audio", "Extra inputs"),
-    ("args-bad-value", lambda c: model(c, "demo-chat")["batching"].__setitem__("max_batch_size", 0),
+    ("args-bad-value", lambda c: model(c, CHAT)["batching"].__setitem__("max_batch_size", 0),
      "applications[0].args.models[0].batching.max_batch_size", "greater than"),
     ("ray-schema-bad-replicas", lambda c: entry(c, "demo-whisper").__setitem__("num_replicas", -1),
      "applications[0].deployments[2].num_replicas", "greater than 0"),
-    ("ray-schema-unknown-option", lambda c: entry(c, "demo-chat").__setitem__("max_ongoing", 3),
+    ("ray-schema-unknown-option", lambda c: entry(c, CHAT).__setitem__("max_ongoing", 3),
      "applications[0].deployments[1].max_ongoing", "unknown key"),
     ("ray-schema-unknown-actor-option",
-     lambda c: entry(c, "demo-chat")["ray_actor_options"].__setitem__("num_gpu", 1),
+     lambda c: entry(c, CHAT)["ray_actor_options"].__setitem__("num_gpu", 1),
      "applications[0].deployments[1].ray_actor_options.num_gpu", "unknown key"),
-    ("deployment-names-no-model", lambda c: entry(c, "demo-chat").__setitem__("name", "demo_chat"),
+    ("deployment-names-no-model", lambda c: entry(c, CHAT).__setitem__("name", "demo_chat"),
      "applications[0].deployments[1].name", "names no deployment"),
     ("on-demand-deployment-misspelt", lambda c: entry(c, "on-demand").__setitem__("name", "ondemand"),
      "applications[0].deployments[3].name", "names no deployment"),
-    ("user-config-unknown-field", lambda c: entry(c, "demo-chat")["user_config"].__setitem__("max_batch", 4),
+    ("user-config-unknown-field", lambda c: entry(c, CHAT)["user_config"].__setitem__("max_batch", 4),
      "applications[0].deployments[1].user_config.max_batch", "Extra inputs"),
     ("user-config-field-of-other-task",
      lambda c: entry(c, "demo-whisper")["user_config"].__setitem__("max_running_rows", 4),
      "applications[0].deployments[2].user_config.max_running_rows", "Extra inputs"),
     ("user-config-batch-above-max-ongoing",
-     lambda c: entry(c, "demo-chat")["user_config"].__setitem__("max_batch_size", 65),
+     lambda c: entry(c, CHAT)["user_config"].__setitem__("max_batch_size", 65),
      "applications[0].deployments[1].user_config.max_batch_size", "max_ongoing_requests (64)"),
-    ("max-ongoing-below-args-batch", lambda c: entry(c, "demo-chat").__setitem__("max_ongoing_requests", 4)
-     or entry(c, "demo-chat").pop("user_config"),
+    ("max-ongoing-below-args-batch", lambda c: entry(c, CHAT).__setitem__("max_ongoing_requests", 4)
+     or entry(c, CHAT).pop("user_config"),
      "applications[0].deployments[1].max_ongoing_requests", "can never fill"),
-    ("gpu-on-cpu-model", lambda c: (entry(c, "demo-chat")["ray_actor_options"].update(num_gpus=1),
-                                    model(c, "demo-chat").update(device="cpu")),
+    ("gpu-on-cpu-model", lambda c: (entry(c, CHAT)["ray_actor_options"].update(num_gpus=1),
+                                    model(c, CHAT).update(device="cpu")),
      "applications[0].deployments[1].ray_actor_options.num_gpus", "device is 'cpu'"),
+    # A quantization method on a device it cannot run on: refused in the args (so at build time too).
+    ("bnb-on-cpu", lambda c: model(c, CHAT).update(quantization="bnb-4bit", device="cpu"),
+     "applications[0].args.models[0].quantization", "runs on cuda only"),
+    ("int8-device-auto", lambda c: model(c, CHAT).update(quantization="int8"),
+     "applications[0].args.models[0].quantization", "set `device: cpu`"),
+    ("bnb-without-gpu", lambda c: model(c, CHAT).update(quantization="bnb-8bit", device="cuda"),
+     "applications[0].deployments[1].ray_actor_options.num_gpus", "no GPU"),
     ("cuda-without-gpu", lambda c: model(c, "demo-whisper").update(device="cuda"),
      "applications[0].deployments[2].ray_actor_options.num_gpus", "no GPU"),
     ("ingress-user-config", lambda c: entry(c, "OpenAIIngress").__setitem__("user_config", {"a": 1}),
      "applications[0].deployments[0].user_config", "no user_config"),
     ("autoscaling-target-unreachable",
-     lambda c: autoscale(c, "demo-chat", {"min_replicas": 1, "max_replicas": 2,
+     lambda c: autoscale(c, CHAT, {"min_replicas": 1, "max_replicas": 2,
                                                                 "target_ongoing_requests": 100}),
      "applications[0].deployments[1].autoscaling_config.target_ongoing_requests", "never scale up"),
-    ("engine-policy-bad-kwargs", lambda c: autoscale(c, "demo-chat", {
+    ("engine-policy-bad-kwargs", lambda c: autoscale(c, CHAT, {
         "min_replicas": 1, "max_replicas": 2,
         "policy": {"policy_function": "deployments.autoscaling:EngineLoadPolicy",
                    "policy_kwargs": {"target_row": 8}}}),
@@ -115,7 +123,7 @@ BAD = [
         "policy": {"policy_function": "deployments.autoscaling:EngineLoadPolicy",
                    "policy_kwargs": {"target_rows": 8}}}),
      "applications[0].deployments[2].autoscaling_config.policy.policy_function", "transcription"),
-    ("policy-does-not-import", lambda c: autoscale(c, "demo-chat", {
+    ("policy-does-not-import", lambda c: autoscale(c, CHAT, {
         "min_replicas": 1, "max_replicas": 2, "policy": {"policy_function": "nowhere.at_all:policy"}}),
      "<root>", "nowhere"),
 ]
@@ -149,7 +157,7 @@ def test_not_a_mapping_and_not_yaml(tmp_path):
 
 def test_the_command_line_exit_status_and_output(tmp_path):
     config = base()
-    entry(config, "demo-chat")["user_config"]["max_batch_size"] = 1000
+    entry(config, CHAT)["user_config"]["max_batch_size"] = 1000
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(config))
     run = subprocess.run([sys.executable, "-m", "app.check", str(ROOT / "serve_config.yaml"), str(bad)],

