@@ -223,20 +223,24 @@ class LocalCluster:
         self._save(state)
 
 
+# serve_config.yaml's chat model and its deployment (a real model: SmolLM2-135M-Instruct, from a wheel).
+CHAT = "SmolLM2-135M-Instruct"
+
+
 def local_serve_config(port: int, chat_policy: dict | None = None) -> dict:
     """serve_config.yaml for this local cluster, changed only where one shared machine needs it:
 
     - the HTTP port (pick a free one: other servers may run here) on loopback;
-    - demo-chat replicas take a worker's ``fake_gpu`` (standing in for ``num_gpus: 1``: one replica per
+    - the chat model's replicas take a worker's ``fake_gpu`` (standing in for ``num_gpus: 1``: one replica per
       "GPU node") and half a CPU;
     - autoscaling reacts in seconds rather than the shipped tens of seconds, to keep tests short;
-    - ``chat_policy``: an ``autoscaling_config.policy`` for demo-chat (default: Ray's).
+    - ``chat_policy``: an ``autoscaling_config.policy`` for the chat model (default: Ray's).
     """
     import yaml
 
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     config["http_options"] = {"host": "127.0.0.1", "port": port}
-    chat = next(d for d in config["applications"][0]["deployments"] if d["name"] == "demo-chat")
+    chat = next(d for d in config["applications"][0]["deployments"] if d["name"] == CHAT)
     chat["ray_actor_options"] = {"num_cpus": 0.5, "num_gpus": 0, "resources": {"fake_gpu": 1}}
     chat["autoscaling_config"].update(upscale_delay_s=2, downscale_delay_s=8, look_back_period_s=12)
     if chat_policy:

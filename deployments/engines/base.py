@@ -80,6 +80,13 @@ def release_memory(device_type: str) -> None:
             pass
 
 
+# transformers' from_pretrained is not thread-safe: it builds the model under process-global state (the
+# default dtype, a meta-device context, patched init and tie functions), and two threads loading at once
+# fail ("Cannot copy out of meta tensor") or, worse, leave weights uninitialised. Only that step is
+# serialised; fetching weights, tokenizers and moving to the device run in parallel.
+FROM_PRETRAINED_LOCK = threading.Lock()
+
+
 def on_passing_thread(fn: Callable[..., Result]) -> Callable[..., Result]:
     """Decorator: ``fn`` runs on a thread of its own that ends when it returns (the caller blocks; the
     result or exception is the caller's). For model loading.

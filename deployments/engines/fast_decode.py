@@ -288,11 +288,16 @@ class FastDecoder:
 
 def fast_decoder(model: Any, packed: bool = True, product_kernel: bool = True) -> FastDecoder | None:
     """A :class:`FastDecoder` for ``model``, or None when this step would not compute its forward (a
-    family not in :data:`FAMILIES`, attention other than sdpa, sliding-window layers, partial rotary,
-    modules that are not the plain ones)."""
+    family not in :data:`FAMILIES`, attention other than sdpa, quantized weights, sliding-window layers,
+    partial rotary, modules that are not the plain ones)."""
     config = getattr(model, "config", None)
     qk_norm = FAMILIES.get(getattr(config, "model_type", None))
     if qk_norm is None or getattr(config, "_attn_implementation", None) != "sdpa":
+        return None
+    # Quantized weights (bitsandbytes, torchao tensor subclasses, a pre-quantized checkpoint) are not
+    # matrices this step can concatenate or pack: the model's own forward multiplies them.
+    if getattr(model, "hf_quantizer", None) is not None or any(
+            type(p.data) is not torch.Tensor for p in model.parameters()):
         return None
     layer_types = getattr(config, "layer_types", None)
     if layer_types is None:  # e.g. Mistral: one sliding_window for every layer, when set

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from deployments.engines.base import cache_root
+from deployments.engines.base import FROM_PRETRAINED_LOCK, cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +99,6 @@ def _convert(gguf: Path, out: Path, digest: str) -> None:
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from deployments.models.loader import FROM_PRETRAINED_LOCK
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     with FROM_PRETRAINED_LOCK:

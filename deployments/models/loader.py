@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from pathlib import Path
 
 import torch
 
 from app.config import (ChatModelSpec, EmbeddingModelSpec, GenerationLimits, PipelineModelSpec,
                         TranscriptionModelSpec, _ModelSpecBase)
-from deployments.engines.base import on_passing_thread
+from deployments.engines.base import FROM_PRETRAINED_LOCK, on_passing_thread
 from deployments.engines.embedding import EmbeddingEngine
 from deployments.engines.embedding_recipe import max_input_length, read_recipe
 from deployments.engines.fast_decode import FAMILIES, packs_weights
@@ -30,11 +29,6 @@ from deployments.models.sources import resolve_source
 
 logger = logging.getLogger(__name__)
 
-# transformers' from_pretrained is not thread-safe: it builds the model under process-global state (the
-# default dtype, a meta-device context, patched init and tie functions), and two threads loading at once
-# fail ("Cannot copy out of meta tensor") or, worse, leave weights uninitialised. Only that step is
-# serialised; fetching weights, tokenizers and moving to the device run in parallel.
-FROM_PRETRAINED_LOCK = threading.Lock()
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -151,3 +151,15 @@ def test_other_models_fall_back_to_the_forward():
     assert fast_decoder(eager) is None
     sliding = tiny(MistralConfig, sliding_window=8)
     assert fast_decoder(sliding) is None
+
+
+def test_quantized_weights_fall_back_to_the_forward_with_the_forwards_tokens():
+    """int8 weights (torchao tensor subclasses): the lean step steps aside, and decoding through the model's
+    forward runs as before (the engine passes no decoder)."""
+    from deployments.models.quantization import METHODS
+
+    model = tiny(LlamaConfig)
+    METHODS["int8"].after_load(model)
+    assert fast_decoder(model) is None
+    steps = decode_steps(model, [[1, 2, 3], [4, 5]], None, steps=3)
+    assert all(torch.isfinite(s).all() for s in steps)
