@@ -72,7 +72,9 @@ class OursSpec(_Strict):
 
 
 class BenchConfig(_Strict):
-    model: str = Field("demo:bench", description="demo:<name> or a local checkpoint directory.")
+    model: str = Field("demo:bench", description=(
+        "The model every contender loads: any source the server takes (demo:<name>, package:<module>, a "
+        "local checkpoint directory or .gguf file; see bench.config.model_dir)."))
     levels: list[int] = Field(default=[1, 8, 32], min_length=1,
                               description="Concurrent streaming clients, one measured level each.")
     mixes: dict[str, PromptSpec] = Field(default_factory=lambda: dict(DEFAULT_MIXES), min_length=1,
@@ -119,12 +121,13 @@ def load_config(path: Path | str = DEFAULT_CONFIG, **overrides: Any) -> BenchCon
 
 
 def model_dir(source: str) -> Path:
-    """The checkpoint directory of ``source`` (building a demo model offline on first use)."""
-    if source.startswith("demo:"):
-        from deployments.models.demo import demo_path
+    """The checkpoint directory of ``source``: any source the server takes (``demo:<name>``, built offline
+    on first use; ``package:<module>[/<subdir>]``; a local directory; a ``.gguf`` file, converted once into
+    a cached float checkpoint), resolved as the server resolves it, so every contender loads the same
+    weights (``transformers serve`` gets this directory)."""
+    from deployments.models.sources import resolve_source
 
-        return demo_path(source.split(":", 1)[1])
-    path = Path(source)
+    path = resolve_source(source)
     if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{source}: not a demo model or a local checkpoint directory")
+        raise FileNotFoundError(f"{source}: resolved to {path}, which holds no checkpoint (config.json)")
     return path

@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ContextManager, Iterator
+from typing import Any, Callable, ContextManager, Iterator
 
 import httpx
 import psutil
@@ -110,8 +110,11 @@ def managed_server(cmd: list[str], health_url: str, log_path: Path, timeout_s: f
         stop_process_tree(proc)
 
 
-def _ours(batching_field: str, tuned_env: bool = False, diagnostic_threads: bool = False
+def _ours(batching_field: str, tuned_env: bool = False, diagnostic_threads: bool = False,
+          spec_extra: dict[str, Any] | None = None, tag: str = ""
           ) -> Callable[[BenchConfig, RunContext], ContextManager[Driver]]:
+    """Our server; ``spec_extra`` adds ChatModelSpec fields (dtype, quantization, ...) to its one model,
+    ``tag`` names its log apart."""
     @contextlib.contextmanager
     def start(config: BenchConfig, ctx: RunContext) -> Iterator[Driver]:
         ours = config.ours
@@ -120,13 +123,15 @@ def _ours(batching_field: str, tuned_env: bool = False, diagnostic_threads: bool
         args = {"models": [{"id": ours.model_id, "source": config.model, "task": "chat",
                             "batching": batching, "prefill_threads": ours.prefill_threads,
                             "decode_threads": threads,
-                            "limits": {"default_max_tokens": config.max_tokens, "max_tokens": 4096}}]}
+                            "limits": {"default_max_tokens": config.max_tokens, "max_tokens": 4096},
+                            **(spec_extra or {})}]}
         port = free_port()
         cmd = [sys.executable, "-m", "bench.serve_ours", "--port", str(port), "--args", json.dumps(args),
                "--num-cpus", str(ours.ray_num_cpus)]
         env = {**ours.env, **(ours.tuned_env if tuned_env else {})}
         cmd += ["--env", json.dumps(env)]  # for the workers; the raylet reads RAY_* from its own env
-        log = ctx.log_dir / f"ours-{batching_field}{'-env' if tuned_env else ''}{'-t' if diagnostic_threads else ''}.log"
+        log = ctx.log_dir / (f"ours-{batching_field}{'-env' if tuned_env else ''}"
+                             f"{'-t' if diagnostic_threads else ''}{tag}.log")
         with managed_server(cmd, f"http://127.0.0.1:{port}/health", log, config.startup_timeout_s,
                             env) as proc:
             yield HttpDriver(f"http://127.0.0.1:{port}", ours.model_id, server_pid=proc.pid)
@@ -173,7 +178,8 @@ def _offline(config: BenchConfig, ctx: RunContext) -> Iterator[Driver]:
         driver.close()
 
 
-def _engine(diagnostic_threads: bool = False) -> Callable[[BenchConfig, RunContext], ContextManager[Driver]]:
+def _engine(diagnostic_threads: bool = False, spec_extra: dict[str, Any] | None = None
+            ) -> Callable[[BenchConfig, RunContext], ContextManager[Driver]]:
     @contextlib.contextmanager
     def start(config: BenchConfig, ctx: RunContext) -> Iterator[Driver]:
         from bench.engine_direct import EngineDriver
@@ -181,7 +187,7 @@ def _engine(diagnostic_threads: bool = False) -> Callable[[BenchConfig, RunConte
         ours = config.ours
         threads = ours.diagnostic_decode_threads if diagnostic_threads else 2
         driver = EngineDriver(model_dir(config.model), threads=threads, prefill_threads=ours.prefill_threads,
-                              batching=ours.batching.model_dump())
+                              batching=ours.batching.model_dump(), spec_extra=spec_extra)
         try:
             yield driver
         finally:
@@ -189,6 +195,10 @@ def _engine(diagnostic_threads: bool = False) -> Callable[[BenchConfig, RunConte
 
     return start
 
+
+# The model spec fields of the reduced-precision contenders (ours-* and engine-* alike).
+BF16: dict[str, Any] = {"dtype": "bfloat16"}
+INT8: dict[str, Any] = {"quantization": "int8", "device": "cpu"}
 
 CONTENDERS: dict[str, Contender] = {c.key: c for c in [
     Contender("ours", "(a) ours", "this server (the README's `serve run` path: HAProxy, ingress, model replica over gRPC), "
@@ -203,6 +213,11 @@ CONTENDERS: dict[str, Contender] = {c.key: c for c in [
     # Diagnostic, not in the default list: (a) with ours.tuned_env (2 torch threads in the replica).
     Contender("ours-env", "(a*) ours + env", "(a) with the Ray workers' env from `ours.tuned_env` "
               "(OMP_NUM_THREADS=2: the replica's torch uses both cores)", _ours("batching", tuned_env=True)),
+    Contender("ours-bf16", "(a) ours bf16", "(a) with the weights in bfloat16 (`dtype: bfloat16`)",
+              _ours("batching", spec_extra=BF16, tag="-bf16")),
+    Contender("ours-int8", "(a) ours int8", "(a) with int8 weight-only quantization (`quantization: int8`, "
+              "torchao; decodes with the transformers forward, not the engine's fast path)",
+              _ours("batching", spec_extra=INT8, tag="-int8")),
     Contender("tf-serve", "(c) transformers serve", "`transformers serve` (no continuous batching)",
               _transformers_serve(False)),
     Contender("tf-serve-cb", "(c) transformers serve --cb", "`transformers serve --continuous-batching`",
@@ -213,6 +228,10 @@ CONTENDERS: dict[str, Contender] = {c.key: c for c in [
               "(static batches of `clients` requests)", _offline),
     Contender("engine", "(f) engine alone", "our GenerationEngine driven in-process on 2 threads: no "
               "Ray, no HTTP (the ceiling of the serving path)", _engine()),
+    Contender("engine-bf16", "(f) engine alone bf16", "(f) with the weights in bfloat16",
+              _engine(spec_extra=BF16)),
+    Contender("engine-int8", "(f) engine alone int8", "(f) with int8 weight-only quantization (torchao)",
+              _engine(spec_extra=INT8)),
     # ours-t1's ceiling.
     Contender("engine-t1", "(f1) engine alone 1 thread", "(f) decoding on `ours.diagnostic_decode_threads` "
               "threads", _engine(diagnostic_threads=True)),

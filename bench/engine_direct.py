@@ -31,16 +31,18 @@ class EngineDriver:
 
     def __init__(self, model_dir: Path | str, *, threads: int | None = 2, prefill_threads: int | None = 2,
                  batching: dict[str, Any] | None = None, device: str = "auto", dtype: str = "auto",
-                 max_tokens: int = 4096) -> None:
+                 max_tokens: int = 4096, spec_extra: dict[str, Any] | None = None) -> None:
+        """``spec_extra``: further ChatModelSpec fields (e.g. {"quantization": "int8", "device": "cpu"}),
+        as bench.contenders gives the server contender of the same name."""
         from deployments.models.loader import load_chat_engine
 
         if threads:
             torch.set_num_threads(threads)
-        self.spec = ChatModelSpec(
-            id="engine", source=str(model_dir), device=device, dtype=dtype, prefill_threads=prefill_threads,
-            decode_threads=threads,
-            batching=batching or {"max_batch_size": 8, "batch_wait_timeout_s": 0.0, "max_running_rows": 64},
-            limits={"default_max_tokens": 64, "max_tokens": max_tokens})
+        self.spec = ChatModelSpec(**{
+            "id": "engine", "source": str(model_dir), "device": device, "dtype": dtype,
+            "prefill_threads": prefill_threads, "decode_threads": threads,
+            "batching": batching or {"max_batch_size": 8, "batch_wait_timeout_s": 0.0, "max_running_rows": 64},
+            "limits": {"default_max_tokens": 64, "max_tokens": max_tokens}, **(spec_extra or {})})
         self.engine = load_chat_engine(self.spec)
 
     def close(self) -> None:

@@ -1,8 +1,9 @@
 """The report: Markdown tables (headline per prompt mix, the issue's targets as ratios, CPU per token by
-process, all figures), the JSON results and a PNG plot.
+process, the model process's resident memory, all figures), the JSON results and a PNG plot.
 
 ``results`` is the dict :func:`bench.run.run_bench` builds: ``command``, ``machine``, ``config`` and
-``contenders`` = {key: {label, description, status, error, mixes: {mix: [LevelStats dicts]}}}.
+``contenders`` = {key: {label, description, status, error, rss_of, mixes: {mix: [LevelStats dicts, plus
+``model_rss_mb``]}}}; ``rss_of`` says which process ``model_rss_mb`` measured.
 """
 
 from __future__ import annotations
@@ -121,6 +122,20 @@ def cpu_table(results: dict[str, Any], key: str = BASE) -> str:
     return "\n".join(rows)
 
 
+def memory_table(results: dict[str, Any]) -> str:
+    """Peak resident memory (MB) of each contender's model process over all its levels (``model_rss_mb``
+    of the level figures, sampled by bench.run during every level), with what was measured and where
+    the peak fell."""
+    rows = ["| contender | process measured | peak RSS MB | at (mix, clients) |", "|---|---|---:|---|"]
+    for entry in results["contenders"].values():
+        peaks = [(lv["model_rss_mb"], mix, lv["concurrency"]) for mix, lvs in (entry.get("mixes") or {}).items()
+                 for lv in lvs if lv.get("model_rss_mb") is not None]
+        if peaks:
+            mb, mix, c = max(peaks)
+            rows.append(f"| {entry['label']} | {entry.get('rss_of') or '–'} | {mb:,.0f} | {mix}, {c} |")
+    return "\n".join(rows) if len(rows) > 2 else "(not measured)"
+
+
 def table(results: dict[str, Any]) -> str:
     head = ("| contender | mix | clients | done/planned | errors | req/s | out tok/s | TTFT p50 ms "
             "| TTFT p99 ms | ITL p50 ms | ITL p99 ms | E2E p50 s | E2E p99 s | chunks/req "
@@ -179,6 +194,14 @@ def markdown(results: dict[str, Any]) -> str:
               "proxy = HAProxy in front of the ingress (and Ray Serve's idle Python proxy), ingress = the FastAPI replica, model = the model replica "
               "(engine threads and its event loop), ray = Ray's daemons, client = the load generator.", "",
               cpu_table(results), "",
+              "## Resident memory of the model's process", "",
+              "Peak RSS over each contender's levels, sampled every second during a level: our server's "
+              "model replica (the Ray worker `ray::ServeReplica:...` of the model deployment; not the ingress, "
+              "proxy or Ray daemons), another server's whole process tree (summed: `transformers serve "
+              "--continuous-batching` holds its model in a spawned child), and for an in-process contender "
+              "how much the bench process grew after it started (a lower bound once an earlier in-process "
+              "contender has freed memory the allocator kept). RSS counts the shared libraries (torch) too.",
+              "", memory_table(results), "",
               "## All figures", "", table(results), "",
               "TTFT: request sent → first non-empty content chunk. ITL: gap between consecutive non-empty "
               "content chunks, **per chunk** (a chunk carries several tokens when a server coalesces; the "

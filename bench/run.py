@@ -8,7 +8,9 @@ bench/results/latest.{md,json,png} (rewritten after every contender, so an inter
 report). ``rounds`` repeats the whole sequence in alternating order (A B C, C B A) and pools the rounds,
 so the drift of a shared machine falls on every contender alike. A contender that cannot start or fails
 is reported with its error, never silently omitted. For servers, the CPU time of each process role
-(proxy, ingress, model replica, Ray daemons; the load generator as ``client``) is recorded per level.
+(proxy, ingress, model replica, Ray daemons; the load generator as ``client``) is recorded per level, and
+the peak resident memory of what holds the model (our model replica, the other server's process tree; for
+in-process contenders the bench process's growth).
 
 ``--profile ours:32`` also records py-spy profiles (speedscope JSON) of contender ``ours``'s Ray processes
 (replica, ingress, proxy) during its 32-client level, into bench/results/profiles/.
@@ -26,6 +28,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -115,6 +118,57 @@ def profiled(driver: Any, out_dir: Path, tag: str) -> Iterator[None]:
                 p.wait(60)
 
 
+# What model_rss measures, by the cpu.py role of the processes it sums ("client" = in-process contenders).
+RSS_OF = {"model": "model replica process", "server": "server process tree (sum)",
+          "client": "bench process, growth since the contender started (in-process)"}
+
+
+def model_rss(server_pid: int | None, base_bytes: int) -> tuple[float, str]:
+    """(resident MB, what was measured) of the process that holds a contender's model: our server's model
+    replica(s) (role ``model`` of bench/cpu.py: the Ray workers titled ``ray::ServeReplica:...`` other than
+    the ingress), another server's whole process tree, or, for an in-process contender (no server), this
+    process's RSS above ``base_bytes`` (its RSS before the contender started)."""
+    if server_pid is None:
+        return max(0, psutil.Process().memory_info().rss - base_bytes) / 2**20, RSS_OF["client"]
+    tree = {pid: role for pid, (role, _) in cpu.snapshot(server_pid).items() if role != "client"}
+    # Another server may hold its model in a child: `transformers serve --continuous-batching` runs its
+    # batching manager in a multiprocessing (spawn) child that holds the weights and the KV cache, so its
+    # whole tree counts.
+    role = "model" if "model" in tree.values() else "server"
+    total = 0
+    for pid in (pid for pid, r in tree.items() if r == role):
+        with contextlib.suppress(psutil.Error):
+            total += psutil.Process(pid).memory_info().rss
+    return total / 2**20, RSS_OF[role]
+
+
+@contextlib.contextmanager
+def rss_peak(server_pid: int | None, base_bytes: int, into: dict[str, Any], every_s: float = 1.0
+             ) -> Iterator[None]:
+    """Sample :func:`model_rss` every ``every_s`` (on a thread: the psutil walk stays off the load
+    generator's event loop) and once at the end of the block; ``into`` gets ``rss_mb`` (the peak) and
+    ``rss_of``."""
+    stop = threading.Event()
+
+    def sample() -> None:
+        mb, what = model_rss(server_pid, base_bytes)
+        if mb >= into.get("rss_mb", 0.0):
+            into.update(rss_mb=mb, rss_of=what)
+
+    def loop() -> None:
+        while not stop.wait(every_s):
+            sample()
+
+    thread = threading.Thread(target=loop, name="rss-sampler", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        sample()
+
+
 def wait_until_quiet(log=print, busy_percent: float = 15.0, timeout_s: float = 60.0) -> None:
     """Wait (up to ``timeout_s``) until the machine's CPUs are idle over one second: the processes of
     the contender that just stopped (Ray's daemons exit over several seconds) must not run beside the
@@ -129,12 +183,14 @@ def wait_until_quiet(log=print, busy_percent: float = 15.0, timeout_s: float = 6
 async def run_contender(key: str, config: BenchConfig, prompt_sets: dict[str, list], ctx: RunContext,
                         profile: set[tuple[str, int]], log=print) -> dict[str, Any]:
     """Start contender ``key``, measure its (mix, level) plan once; returns {"error", "runs"}, where
-    runs maps (mix, level) to (records, wall seconds, CPU seconds per role)."""
+    runs maps (mix, level) to (records, wall seconds, CPU seconds per role, {rss_mb, rss_of}: the peak
+    resident memory of the model's process during the level)."""
     contender = CONTENDERS[key]
-    runs: dict[tuple[str, int], tuple[list, float, dict[str, float]]] = {}
+    runs: dict[tuple[str, int], tuple[list, float, dict[str, float], dict[str, Any]]] = {}
     error = None
     wait_until_quiet(log)
     started = time.perf_counter()
+    base_rss = psutil.Process().memory_info().rss  # in-process contenders: their memory is what it grows by
     try:
         with contender.start(config, ctx) as driver:
             log(f"[{key}] up after {time.perf_counter() - started:.0f}s; warming up")
@@ -144,16 +200,19 @@ async def run_contender(key: str, config: BenchConfig, prompt_sets: dict[str, li
             for mix, level in config.plan(key):
                 prompts = prompt_sets[mix][:config.requests_at(level)]
                 spent: dict[str, float] = {}
+                memory: dict[str, Any] = {}
                 server = getattr(driver, "server_pid", None)
                 with (profiled(driver, ctx.log_dir.parent / "profiles", f"{key}-{mix}-c{level}")
-                      if (key, level) in profile else contextlib.nullcontext()), cpu.measured(server, spent):
+                      if (key, level) in profile else contextlib.nullcontext()), cpu.measured(server, spent), \
+                        rss_peak(server, base_rss, memory):
                     records, wall = await driver.measure(prompts, level, config.max_tokens,
                                                          config.max_level_seconds)
-                runs[(mix, level)] = (records, wall, spent)
+                runs[(mix, level)] = (records, wall, spent, memory)
                 stats = summarize(records, level, len(prompts), wall, driver.tokens_counted)
                 log(f"[{key}] {mix} clients={level} done={stats.requests}/{len(prompts)} err={stats.errors} "
                     f"tok/s={stats.tokens_per_s:.1f} ttft_p50={_ms(stats.ttft_p50)} "
-                    f"itl_p50={_ms(stats.itl_p50)} chunks/req={stats.chunks_per_request or 0:.1f}")
+                    f"itl_p50={_ms(stats.itl_p50)} chunks/req={stats.chunks_per_request or 0:.1f} "
+                    f"rss={memory.get('rss_mb', 0):.0f}MB ({memory.get('rss_of')})")
     except Exception as exc:  # noqa: BLE001 - reported, never silently omitted
         error = f"{type(exc).__name__}: {exc}"
         log(f"[{key}] FAILED: {error}\n{traceback.format_exc(limit=3)}")
@@ -165,18 +224,22 @@ def _ms(value: float | None) -> str:
 
 
 def pool(rounds: list[dict[str, Any]], level: int, planned: int, tokens_counted: str | None) -> dict[str, Any]:
-    """One level's figures from the runs of all rounds: requests pooled, wall times and CPU added."""
-    records = [r for records, _, _ in rounds for r in records]
-    wall = sum(w for _, w, _ in rounds)
+    """One level's figures from the runs of all rounds: requests pooled, wall times and CPU added, the
+    model process's resident memory (``model_rss_mb``, MB) the peak of all rounds."""
+    records = [r for records, *_ in rounds for r in records]
+    wall = sum(w for _, w, *_ in rounds)
     stats = summarize(records, level, planned * len(rounds), wall, tokens_counted)
     cpu_s: dict[str, float] = {}
-    for _, _, spent in rounds:
+    for _, _, spent, *_ in rounds:
         for role, seconds in spent.items():
             cpu_s[role] = cpu_s.get(role, 0.0) + seconds
     if stats.output_tokens:
         stats.cpu_ms_per_token = {role: 1e3 * s / stats.output_tokens for role, s in sorted(cpu_s.items())}
     stats.rounds = len(rounds)
-    return stats.to_dict()
+    figures = stats.to_dict()
+    peaks = [m["rss_mb"] for *_, m in rounds if m.get("rss_mb") is not None]
+    figures["model_rss_mb"] = max(peaks, default=None)
+    return figures
 
 
 async def run_bench(config: BenchConfig, out_dir: Path, command: str, stem: str = "latest",
@@ -210,9 +273,11 @@ def _entry(key: str, config: BenchConfig, runs: list[dict[str, Any]]) -> dict[st
         if done:
             counted = "generate" if key == "offline" else None
             mixes.setdefault(mix, []).append(pool(done, level, config.requests_at(level), counted))
+    measured = [m.get("rss_of") for r in runs for *_, m in r["runs"].values() if m.get("rss_of")]
     return {"label": contender.label, "description": contender.description,
             "status": "ok" if mixes else ("failed" if errors else "pending"),
-            "error": "; ".join(dict.fromkeys(errors)) or None, "mixes": mixes}
+            "error": "; ".join(dict.fromkeys(errors)) or None, "mixes": mixes,
+            "rss_of": measured[0] if measured else None}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -8,7 +8,7 @@ from bench.config import DEFAULT_MIXES, BenchConfig, PromptSpec, load_config
 from bench.contenders import CONTENDERS
 from bench.load import RequestRecord, summarize
 from bench.prompts import make_prompts
-from bench.report import markdown, targets, write_report
+from bench.report import markdown, memory_table, targets, write_report
 
 
 def test_summarize_counts_tokens_chunks_and_errors():
@@ -118,6 +118,35 @@ def test_report_writes_tables_json_and_png(tmp_path):
     saved = json.loads(paths["json"].read_text())
     assert saved["contenders"]["ours"]["mixes"]["short"][1]["tokens_per_s"] == 800
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_memory_table_reports_each_contenders_peak_and_what_it_measured():
+    results = _results()
+    assert memory_table(results) == "(not measured)"  # results without memory figures (older runs)
+    ours, engine = results["contenders"]["ours"], results["contenders"]["engine"]
+    for entry in (ours, engine):  # the fixture shares one level list between the mixes
+        entry["mixes"] = {mix: [dict(lv) for lv in lvs] for mix, lvs in entry["mixes"].items()}
+    ours["rss_of"], engine["rss_of"] = "model replica process", "bench process growth"
+    for (mix, i), mb in {("short", 0): 900.0, ("short", 1): 1240.4, ("mixed", 0): 1100.0}.items():
+        ours["mixes"][mix][i]["model_rss_mb"] = mb
+    engine["mixes"]["mixed"][1]["model_rss_mb"] = 610.0
+    rows = memory_table(results).splitlines()
+    assert rows[2:] == ["| (a) ours | model replica process | 1,240 | short, 32 |",
+                        "| (f) engine alone | bench process growth | 610 | mixed, 32 |"]  # the unmeasured are left out
+    assert "## Resident memory of the model's process" in markdown(results) and rows[2] in markdown(results)
+
+
+def test_model_rss_of_an_in_process_contender_is_the_bench_process_growth():
+    import psutil
+
+    from bench.run import RSS_OF, model_rss, rss_peak
+
+    base = psutil.Process().memory_info().rss
+    memory: dict = {}
+    with rss_peak(None, base, memory, every_s=0.01):
+        block = bytearray(64 * 2**20)  # touched: resident
+    assert memory["rss_of"] == RSS_OF["client"] and memory["rss_mb"] >= 60 and len(block)
+    assert model_rss(None, base + 2**40)[0] == 0  # never negative
 
 
 def test_readme_block_is_replaced_between_markers_only(tmp_path):
