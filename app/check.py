@@ -222,7 +222,9 @@ def _gpu_problems(spec: Any, actor: Mapping[str, Any], at: str) -> list[Problem]
             f"model {spec.id!r} sets prefill_threads (CPU only) but its replicas run on a GPU"), error=False))
     if gpus == 0 and spec.dtype in ("float16", "bfloat16"):
         problems.append(Problem(f"{at}.ray_actor_options.num_gpus", (
-            f"model {spec.id!r} asks for dtype {spec.dtype} on a CPU replica: slow on most CPUs"), error=False))
+            f"model {spec.id!r} asks for dtype {spec.dtype} on a CPU replica: fast only where the CPU has "
+            "native bf16 (AVX512-BF16, AMX), and even there slower than float32's fast path at 1-8 rows "
+            "(README: Quantized weights)"), error=False))
     return problems
 
 

@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationInfo, field_validator,
                       model_validator)
 
+from app.quantization import QUANTIZATION_DOC, Quantization, check_quantization
+
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
@@ -63,17 +65,6 @@ class ChatBatchingSpec(BatchingSpec, EngineBatchingSpec):
 # The tool-call formats of deployments/engines/tool_parsers.TOOL_FORMATS (a unit test keeps them equal).
 ToolParser = Literal["hermes", "json"]
 
-# Weight quantization methods: the keys of deployments/models/quantization.METHODS (a unit test keeps them
-# equal), and the one device each method runs on ("none" runs on any).
-Quantization = Literal["none", "int8", "bnb-8bit", "bnb-4bit"]
-QUANTIZATION_DEVICE: dict[str, str] = {"int8": "cpu", "bnb-8bit": "cuda", "bnb-4bit": "cuda"}
-QUANTIZATION_DOC = (
-    "Quantize the weights as they load (README: Quantized weights): `none` (default) = the dtype's "
-    "float weights; `int8` = CPU int8 weight-only (torchao); `bnb-8bit` / `bnb-4bit` = bitsandbytes "
-    "LLM.int8() / 4-bit NF4 on CUDA (needs `pip install bitsandbytes`). A method runs on one device, which "
-    "`device` must name (int8: cpu; bnb-*: cuda). A checkpoint whose config.json has a "
-    "`quantization_config` is already quantized and loads as it is, with `none` here. Quantized models "
-    "decode with the transformers forward (the engine's fast path is for float weights).")
 
 
 class GenerationLimits(_Strict):
@@ -186,19 +177,6 @@ class ChatModelSpec(_ModelSpecBase):
     def _quantization_device(cls, method: str, info: ValidationInfo) -> str:
         check_quantization(method, info.data.get("device", "auto"), info.data.get("dtype", "auto"))
         return method
-
-
-def check_quantization(method: str, device: str, dtype: str) -> None:
-    """Refuse a quantization method that cannot run on the model's device (at config validation, i.e. when
-    the app is built and in ``python -m app.check``, not in a replica). ``device: auto`` is refused too:
-    the GPU a replica gets is only known from its ray_actor_options, so the device must be named."""
-    needs = QUANTIZATION_DEVICE.get(method)
-    if needs is not None and device != needs:
-        raise ValueError(f"quantization {method!r} runs on {needs} only: set `device: {needs}` (it is "
-                         f"{device!r}{', which picks cuda only when the replica gets a GPU' if device == 'auto' else ''})")
-    if method == "int8" and dtype not in ("auto", "float32"):
-        raise ValueError(f"quantization 'int8' quantizes float32 weights; dtype {dtype!r} cannot be combined "
-                         "with it (leave dtype: auto)")
 
 
 class TranscriptionModelSpec(_ModelSpecBase):

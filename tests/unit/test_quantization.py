@@ -9,7 +9,8 @@ import typing
 import pytest
 import torch
 
-from app.config import QUANTIZATION_DEVICE, ChatModelSpec, Quantization
+from app.config import ChatModelSpec
+from app.quantization import QUANTIZATION_DEVICE, Quantization
 from deployments.models import loader
 from deployments.models.quantization import METHODS, QuantizationError, prequantized, quantized_weight_bytes
 from deployments.models.sources import resolve_source
