@@ -55,7 +55,8 @@ def _locate(source: str, revision: str | None, gguf_file: str | None) -> Path:
     if path.is_dir() or path.is_file():
         return path
     if source.startswith((".", "/", "~")) or source.endswith(".gguf"):
-        raise SourceError(f"model path {source!r} does not exist")
+        kind = "file" if source.endswith(".gguf") else "directory"
+        raise SourceError(f"model {kind} {source!r} does not exist")
     return _from_hub(source, revision, gguf_file)
 
 
