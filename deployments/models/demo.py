@@ -160,10 +160,12 @@ def demo_path(name: str, builders: dict[str, CausalLMDemo] | None = None) -> Pat
     with _BUILD_LOCK:  # builds seed torch's process-global RNG: one at a time per process
         if (target / "config.json").exists():
             return target
-        return _build_atomically(target, builders[name].build)
+        return build_atomically(target, builders[name].build)
 
 
-def _build_atomically(target: Path, build: Callable[[Path], None]) -> Path:
+def build_atomically(target: Path, build: Callable[[Path], None]) -> Path:
+    """Run ``build`` into a temporary directory beside ``target`` and rename it into place: a crash leaves
+    nothing half-written, and a builder that loses a race to another process keeps the winner's copy."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:

@@ -22,13 +22,11 @@ import fcntl
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 from deployments.engines.base import FROM_PRETRAINED_LOCK, cache_root
+from deployments.models.demo import build_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -93,16 +91,7 @@ def _convert_atomically(gguf: Path, target: Path, digest: str) -> None:
     started = time.monotonic()
     logger.info("converting GGUF %s (%.0f MB, sha256 %s) into %s once", gguf, gguf.stat().st_size / 1e6,
                 digest[:12], target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        _convert(gguf, tmp, digest)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "config.json").exists():  # not a lost race (a cache shared without flock)
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    build_atomically(target, lambda out: _convert(gguf, out, digest))
     logger.info("converted %s in %.1f s", gguf.name, time.monotonic() - started)
 
 
