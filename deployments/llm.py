@@ -53,8 +53,12 @@ class LLMDeployment(BatchedDeployment):
         yield [await self._on_lane(request, run_tokenizer, self.engine)]
 
     async def _on_lane(self, request: Any, fn: Callable[..., Any], *args: Any) -> Any:
-        """``fn(request, *args, tokenizer)`` on the preprocessing lane that ``request``'s size picks."""
-        return await self._lanes.run(request.text_size_over(SMALL_PROMPT_CHARS) is None, fn, request, *args)
+        """``fn(request, *args, tokenizer)`` on the preprocessing lane that ``request``'s size picks. A
+        request with images takes the large lane: decoding and processing images is not small work, and
+        the processor shares the large lane's tokenizer."""
+        images = getattr(request, "images", None)
+        small = request.text_size_over(SMALL_PROMPT_CHARS) is None and not (images and images())
+        return await self._lanes.run(small, fn, request, *args)
 
     async def prompt_limits(self) -> dict[str, int]:
         """``{"context_len": tokens, "prompt_bytes": most UTF-8 bytes of message text that can fit}``:

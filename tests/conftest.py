@@ -39,6 +39,9 @@ for _name in ("local-smollm2-gguf", "local-smollm2-int8"):
     (MODELS_ROOT / _name).mkdir()
     os.symlink(smollm2_gguf(), MODELS_ROOT / _name / SMOLLM2_GGUF)
 atexit.register(shutil.rmtree, MODELS_ROOT, True)
+# file:// image URLs may name files under this directory (tests/integration/test_vision_api.py).
+IMAGE_ROOT = Path(tempfile.mkdtemp(prefix="test-image-root-"))
+atexit.register(shutil.rmtree, IMAGE_ROOT, True)
 
 # The app the integration tests serve: small replicas (fractional CPUs) so it fits 2 cores.
 TEST_APP_ARGS = {
@@ -63,7 +66,15 @@ TEST_APP_ARGS = {
         # POST /models/demo-fill-mask (the Hugging Face Inference API shape): a tiny random BERT.
         {"id": "demo-fill-mask", "source": "demo:fill-mask", "task": "fill-mask",
          "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.05}, "limits": {"max_inputs": 16}},
+        # A tiny random vision-language model (Qwen2-VL family); small image limits for the refusal tests.
+        {"id": "demo-vlm", "source": "demo:vlm", "task": "chat",
+         "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.02, "max_running_rows": 32},
+         "limits": {"default_max_tokens": 16, "max_context_len": 1024, "max_images_per_request": 4,
+                    "max_image_pixels": 512 * 512}},
     ],
+    # Remote images from the tests' own local HTTP server only; file URLs under IMAGE_ROOT.
+    "ingress": {"images": {"allow_remote": True, "allowed_hosts": ["127.0.0.1"], "file_root": str(IMAGE_ROOT),
+                           "fetch_timeout_s": 5}},
     # Every other demo chat model is loaded on demand by one multiplexed replica holding 2 at a time.
     "on_demand": {
         "allow": [{"pattern": "demo-*", "source": "demo",
@@ -88,6 +99,7 @@ TEST_DEPLOYMENT_OPTIONS = {
     "all-MiniLM-L6-v2": {"ray_actor_options": {"num_cpus": 0.25}},
     "demo-fill-mask": {"ray_actor_options": {"num_cpus": 0.25}},
     "SmolLM2-135M-Instruct": {"ray_actor_options": {"num_cpus": 0.5}},
+    "demo-vlm": {"ray_actor_options": {"num_cpus": 0.25}},
     # A burst counts as queued until the router assigns it (README: The serving path): room for the
     # 20 simultaneous first requests of test_on_demand.py.
     "on-demand": {"max_ongoing_requests": 16, "max_queued_requests": 32, "ray_actor_options": {"num_cpus": 0.5}},

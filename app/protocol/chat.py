@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Callable, Literal, Union
 
-from pydantic import (BaseModel, Discriminator, Field, StrictBool, StrictInt, Tag, field_validator,
+from pydantic import (BaseModel, Discriminator, Field, PrivateAttr, StrictBool, StrictInt, Tag, field_validator,
                       model_serializer, model_validator)
 
 from app.protocol.common import Usage, WireModel, check_json_bounds, unsupported
@@ -19,17 +19,53 @@ MAX_TEMPLATE_KWARGS_ITEMS = 1024  # values in chat_template_kwargs, nested ones 
 MAX_TEMPLATE_KWARGS_DEPTH = 8
 
 
+# The URL forms an image part may take: inline data, a web address the ingress fetches (when the
+# config allows it: app/images.py), or a file under the configured root.
+IMAGE_URL_FORMS = ("data:image/", "http://", "https://", "file://")
+MAX_IMAGE_PARTS = 64  # image parts in one request, whatever the model's own (lower) limit
+
+
+class ImageURL(WireModel):
+    """An ``image_url`` part's image. ``data`` is set by the ingress when it fetched a web or file URL
+    (app/images.py): the bytes travel to the replica, which decodes them."""
+
+    url: str = Field(min_length=1)
+    detail: Literal["auto", "low", "high"] | None = None
+    _data: bytes | None = PrivateAttr(None)
+
+    @field_validator("url")
+    @classmethod
+    def _known_form(cls, url: str) -> str:
+        head = url[:16].lower()
+        if not head.startswith(IMAGE_URL_FORMS):
+            raise ValueError("an image URL must be a data:image/...;base64, URL, an http(s):// URL or a "
+                             f"file:// URL, got one starting {url[:24]!r}")
+        if head.startswith("data:") and ";base64," not in url[:256]:
+            raise ValueError("a data: image URL must be base64 (data:image/<type>;base64,<data>)")
+        return url
+
+    @property
+    def data(self) -> bytes | None:
+        return self._data
+
+    def set_data(self, data: bytes) -> None:
+        self._data = data
+
+
 class ContentPart(WireModel):
     """A part of a message's content. Every OpenAI part type parses (so a refusal names the type, not
-    a failed union); only ``text`` parts are served (see :data:`MESSAGE_REFUSALS`)."""
+    a failed union); ``text`` and ``image_url`` parts are served (see :data:`MESSAGE_REFUSALS`)."""
 
     type: PartType
     text: str | None = None
+    image_url: ImageURL | None = None
 
     @model_validator(mode="after")
-    def _text_needs_text(self) -> "ContentPart":
+    def _payload(self) -> "ContentPart":
         if self.type == "text" and self.text is None:
             raise ValueError("a text part needs 'text'")
+        if self.type == "image_url" and self.image_url is None:
+            raise ValueError("an image_url part needs 'image_url' ({\"url\": ...})")
         return self
 
 
@@ -60,12 +96,18 @@ class ChatMessage(WireModel):
         return self
 
     def text(self) -> str:
-        """The message content as one string (text parts joined)."""
+        """The message content as one string (text parts joined; image parts add nothing)."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text or "" for part in self.content)
+
+    def image_parts(self) -> list[tuple[int, ImageURL]]:
+        """``(index in content, image)`` of each image part."""
+        parts = self.content if isinstance(self.content, list) else []
+        return [(j, part.image_url) for j, part in enumerate(parts) if part.image_url is not None
+                and part.type == "image_url"]
 
 
 def _is_set(value: Any) -> bool:
@@ -124,6 +166,9 @@ class ChatCompletionRequest(SamplingRequest):
                 if (where := refused(message)) is not None:
                     raise unsupported(f"messages[{i}]{param}{where}", reason)
         refuse(self, REFUSALS, CONFLICTS)
+        if len(images := self.images()) > MAX_IMAGE_PARTS:
+            raise unsupported(images[MAX_IMAGE_PARTS][0], f"at most {MAX_IMAGE_PARTS} images are taken in one "
+                              f"request, got {len(images)}")
         return self
 
     @property
@@ -167,10 +212,19 @@ class ChatCompletionRequest(SamplingRequest):
         """One prompt: the message contents and names (what :meth:`text_size_over` measures)."""
         return [[t for m in self.messages for t in (m.text(), m.name or "")]]
 
+    def images(self) -> list[tuple[str, ImageURL]]:
+        """Every image part in order, with where it is (``messages[i].content[j]``: what errors name)."""
+        return [(f"messages[{i}].content[{j}]", image) for i, m in enumerate(self.messages)
+                for j, image in m.image_parts()]
+
 
 def _other_parts(message: ChatMessage) -> str | None:
     parts = message.content if isinstance(message.content, list) else []
-    return next((f"[{j}].type" for j, part in enumerate(parts) if part.type != "text"), None)
+    return next((f"[{j}].type" for j, part in enumerate(parts) if part.type not in ("text", "image_url")), None)
+
+
+def _misplaced_images(message: ChatMessage) -> str | None:
+    return f"[{message.image_parts()[0][0]}]" if message.role != "user" and message.image_parts() else None
 
 
 # What a message may hold that this server cannot honour: (field, where it is refused in the message
@@ -180,7 +234,8 @@ MESSAGE_REFUSALS: tuple[tuple[str, Callable[[ChatMessage], str | None], str], ..
      "function messages belong to the deprecated function calling; use tools and tool messages"),
     (".function_call", lambda m: "" if _is_set(m.function_call) else None,
      "the deprecated function calling is not implemented; use tool_calls"),
-    (".content", _other_parts, "only text content parts are served (no images, audio or files)"),
+    (".content", _other_parts, "only text and image_url content parts are served (no audio or files)"),
+    (".content", _misplaced_images, "images are only taken in user messages"),
 )
 
 # Request parameters this server does not implement: (parameter, refused when, why).

@@ -49,19 +49,34 @@ def _tagged(kind: str, served: tuple[str, ...]) -> Callable[[Any], str]:
 
 
 class InputText(WireModel):
-    """A text part of an input message or of a function's output (``output_text`` parts come from
-    earlier responses' output)."""
+    """A part of an input message or of a function's output: text (``output_text`` parts come from
+    earlier responses' output) or, in a message, an ``input_image`` by URL (a data URL, or a web or
+    file URL as the ingress allows: README, Images)."""
 
     type: Literal["input_text", "output_text", "input_image", "input_file", "input_audio", "refusal"]
     text: str | None = None
+    image_url: str | None = None
+    file_id: str | None = None
+    detail: Literal["auto", "low", "high"] | None = None
 
     @model_validator(mode="after")
     def _served(self) -> "InputText":
+        if self.type == "input_image":
+            if self.file_id is not None or self.image_url is None:
+                raise _refused_type("input_image parts by 'file_id' are", "not served here (nothing is "
+                                    "stored); send 'image_url' (a data: or http(s) URL)")
+            return self
         if self.type not in ("input_text", "output_text"):
-            raise _refused_type(f"{self.type!r} parts are", "not served here; only text parts")
+            raise _refused_type(f"{self.type!r} parts are", "not served here; only text and image parts")
         if self.text is None:
             raise ValueError(f"an {self.type} part needs 'text'")
         return self
+
+    def chat(self) -> dict[str, Any]:
+        """The part as a chat content part."""
+        if self.type == "input_image":
+            return {"type": "image_url", "image_url": {"url": self.image_url, "detail": self.detail}}
+        return {"type": "text", "text": self.text}
 
 
 def _content_kind(value: Any) -> str:
@@ -89,7 +104,9 @@ class InputMessage(WireModel):
         return _joined(self.content)
 
     def add_to(self, messages: list[dict[str, Any]]) -> None:
-        messages.append({"role": self.role, "content": self.text()})
+        """Text content as one string; content with images as chat parts (text and image_url)."""
+        images = isinstance(self.content, list) and any(p.type == "input_image" for p in self.content)
+        messages.append({"role": self.role, "content": [p.chat() for p in self.content] if images else self.text()})
 
 
 class FunctionCallInput(WireModel):
@@ -119,6 +136,12 @@ class FunctionCallOutputInput(WireModel):
     output: Text
     id: str | None = None
     status: str | None = None
+
+    @model_validator(mode="after")
+    def _text_only(self) -> "FunctionCallOutputInput":
+        if isinstance(self.output, list) and any(p.type == "input_image" for p in self.output):
+            raise _refused_type("input_image parts in a function's output are", "not served here; only text")
+        return self
 
     def add_to(self, messages: list[dict[str, Any]]) -> None:
         messages.append({"role": "tool", "tool_call_id": self.call_id, "content": _joined(self.output)})

@@ -27,6 +27,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
+from app.config import ImageFetchSpec
 from app.errors import InvalidRequest, validation_error
 from app.protocol.common import INVALID_UNICODE, lone_surrogate_at
 
@@ -43,6 +44,8 @@ class Inbound:
     payload: dict[str, Any]
     size: int = 0  # bytes of the body, to decide whether validation leaves the event loop
     files: dict[str, Any] = field(default_factory=dict)  # multipart uploads, by field name
+    # Where its image_url parts may point (the ingress's IngressSpec.images; app/images.py applies it).
+    images: ImageFetchSpec = field(default_factory=ImageFetchSpec)
 
 
 class Serving:
@@ -53,7 +56,8 @@ class Serving:
     request_model: ClassVar[type[BaseModel]]  # validates the payload; documents the route in OpenAPI
 
     async def read(self, request: Request) -> Inbound:
-        """The JSON body, parsed (off the event loop when large), and its ``model``."""
+        """The JSON body, parsed (off the event loop when large), its ``model``, and the ingress's image
+        policy (``request.app.state.settings.images`` when the app has settings, else the default)."""
         raw = await request.body()
         try:
             payload = await maybe_off_loop(len(raw), json.loads, raw)
@@ -62,7 +66,8 @@ class Serving:
                                  code="invalid_json") from None
         if not isinstance(payload, dict):
             raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
-        return Inbound(model=model_name(payload.get("model")), payload=payload, size=len(raw))
+        return Inbound(model=model_name(payload.get("model")), payload=payload, size=len(raw),
+                       images=image_policy(request))
 
     async def validate(self, inbound: Inbound, spec: Any) -> BaseModel:
         """The payload as ``request_model``; InvalidRequest (400) names the first bad field."""
@@ -98,6 +103,13 @@ class Serving:
         """The route's OpenAPI ``requestBody`` (schemas referenced from ``components``)."""
         return {"required": True, "content": {"application/json": {"schema": {
             "$ref": f"#/components/schemas/{self.request_model.__name__}"}}}}
+
+
+def image_policy(request: Request) -> ImageFetchSpec:
+    """The image policy of the app serving ``request`` (its ``state.settings``, an IngressSpec)."""
+    settings = getattr(request.app.state, "settings", None)
+    policy = getattr(settings, "images", None)
+    return policy if isinstance(policy, ImageFetchSpec) else ImageFetchSpec()
 
 
 def model_name(value: Any) -> str:

@@ -1,6 +1,6 @@
 """What the text-generation endpoint families share on the ingress side: they call a chat model's
-``generate`` method (``deployments/llm.py``, ``deployments/multiplexed.py``) and refuse a huge prompt
-before sending it."""
+``generate`` method (``deployments/llm.py``, ``deployments/multiplexed.py``), refuse a huge prompt
+before sending it, and make its images ready to travel (``app/images.py``)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from app.errors import ContextLengthExceeded, validation_error
+from app.images import check_image_count, resolve_images
 from app.serving.base import OFF_LOOP_BYTES, Inbound, Serving, maybe_off_loop
 
 
@@ -45,6 +46,16 @@ class GenerationServing(Serving):
         return body
 
     async def screen(self, body: Any, inbound: Inbound, spec: Any, deployment: Any) -> None:
+        """Refuse a prompt too large for the model (:meth:`screen_size`), then check the request's image
+        parts against the ingress's policy and fetch or read their web and file URLs into the request
+        that is sent (``generation_request(body)``, the object ``args`` sends: a 400 names a bad part)."""
+        await self.screen_size(body, inbound, spec, deployment)
+        request = self.generation_request(body)
+        if images := getattr(request, "images", None):
+            check_image_count(images(), spec.limits.max_images_per_request)  # before fetching any
+        await resolve_images(request, inbound.images)
+
+    async def screen_size(self, body: Any, inbound: Inbound, spec: Any, deployment: Any) -> None:
         """A large body whose prompt text is longer than the model's context can hold (by UTF-8 size,
         see the deployment's ``prompt_limits``) is refused here: sending megabytes to the replica only
         for it to refuse them costs both processes seconds of event loop."""

@@ -29,6 +29,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from deployments.engines.vision import prefill_inputs
+
 _SPARE_COLUMNS = 32  # at least this many free columns after a (re)allocation
 _SPARE_ROWS = 8
 
@@ -163,10 +165,13 @@ class Batch:
 
     @classmethod
     def prefill(cls, model: Any, rows: list[Any], prompts: Sequence[list[int]], pad_id: int,
-                device: torch.device, fast: Any = None) -> tuple["Batch", torch.Tensor]:
+                device: torch.device, fast: Any = None, images: dict[str, Any] | None = None
+                ) -> tuple["Batch", torch.Tensor]:
         """Run the prompts through the model; return the batch and the last-position logits [rows, V].
         ``fast`` (a :class:`~deployments.engines.fast_decode.FastDecoder` of ``model``) computes the same
-        prefill in fewer ops (equal up to float rounding).
+        prefill in fewer ops (equal up to float rounding). ``images`` (the processor's tensors of one
+        request's images: every prompt is that request's) enter the model's forward here
+        (``deployments.engines.vision``); ``fast`` is then not used.
 
         Identical prompts (the ``n`` choices of one request) are computed once and their cache rows
         copied, so ``n > 1`` costs one prefill.
@@ -178,7 +183,12 @@ class Batch:
         geometry = _Geometry(len(distinct))
         cache = new_cache(model, geometry)
         padded = bool((mask == 0).any())
-        if fast is not None:  # packs the prompts itself: the padded ids serve only as the forward's input
+        positions = mask.sum(-1)
+        if images is not None:
+            inputs, after = prefill_inputs(model, ids, images)
+            logits = forward(model, cache, input_ids=ids, logits_to_keep=1, **inputs).logits[:, -1, :]
+            positions = torch.full_like(positions, after)
+        elif fast is not None:  # packs the prompts itself: the padded ids serve only as the forward's input
             logits = fast.prefill(distinct, cache.layers)
         else:
             logits = forward(model, cache, input_ids=ids, attention_mask=mask if padded else None,
@@ -188,7 +198,7 @@ class Batch:
         cols = cache.layers[0].k_buf.shape[2]
         mask_buf = mask.new_zeros((len(distinct), cols))
         mask_buf[:, :mask.shape[1]] = mask
-        batch = cls(rows, cache, geometry, mask_buf, mask.sum(-1))
+        batch = cls(rows, cache, geometry, mask_buf, positions)
         batch.padded = padded
         if len(distinct) < len(prompts):
             index = torch.tensor(order, dtype=torch.long, device=mask.device)
@@ -335,55 +345,6 @@ class Batch:
         self._mask = self._mask.index_select(0, index)
         self._positions = self._positions.index_select(0, index)
         g.n = len(index)
-
-
-class PlainBatch:
-    """The batch of a model whose cache is not plain full attention (sliding-window or static layers):
-    transformers' own cache, one prefill group at a time (no :meth:`concatenate`), rows filtered by
-    copying."""
-
-    padded = True
-
-    def __init__(self, rows: list[Any], cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor
-                 ) -> None:
-        self.rows, self.cache, self.mask, self.positions = rows, cache, mask, positions
-        self.next_ids: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    @classmethod
-    def prefill(cls, model: Any, rows: list[Any], prompts: Sequence[list[int]], pad_id: int,
-                device: torch.device, fast: Any = None) -> tuple["PlainBatch", torch.Tensor]:
-        """As :meth:`Batch.prefill`; ``fast`` is ignored (a fast decoder needs :class:`Batch`'s cache)."""
-        ids, mask = left_padded(prompts, pad_id, device)
-        cache = DynamicCache(config=model.config)
-        out = forward(model, cache, input_ids=ids, attention_mask=mask,
-                      position_ids=(mask.cumsum(-1) - 1).clamp(min=0), logits_to_keep=1)
-        return cls(rows, cache, mask, mask.sum(-1)), out.logits[:, -1, :]
-
-    def decode(self, model: Any, fast: Any = None) -> torch.Tensor:
-        """As :meth:`Batch.decode`; ``fast`` is ignored (a fast decoder needs :class:`Batch`'s cache)."""
-        self.mask = torch.cat([self.mask, self.mask.new_ones((len(self), 1))], dim=1)
-        out = forward(model, self.cache, input_ids=self.next_ids[:, None], attention_mask=self.mask,
-                      position_ids=self.positions[:, None])
-        self.positions = self.positions + 1
-        return out.logits[:, -1, :]
-
-    def set_next(self, token_ids: list[int]) -> None:
-        self.next_ids = torch.tensor(token_ids, dtype=torch.long, device=self.mask.device)
-
-    def filter(self, keep: list[int]) -> "PlainBatch | None":
-        if not keep:
-            return None
-        if len(keep) < len(self.rows):
-            index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
-            for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
-            self.mask, self.positions = self.mask.index_select(0, index), self.positions.index_select(0, index)
-            self.next_ids = self.next_ids.index_select(0, index)
-            self.rows = [self.rows[i] for i in keep]
-        return self
 
 
 def new_cache(model: Any, geometry: _Geometry) -> DynamicCache:

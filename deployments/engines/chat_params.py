@@ -24,6 +24,7 @@ from app.protocol.sampling import SamplingRequest
 from deployments.engines.prepared import Prepared
 from deployments.engines.records import GenerationRequest, SamplingParams
 from deployments.engines.structured_params import output_parser, request_grammar
+from deployments.engines.vision import with_images
 
 
 @functools.lru_cache(maxsize=16)
@@ -83,9 +84,19 @@ def _arguments(text: str) -> Any:
     return value if isinstance(value, dict) else text
 
 
-def _template_message(message: Any) -> dict[str, Any]:
-    """A wire message as chat templates read it (OpenAI's shape, arguments parsed)."""
-    out: dict[str, Any] = {"role": message.role, "content": message.text()}
+def _parts(message: Any) -> list[dict[str, Any]]:
+    """A message's content as a vision-language model's template reads it: text and image parts in
+    order (an image as ``{"type": "image"}``: the template writes the model's placeholder for it)."""
+    if isinstance(message.content, list):
+        return [{"type": "image"} if p.type == "image_url" else {"type": "text", "text": p.text or ""}
+                for p in message.content]
+    return [{"type": "text", "text": message.content}] if message.content else []
+
+
+def _template_message(message: Any, parts: bool = False) -> dict[str, Any]:
+    """A wire message as chat templates read it (OpenAI's shape, arguments parsed); content as parts
+    for a vision-language model's template (``parts``), else as one string."""
+    out: dict[str, Any] = {"role": message.role, "content": _parts(message) if parts else message.text()}
     if message.name:
         out["name"] = message.name
     if message.tool_call_id:
@@ -96,12 +107,20 @@ def _template_message(message: Any) -> dict[str, Any]:
     return out
 
 
-def render_prompt(tokenizer: Any, request: ChatCompletionRequest, add_special_tokens: bool = False) -> list[int]:
-    """Token ids of the messages rendered with the tokenizer's chat template: with the generation
-    prompt (``add_generation_prompt``, default) or continuing the final assistant message
+def render_prompt(tokenizer: Any, request: ChatCompletionRequest, add_special_tokens: bool = False,
+                  parts: bool = False) -> list[int]:
+    """Token ids of :func:`render_text`'s prompt. The template already wrote any BOS/special tokens:
+    they are not added twice (unless asked: /tokenize)."""
+    return tokenizer(render_text(tokenizer, request, parts), add_special_tokens=add_special_tokens)["input_ids"]
+
+
+def render_text(tokenizer: Any, request: ChatCompletionRequest, parts: bool = False) -> str:
+    """The messages rendered with the tokenizer's chat template: with the generation prompt
+    (``add_generation_prompt``, default) or continuing the final assistant message
     (``continue_final_message``), the request's ``tools`` (the template's ``tools`` variable) and its
-    ``chat_template_kwargs`` as template variables."""
-    messages = [_template_message(m) for m in request.messages]
+    ``chat_template_kwargs`` as template variables; content as parts when ``parts`` (see
+    :func:`_template_message`)."""
+    messages = [_template_message(m, parts) for m in request.messages]
     extra = dict(request.chat_template_kwargs or {})
     clash = sorted(extra.keys() & _reserved_template_kwargs(type(tokenizer)))
     if clash:
@@ -111,14 +130,12 @@ def render_prompt(tokenizer: Any, request: ChatCompletionRequest, add_special_to
     if request.tools:
         extra["tools"] = [t.model_dump(exclude_none=True) for t in request.tools]
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False,
+        return tokenizer.apply_chat_template(messages, tokenize=False,
                                              add_generation_prompt=request.add_generation_prompt,
                                              continue_final_message=request.continue_final_message, **extra)
     except Exception as exc:  # templates raise for unsupported roles/orders (jinja's raise_exception)
         raise InvalidRequest(f"the messages cannot be rendered with this model's chat template: {exc}",
                              param="messages") from None
-    # The template already wrote any BOS/special tokens; do not add them twice (unless asked: /tokenize).
-    return tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
 
 
 def _token_ids(ids: Any, vocab_size: int, param: str) -> None:
@@ -135,8 +152,13 @@ def to_generation_request(request: ChatCompletionRequest, engine: Any, limits: G
     fill OpenAI's defaults."""
     context_len, tokenizer = engine.context_len, tokenizer or engine.tokenizer
     _check_prompt_size(request, tokenizer, context_len)
-    out = generation_request(request, render_prompt(tokenizer, request), limits, context_len,
-                             vocab_size=engine.vocab_size)
+    parts, images = getattr(engine, "content_parts", False), request.images()
+    if images:  # the processor tokenizes: it expands each image's placeholder into the image's tokens
+        ids, inputs, note = with_images(engine, render_text(tokenizer, request, parts), images, limits)
+    else:
+        ids, inputs, note = render_prompt(tokenizer, request, parts=parts), None, ""
+    out = generation_request(request, ids, limits, context_len, vocab_size=engine.vocab_size, note=note)
+    out.images = inputs
     out.grammar = request_grammar(request, engine)  # compiled once the cheaper checks passed
     return out
 
@@ -150,10 +172,11 @@ def prepare_chat(request: ChatCompletionRequest, engine: Any, limits: Generation
 
 
 def generation_request(request: SamplingRequest, prompt_ids: list[int], limits: GenerationLimits,
-                       context_len: int, vocab_size: int | None = None) -> GenerationRequest:
+                       context_len: int, vocab_size: int | None = None, note: str = "") -> GenerationRequest:
     """Validate lengths and counts of an already tokenized prompt, and the token ids the request names
     (logit_bias, stop_token_ids) against ``vocab_size``; fill OpenAI's defaults. Errors name where the
-    prompt came from (the request's ``prompt_param``: ``messages``, ``prompt``)."""
+    prompt came from (the request's ``prompt_param``: ``messages``, ``prompt``); a context-length error
+    adds ``note`` to the prompt's token count (how many of them images take)."""
     if request.n > limits.max_n:
         raise InvalidRequest(f"n must be at most {limits.max_n}, got {request.n}", param="n")
     stops = request.stop_list
@@ -169,7 +192,7 @@ def generation_request(request: SamplingRequest, prompt_ids: list[int], limits: 
     if room < 1:
         raise ContextLengthExceeded(
             f"This model's maximum context length is {context_len} tokens, but the {prompt_param} use "
-            f"{prompt_len} tokens, leaving no room for a completion.", param=prompt_param)
+            f"{prompt_len} tokens{note}, leaving no room for a completion.", param=prompt_param)
     asked = request.requested_max_tokens
     param = request.max_tokens_param
     if asked is not None and asked > limits.max_tokens:
@@ -177,7 +200,7 @@ def generation_request(request: SamplingRequest, prompt_ids: list[int], limits: 
     if asked is not None and asked > room:
         raise ContextLengthExceeded(
             f"This model's maximum context length is {context_len} tokens. However, you requested "
-            f"{prompt_len + asked} tokens ({prompt_len} in the {prompt_param}, {asked} in the completion). "
+            f"{prompt_len + asked} tokens ({prompt_len} in the {prompt_param}{note}, {asked} in the completion). "
             f"Please reduce the length of the {prompt_param} or the completion.", param=param)
     max_new_tokens = asked if asked is not None else min(limits.default_max_tokens, room)
     if (request.min_tokens or 0) > max_new_tokens:

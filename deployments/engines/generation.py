@@ -41,15 +41,17 @@ import torch
 from app.config import BatchingSpec
 from app.errors import InternalError, ServingError
 from deployments.engines.base import release_memory
-from deployments.engines.batch import Batch, PlainBatch, supports_concatenation
+from deployments.engines.batch import Batch, supports_concatenation
+from deployments.engines.plain_batch import PlainBatch
 from deployments.engines.buckets import MAX_BUCKETS, Buckets
 from deployments.engines.detokenize import TextStream
 from deployments.engines.fast_decode import fast_decoder
 from deployments.engines.grammar import Grammars, MaskJob, start_masks
-from deployments.engines.prefill_groups import length_groups, packs
+from deployments.engines.prefill_groups import by_request, length_groups, packs
 from deployments.engines.records import Delta, GenerationRequest, SamplingParams, TokenLogprob
 from deployments.engines.sampling import Logprobs, make_generator, select_tokens
 from deployments.engines.streams import RequestStream, deliver_threadsafe
+from deployments.engines.vision import image_token_id, takes_images
 
 logger = logging.getLogger(__name__)
 
@@ -94,15 +96,22 @@ class GenerationEngine:
                  pad_token_id: int, context_len: int = 2048, max_running_rows: int = 64,
                  max_prefill_tokens: int = 4096, prefill_threads: int | None = None,
                  decode_threads: int | None = None, fast_decode: bool = True,
-                 packed_weights: bool = True, product_kernel: bool = True, tool_parser: str = "hermes") -> None:
+                 packed_weights: bool = True, product_kernel: bool = True, tool_parser: str = "hermes",
+                 processor: Any = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        # A vision-language model's processor (images -> model inputs: deployments.engines.vision); such a
+        # model's chat template reads message content as a list of parts.
+        self.processor = processor
+        self.content_parts = takes_images(processor)
+        config = getattr(model, "config", None)
+        self.image_token_id = image_token_id(config)
         self.device = device
         self.context_len = context_len
         self.eos_token_ids = set(eos_token_ids)
         self._eos = tuple(sorted(self.eos_token_ids))
         # Token ids a request may name (logit_bias, stop_token_ids): known to the tokenizer and the model.
-        width = getattr(getattr(model, "config", None), "vocab_size", None)
+        width = getattr(config.get_text_config(), "vocab_size", None) if config is not None else None
         self.vocab_size = min(len(tokenizer), width) if width else len(tokenizer)
         self.tool_parser = tool_parser  # the model's tool-call format (deployments.engines.tool_parsers)
         # Structured output and logprobs' token texts (deployments.engines.grammar).
@@ -175,16 +184,21 @@ class GenerationEngine:
         release_memory(self.device.type)
 
     def submit(self, requests: list[GenerationRequest]) -> list[RequestStream]:
-        """Admit ``requests`` as one prefill group; must be called on the event loop that consumes the
+        """Admit ``requests`` as one prefill group (a model whose batch cannot concatenate: its requests
+        with images each as a group of their own); must be called on the event loop that consumes the
         streams."""
         streams = [RequestStream(r) for r in requests]
         group = [_Sequence(r, i, out, TextStream(self.tokenizer, r.params.stop, r.prompt_ids),
                            None if r.params.greedy else make_generator(r.params.seed, i))
                  for r, out in zip(requests, streams) for i in range(r.n)]
+        groups = [group]
+        if not self.can_concatenate and any(r.images is not None for r in requests):
+            text = [s for s in group if s.request.images is None]
+            groups = [*([text] if text else []), *by_request([s for s in group if s.request.images is not None])]
         with self._lock:
             if self._closed:
                 raise InternalError("the model was unloaded")
-            self._waiting.append(group)
+            self._waiting.extend(groups)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._model_loop, name="engine", daemon=True)
                 self._thread.start()
@@ -233,6 +247,10 @@ class GenerationEngine:
             tokens = sum(len(r.prompt_ids) for r in {id(s.request): s.request for s in live}.values())
             if admitted and tokens > budget or rows > 0 and rows + len(live) > self.max_running_rows:
                 break
+            # A batch that cannot concatenate is one prefill: a request with images is its own (submit).
+            if admitted and not self.can_concatenate and any(s.request.images is not None
+                                                             for s in [*admitted, *live]):
+                break
             self._waiting.popleft()
             rows, budget = rows + len(live), budget - tokens
             admitted += live
@@ -263,13 +281,16 @@ class GenerationEngine:
                         seq.matcher = self.grammars.matcher(seq.request.grammar)
                 # The lean prefill packs prompts without padding; the forward needs similar lengths, but
                 # a batch that cannot concatenate (sliding-window layers) is prefilled as one, padded.
-                groups = (packs(live) if self.fast_decoder else length_groups(live) if self.can_concatenate
-                          else [live])
-                for group in groups:
+                # A request with images is prefilled alone, through the model's forward.
+                text = [s for s in live if s.request.images is None]
+                groups = (packs(text) if self.fast_decoder else length_groups(text) if self.can_concatenate
+                          else [text] if text else [])
+                for group in [*groups, *by_request([s for s in live if s.request.images is not None])]:
                     masks = start_masks(group, self.grammars)  # computed while the prompts run
+                    images = group[0].request.images
                     batch, logits = self._batch_class.prefill(
                         self.model, group, [s.request.prompt_ids for s in group], self.pad_token_id,
-                        self.device, self.fast_decoder)
+                        self.device, None if images is not None else self.fast_decoder, images)
                     self._advance(batch, logits, masks)
                     if (batch := self._keep_live(batch)) is None:
                         continue

@@ -51,3 +51,12 @@ def length_groups(seqs: list[Any]) -> list[list[Any]]:
             previous = seq.request
         groups[-1].append(seq)
     return groups
+
+
+def by_request(seqs: list[Any]) -> list[list[Any]]:
+    """One group per request (its ``n`` choices together), in order: requests whose prefill cannot be
+    shared (a prompt with images runs alone through the model's forward)."""
+    groups: dict[int, list[Any]] = {}
+    for seq in seqs:
+        groups.setdefault(id(seq.request), []).append(seq)
+    return list(groups.values())

@@ -60,12 +60,16 @@ class GenerationRequest:
     ``cancelled`` is set by the deployment when the caller goes away; the engine drops the request's
     sequences at its next step. ``grammar`` (an llguidance grammar, already validated against the
     model's tokenizer: ``deployments.engines.grammar``) constrains every choice's tokens to it.
+    Records are made in the replica; ``images`` never travels to the ingress.
     """
 
     prompt_ids: list[int]
     params: SamplingParams
     n: int = 1
     grammar: str | None = None
+    # A vision-language model's image inputs for this prompt (the processor's tensors: pixel values and
+    # the sizes the model needs), used at prefill only (deployments.engines.vision); None for text.
+    images: dict | None = None
     request_id: str = field(default_factory=lambda: secrets.token_hex(8))
     cancelled: bool = False
 

@@ -21,7 +21,8 @@ def tokenize(request: TokenizeRequest, engine: Any, tokenizer: Any) -> TokenizeR
         special = True if request.add_special_tokens is None else request.add_special_tokens
         ids = tokenizer(request.prompt, add_special_tokens=special)["input_ids"]
     else:
-        ids = render_prompt(tokenizer, request.chat_request(), add_special_tokens=bool(request.add_special_tokens))
+        ids = render_prompt(tokenizer, request.chat_request(), add_special_tokens=bool(request.add_special_tokens),
+                            parts=getattr(engine, "content_parts", False))
     strs = tokenizer.convert_ids_to_tokens(ids) if request.return_token_strs else None
     return TokenizeResult(tokens=list(ids), max_model_len=engine.context_len, token_strs=strs)
 

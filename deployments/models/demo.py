@@ -20,6 +20,7 @@ from typing import Callable
 from deployments.engines.base import cache_root
 from deployments.models.bert_demo import FILL_MASK_DEMO
 from deployments.models.corpus import corpus
+from deployments.models.vlm_demo import VLM_DEMO, VLM_SMOL_DEMO
 from deployments.models.whisper_demo import WHISPER_DEMO
 
 _BUILD_LOCK = threading.Lock()
@@ -146,6 +147,8 @@ DEMO_MODELS: dict[str, CausalLMDemo] = {
                            intermediate_size=1408, initializer_range=0.05, seed=3),
     "whisper": WHISPER_DEMO,  # speech-to-text: deployments/whisper_demo.py
     "fill-mask": FILL_MASK_DEMO,  # a masked LM (BERT): deployments/models/bert_demo.py
+    "vlm": VLM_DEMO,  # image-text-to-text, Qwen2-VL: deployments/models/vlm_demo.py
+    "vlm-smol": VLM_SMOL_DEMO,  # image-text-to-text, Idefics3 / SmolVLM: deployments/models/vlm_demo.py
 }
 
 

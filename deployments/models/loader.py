@@ -24,6 +24,7 @@ from deployments.engines.pipeline import PipelineEngine
 from deployments.engines.pipeline_heads import HEADS
 from deployments.engines.product_kernel import available as kernel_available
 from deployments.engines.whisper import WhisperEngine
+from deployments.models.processors import load_processor
 from deployments.models.quantization import METHODS, prequantized, quantized_weight_bytes
 from deployments.models.sources import resolve_source
 
@@ -48,10 +49,23 @@ def pick_dtype(spec: _ModelSpecBase, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def is_vision_language(path: Path, trust_remote_code: bool = False) -> bool:
+    """Whether the checkpoint is an image-text-to-text model (transformers' AutoModelForImageTextToText
+    maps its config), i.e. a vision-language model served with its processor."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    mapped = getattr(config, "auto_map", None) or {}
+    return config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES or (
+        trust_remote_code and "AutoModelForImageTextToText" in mapped)
+
+
 @on_passing_thread
 def load_chat_engine(spec: ChatModelSpec) -> GenerationEngine:
-    """A :class:`GenerationEngine` over any transformers causal LM with a chat template."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """A :class:`GenerationEngine` over any transformers causal LM with a chat template, or any
+    image-text-to-text (vision-language) model with its processor."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
     method = METHODS[spec.quantization]
     method.check_installed(spec.quantization)  # before minutes of reading weights
@@ -62,7 +76,14 @@ def load_chat_engine(spec: ChatModelSpec) -> GenerationEngine:
     if stored is not None and spec.quantization != "none":
         raise ValueError(f"model {spec.id!r}: the checkpoint at {path} is already quantized ({stored}); "
                          f"remove `quantization: {spec.quantization}`")
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
+    processor = None
+    if is_vision_language(path, spec.trust_remote_code):
+        processor = load_processor(path, trust_remote_code=spec.trust_remote_code)
+        tokenizer = processor.tokenizer
+        # A VLM's template often lives with its processor (chat_template.jinja), not its tokenizer.
+        tokenizer.chat_template = tokenizer.chat_template or getattr(processor, "chat_template", None)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
     if spec.chat_template:
         tokenizer.chat_template = spec.chat_template
     if not tokenizer.chat_template:
@@ -73,8 +94,9 @@ def load_chat_engine(spec: ChatModelSpec) -> GenerationEngine:
     # there, and refuses a later .to()).
     placement = {"device_map": device.type} if quantized and method.after_load is None else {}
     with FROM_PRETRAINED_LOCK:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=spec.trust_remote_code,
-                                                     **method.load_kwargs(dtype), **placement)
+        auto_class = AutoModelForImageTextToText if processor is not None else AutoModelForCausalLM
+        model = auto_class.from_pretrained(path, dtype=dtype, trust_remote_code=spec.trust_remote_code,
+                                           **method.load_kwargs(dtype), **placement)
     if not placement:
         model.to(device)
     if method.after_load is not None:
@@ -85,15 +107,17 @@ def load_chat_engine(spec: ChatModelSpec) -> GenerationEngine:
     if tokenizer.eos_token_id is not None:
         eos_ids.add(tokenizer.eos_token_id)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids, default=0)
-    logger.info("loaded %s from %s on %s as %s%s", spec.id, path, device, dtype,
-                f", quantized ({stored or spec.quantization}): transformers forward" if quantized else "")
+    logger.info("loaded %s from %s on %s as %s%s%s", spec.id, path, device, dtype,
+                f", quantized ({stored or spec.quantization}): transformers forward" if quantized else "",
+                f", vision-language ({type(model).__name__}): takes images" if processor is not None else "")
     return GenerationEngine(model, tokenizer, device=device, eos_token_ids=eos_ids, pad_token_id=pad,
                             context_len=context_length(spec.limits, model.config, tokenizer),
                             max_running_rows=spec.batching.max_running_rows,
                             max_prefill_tokens=spec.batching.max_prefill_tokens,
                             prefill_threads=spec.prefill_threads, decode_threads=spec.decode_threads,
                             fast_decode=spec.fast_decode and not quantized, packed_weights=spec.packed_weights,
-                            product_kernel=spec.product_kernel, tool_parser=spec.tool_parser)
+                            product_kernel=spec.product_kernel, tool_parser=spec.tool_parser,
+                            processor=processor)
 
 
 def context_length(limits: GenerationLimits, config, tokenizer) -> int:

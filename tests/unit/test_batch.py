@@ -11,7 +11,8 @@ import random
 import pytest
 import torch
 
-from deployments.engines.batch import Batch, PlainBatch
+from deployments.engines.batch import Batch
+from deployments.engines.plain_batch import PlainBatch
 
 
 @pytest.fixture(scope="module")

@@ -179,7 +179,7 @@ def test_responses_map_onto_one_chat_request():
 @pytest.mark.parametrize("fields, param", [
     ({"tools": [{"type": "web_search"}]}, "tools"), ({"previous_response_id": "resp_1"}, "previous_response_id"),
     ({"input": [{"type": "reasoning", "summary": []}]}, "type"),
-    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "data:"}]}]}, "type"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "file_id": "file-1"}]}]}, "type"),
     ({"input": []}, "input"), ({"text": {"format": {"type": "xml"}}}, "text.format"),
     ({"background": True}, "background"), ({"reasoning": {"effort": "high"}}, "reasoning"),
 ])

@@ -174,10 +174,12 @@ def test_other_unusual_text_is_accepted():
     ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
     ({"reasoning_effort": "low"}, "reasoning_effort"),
     ({"best_of": 2}, "best_of"),
-    ({"messages": [{"role": "user", "content": [
+    ({"messages": [{"role": "system", "content": [
         {"type": "text", "text": "what is this?"},
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]},
-     "messages[0].content[1].type"),
+     "messages[0].content[1]"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,A"}}
+                                               for _ in range(65)]}]}, "messages[0].content[64]"),
     ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]},
      "messages[0].content[0].type"),
     ({"messages": [{"role": "function", "content": "42", "name": "f"}]}, "messages[0].role"),
