@@ -26,9 +26,9 @@ MAX_NAME_LENGTH = 128
 # One or two segments ("name" or "org/name"), each starting with a letter or digit: no leading "/", ".",
 # "~" or "-", no ":" (URLs, drive letters), no backslash, no NUL, no whitespace.
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
-# The built-in demo chat models (deployments/models/demo.py DEMO_MODELS; a unit test keeps the two in
-# step): allowed as ``demo-<name>`` by a ``source: demo`` entry.
-DEMO_CHAT_MODELS = ("chat", "chat-s1", "chat-s2", "chat-m", "bench")
+# The built-in demo chat models, vision-language ones included (deployments/models/demo.py DEMO_MODELS; a
+# unit test keeps the two in step): allowed as ``demo-<name>`` by a ``source: demo`` entry.
+DEMO_CHAT_MODELS = ("chat", "chat-s1", "chat-s2", "chat-m", "bench", "vlm", "vlm-smol")
 DEMO_PREFIX = "demo-"
 
 

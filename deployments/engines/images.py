@@ -52,9 +52,12 @@ def decode_image(image: Any, where: str, max_pixels: int) -> Any:
         raise
     except Image.DecompressionBombError:
         raise _too_large(where, 0, 0, max_pixels) from None
-    except Exception as exc:  # Pillow raises many types for unreadable or truncated data
-        raise InvalidRequest(f"{where}: the image cannot be decoded ({type(exc).__name__}: {exc}); send a "
-                             "PNG, JPEG, WebP, GIF or another format Pillow reads", param=where,
+    except Image.UnidentifiedImageError:
+        raise InvalidRequest(f"{where}: the data is not an image in a format this server reads; send a PNG, "
+                             "JPEG, WebP, GIF or another format Pillow reads", param=where,
+                             code="invalid_image") from None
+    except Exception as exc:  # Pillow raises many types for truncated or corrupt data
+        raise InvalidRequest(f"{where}: the image cannot be decoded ({type(exc).__name__}: {exc})", param=where,
                              code="invalid_image") from None
 
 

@@ -227,3 +227,60 @@ async def test_a_bad_request_does_not_fail_its_batch_neighbours(server):
             events = [first] + [line async for line in lines]
     errors = [e for e in events if e.startswith("data: {") and '"error"' in e]
     assert not errors, f"the innocent neighbour's stream failed: {errors[0][:300]}"
+
+
+def _encoded(size: tuple[int, int], mode: str = "RGB", fmt: str = "PNG", **kwargs) -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new(mode, size).save(out, fmt, **kwargs)
+    return out.getvalue()
+
+
+def _image_url(data: bytes, kind: str = "png") -> str:
+    return f"data:image/{kind};base64,{base64.b64encode(data).decode()}"
+
+
+# Hostile image parts (tests/integration/test_vision_api.py has the ordinary refusals): each must be a 400
+# naming the part, quickly, and must not disturb a stream already running on the same replica.
+HOSTILE_IMAGES = {
+    "pixel bomb": _image_url(_encoded((30000, 30000), "1")),                   # ~100 KB PNG, 900 Mpixels
+    "gif bomb": _image_url(_encoded((20000, 20000), "1", "GIF"), "gif"),
+    "aspect ratio": _image_url(_encoded((1, 4000))),                          # the processor refuses it
+    "svg": _image_url(b'<svg xmlns="http://www.w3.org/2000/svg" width="9" height="9"/>', "svg+xml"),
+    "empty": "data:image/png;base64,",
+    "not base64": "data:image/png;base64,%%%%",
+    "truncated": _image_url(_encoded((64, 64))[:40]),
+    "zip": _image_url(zlib.compress(b"\0" * 100_000)),
+    "javascript": "data:image/png;base64," + "A" * 10 + "',alert(1),'",
+    "remote not allowed": "https://169.254.169.254/latest/meta-data.png",
+    "file outside root": "file:///proc/self/environ",
+    "no host": "http:///x.png",
+}
+VLM_MODEL = "demo-vlm"
+
+
+async def test_hostile_images_are_400s_and_do_not_fail_a_running_stream(server):
+    url = f"{server}/v1/chat/completions"
+    innocent = {"model": VLM_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 200,
+                "temperature": 0, "ignore_eos": True, "stream": True}
+    async with httpx.AsyncClient(timeout=TIMEOUT_S) as http:
+        async with http.stream("POST", url, json=innocent) as stream:
+            assert stream.status_code == 200
+            lines = aiter(stream.aiter_lines())
+            first = await anext(lines)  # the innocent request is in the running batch now
+            for name, image in HOSTILE_IMAGES.items():
+                for model in (VLM_MODEL, MODEL):  # MODEL is text-only: refused with or without a good image
+                    body = {"model": model, "max_tokens": 4, "messages": [
+                        {"role": "user", "content": [{"type": "text", "text": "look"},
+                                                     {"type": "image_url", "image_url": {"url": image}}]}]}
+                    r = await http.post(url, json=body)
+                    assert r.status_code == 400, f"{name} on {model}: {r.status_code} {r.text[:300]}"
+                    assert_valid(r.json(), "ErrorResponse")
+                    assert r.json()["error"]["param"] == "messages[0].content[1]", (name, model, r.text[:300])
+            events = [e for e in [first] + [line async for line in lines] if e]
+    errors = [e for e in events if e.startswith("data: {") and '"error"' in e]
+    assert not errors, f"the innocent stream failed: {errors[0][:300]}"
+    assert events[-1] == "data: [DONE]"

@@ -91,8 +91,10 @@ def test_nameable_models_lists_allowed_names_only(tmp_path, monkeypatch):
 
 def test_demo_family_matches_the_built_in_demo_models():
     from deployments.models.demo import DEMO_MODELS, CausalLMDemo
+    from deployments.models.vlm_demo import Idefics3Demo, Qwen2VLDemo
 
-    assert set(DEMO_CHAT_MODELS) == {n for n, b in DEMO_MODELS.items() if isinstance(b, CausalLMDemo)}
+    chat = (CausalLMDemo, Qwen2VLDemo, Idefics3Demo)
+    assert set(DEMO_CHAT_MODELS) == {n for n, b in DEMO_MODELS.items() if isinstance(b, chat)}
 
 
 def test_config_on_demand_section():
