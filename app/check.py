@@ -172,6 +172,18 @@ def check_application(app: Mapping[str, Any], where: str) -> list[Problem]:
     for k, spec in enumerate(args.models):
         if spec.deployment_name not in configured:  # the builder's defaults apply: still check them
             problems += check_model_deployment(spec, {}, f"{where}.args.models[{k}]")
+    return problems + _image_problems(args.ingress.images, f"{where}.args.ingress.images")
+
+
+def _image_problems(images: Any, at: str) -> list[Problem]:
+    """Warnings on where image URLs may point (README: Images): warnings, since the config may be meant
+    for other machines than this one."""
+    problems = []
+    if images.allow_remote and not images.allowed_hosts:
+        problems.append(Problem(f"{at}.allow_remote", "remote images from any host: clients can make the server "
+                                "fetch internal addresses; list `allowed_hosts` unless clients are trusted", False))
+    if images.file_root is not None and not Path(images.file_root).is_dir():
+        problems.append(Problem(f"{at}.file_root", f"{images.file_root!r} is not a directory on this machine", False))
     return problems
 
 

@@ -18,7 +18,7 @@ import threading
 import openai
 import pytest
 
-from tests.conftest import IMAGE_ROOT
+from tests.conftest import IMAGE_ROOT, MODELS_ROOT
 from tests.openapi_schema import assert_valid
 
 pytestmark = pytest.mark.integration
@@ -102,6 +102,20 @@ def test_server_equals_generate_with_the_processor(client, generate_oracle, mode
         want = generate_oracle(demo, [{"role": "user", "content": [{"type": "text", "text": QUESTION},
                                                                    {"type": "image"}]}], [image])
         assert got == want, (model, got, want)
+
+
+def test_a_vlm_checkpoint_directory_is_served_on_demand_unchanged(client):
+    """An ordinary checkpoint directory (a copy of the demo's files) under models_root, loaded on demand by
+    the multiplexed deployment, answers as the pinned model built from the same files."""
+    import shutil
+
+    from deployments.models.demo import demo_path
+
+    target = MODELS_ROOT / "local-vlm-dir"
+    if not target.exists():
+        shutil.copytree(demo_path("vlm"), target)
+    messages = [user(QUESTION, image_part(data_url(STRIPES)))]
+    assert answer(client, messages, "local-vlm-dir") == answer(client, messages)
 
 
 def test_the_image_matters_and_streamed_equals_unstreamed(client):

@@ -190,3 +190,17 @@ def test_serve_build_works_on_the_module_level_app(tmp_path):
     configured = {d["name"] for d in app(base())["deployments"]}
     assert configured <= names  # plus what the builder adds unconfigured (the on-demand directory)
     assert [p for p in check_config(built) if p.error] == []
+
+
+def test_image_url_policy_warnings_and_errors(tmp_path):
+    config = base()
+    args = config["applications"][0]["args"]
+    args["ingress"] = {"images": {"allow_remote": True, "file_root": str(tmp_path / "missing")}}
+    problems = check_config(config)
+    assert [p for p in problems if p.error] == []
+    warned = {p.path.rsplit(".", 1)[-1] for p in problems if not p.error}
+    assert {"allow_remote", "file_root"} <= warned
+    args["ingress"] = {"images": {"allow_remote": True, "allowed_hosts": ["*.example.com"], "file_root": str(tmp_path)}}
+    assert not [p for p in check_config(config) if "images" in p.path]
+    args["ingress"] = {"images": {"max_bytes": 10}}
+    assert [p.path for p in check_config(config) if p.error] == ["applications[0].args.ingress.images.max_bytes"]
