@@ -10,7 +10,7 @@ process's peak RSS) through two "mixes" at every level: ``image`` = the prompt w
 same prompt spec). The two kinds alternate which goes first, level by level.
 
 Images: every request a started contender receives carries an image it has not seen before: a pool of
-distinct JPEGs (shapes and noise on a gradient, drawn from the image's number, ~25 KB), as many as the
+distinct JPEGs (shapes and noise on a gradient, drawn from the image's number, ~36 KB; 49 KB as base64), as many as the
 contender's start sends, handed out in order as requests are sent (``data:`` URLs, as the openai SDK sends
 a local image). So nothing can be cached by image bytes, and the pairing of image to prompt does not
 matter: every image has the same size, hence the same number of image tokens.
@@ -40,8 +40,10 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator
 
+import httpx
 import numpy as np
 import yaml
+from pydantic import Field
 
 from bench.config import RESULTS_DIR, BenchConfig
 from bench.contenders import CONTENDERS, Contender, RunContext, _ours, _transformers_serve
@@ -55,8 +57,12 @@ SLOT = "bench:image"  # placeholder URL in the image prompts, replaced by the ne
 
 
 class VisionConfig(BenchConfig):
-    models: list[str] = ["demo:vlm"]  # each measured in turn (``model`` is set to each)
-    image_size: int = 448
+    """The chat bench's config (bench/config.py) plus the models to measure in turn and the image size;
+    ``mixes`` must be ``image`` and ``text`` with the same prompt spec (load_vision_config checks)."""
+
+    models: list[str] = Field(default=["demo:vlm"], min_length=1, description=(
+        "Model sources measured one after another (`model` is set to each)."))
+    image_size: int = Field(448, ge=16, description="Width and height of every request's image, pixels.")
 
     def plan(self, key: str) -> list[tuple[str, int]]:
         """As the harness's, but by level first, the two kinds alternating which goes first."""
@@ -69,7 +75,7 @@ class VisionConfig(BenchConfig):
         return out
 
     def images_per_start(self, key: str) -> int:
-        return self.warmup_requests + sum(self.requests_at(c) for m, c in self.plan(key) if m == "image")
+        return self.warmup_requests + 1 + sum(self.requests_at(c) for m, c in self.plan(key) if m == "image")
 
 
 @functools.lru_cache(maxsize=4)
@@ -89,8 +95,7 @@ def image_pool(count: int, size: int) -> tuple[str, ...]:
             shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
             shape([x, y, x + rng.randrange(20, 200), y + rng.randrange(20, 200)],
                   fill=tuple(rng.randrange(256) for _ in range(3)))
-        picture = Image.blend(picture, noise.rotate(90 * i).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-                              if i % 2 else noise.rotate(90 * i), 0.12)
+        picture = Image.blend(picture, noise, 0.12)  # some texture: JPEG sizes of a photo, not of flat shapes
         out = io.BytesIO()
         picture.save(out, "JPEG", quality=85)
         urls.append("data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode())
@@ -113,12 +118,37 @@ def filled(messages: list[dict[str, Any]], images: Iterator[str]) -> list[dict[s
             for m in messages]
 
 
+def without_images(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """An image prompt (:func:`with_slot`) as the text prompt it was made from."""
+    return [{**m, "content": "".join(p.get("text", "") for p in m["content"])} if isinstance(m["content"], list)
+            else m for m in messages]
+
+
+# (model source, contender key) -> prompt tokens of one request, (image, text), as the server's usage counts
+# them: the check that images reach the model, and what they cost in tokens.
+PROMPT_TOKENS: dict[tuple[str, str], tuple[int | None, int | None]] = {}
+
+
 class ImageHttpDriver(HttpDriver):
     """A server's chat endpoint; image slots filled as requests are sent, EOS ignored (see the docstring)."""
 
-    def __init__(self, driver: HttpDriver, images: Iterator[str], tf_serve: bool) -> None:
+    def __init__(self, driver: HttpDriver, images: Iterator[str], tf_serve: bool, tag: tuple[str, str]) -> None:
         super().__init__(driver.base_url, driver.model, driver.timeout_s, driver.server_pid)
-        self.images, self.tf_serve = images, tf_serve
+        self.images, self.tf_serve, self.tag = images, tf_serve, tag
+
+    async def warmup(self, prompts: list[list[dict[str, Any]]], max_tokens: int) -> None:
+        """The harness's warm-up, then one unstreamed request of each kind for :data:`PROMPT_TOKENS`."""
+        await super().warmup(prompts, max_tokens)
+        if prompts:
+            async with httpx.AsyncClient(timeout=self.timeout_s) as client:
+                counts = []
+                for messages in (prompts[-1], without_images(prompts[-1])):
+                    body = {**self.body(messages, 1), "stream": False}
+                    del body["stream_options"]
+                    response = await client.post(f"{self.base_url}{self.route}", json=body)
+                    ok = response.status_code == 200
+                    counts.append(response.json()["usage"]["prompt_tokens"] if ok else None)
+            PROMPT_TOKENS[self.tag] = (counts[0], counts[1])
 
     def body(self, messages: list[dict[str, Any]], max_tokens: int) -> dict[str, Any]:
         body = super().body(filled(messages, self.images), max_tokens)
@@ -129,12 +159,13 @@ class ImageHttpDriver(HttpDriver):
         return body
 
 
-def _server(start: Any, tf_serve: bool = False) -> Any:
+def _server(key: str, start: Any, tf_serve: bool = False) -> Any:
+    """A harness server contender (bench.contenders) whose driver sends images and ignores EOS."""
     @contextlib.contextmanager
     def wrapped(config: VisionConfig, ctx: RunContext) -> Iterator[ImageHttpDriver]:
-        images = iter(image_pool(config.images_per_start(key_of[wrapped]), config.image_size))
+        images = iter(image_pool(config.images_per_start(key), config.image_size))
         with start(config, ctx) as driver:
-            yield ImageHttpDriver(driver, images, tf_serve)
+            yield ImageHttpDriver(driver, images, tf_serve, (config.model, key))
 
     return wrapped
 
@@ -143,8 +174,8 @@ def _server(start: Any, tf_serve: bool = False) -> Any:
 def _engine(config: VisionConfig, ctx: RunContext) -> Iterator[Any]:
     """The engine alone (bench/engine_direct.py), image slots filled, ``ignore_eos`` set on every record.
     Its requests are prepared (image decoded, processor run) on the bench's event loop, as its text ones."""
-    from bench.engine_direct import EngineDriver
     from bench.config import model_dir
+    from bench.engine_direct import EngineDriver
 
     images = iter(image_pool(config.images_per_start("vision-engine"), config.image_size))
 
@@ -172,15 +203,15 @@ def _engine(config: VisionConfig, ctx: RunContext) -> Iterator[Any]:
 # Registered beside the chat bench's contenders, so that bench.run's run_contender and _entry take them.
 VISION_CONTENDERS = [
     Contender("vision-ours", "(a) ours", "this server (the README's `serve run` path), batching and threads "
-              "as the chat bench's (a)", _server(_ours("batching"))),
+              "as the chat bench's (a)", _server("vision-ours", _ours("batching"))),
     Contender("vision-tf-serve-cb", "(c) transformers serve --cb", "`transformers serve --continuous-batching` "
               "(for a vision-language model it falls back to one request at a time: see the notes)",
-              _server(_transformers_serve(True), tf_serve=True)),
+              _server("vision-tf-serve-cb", _transformers_serve(True), tf_serve=True)),
     Contender("vision-engine", "(f) engine alone", "our GenerationEngine in-process on 2 threads: no Ray, no "
               "HTTP; requests prepared on the bench's event loop", _engine),
 ]
-key_of = {c.start: c.key for c in VISION_CONTENDERS}
 CONTENDERS.update({c.key: c for c in VISION_CONTENDERS})
+VISION_KEYS = [c.key for c in VISION_CONTENDERS]
 
 
 def load_vision_config(path: Path | str = VISION_CONFIG, **overrides: Any) -> VisionConfig:
@@ -199,9 +230,9 @@ def _p90(runs: list[dict[str, Any]], mix: str, level: int) -> float | None:
 
 
 async def run_vision(config: VisionConfig, out_dir: Path, command: str, stem: str, log=print) -> dict[str, Any]:
-    unknown = [k for k in config.contenders if k not in key_of.values()]
+    unknown = [k for k in config.contenders if k not in VISION_KEYS]
     if unknown:
-        raise SystemExit(f"unknown contenders {unknown}; known: {', '.join(key_of.values())}")
+        raise SystemExit(f"unknown contenders {unknown}; known: {', '.join(VISION_KEYS)}")
     results: dict[str, Any] = {"command": command, "started": datetime.datetime.now().isoformat(timespec="seconds"),
                                "machine": machine_info(config.model_copy(update={"model": config.models[0]})),
                                "config": config.model_dump(), "models": {}}
@@ -219,6 +250,7 @@ async def run_vision(config: VisionConfig, out_dir: Path, command: str, stem: st
                 entries = {}
                 for k, runs in collected.items():
                     entries[k] = entry = _entry(k, cfg, runs)
+                    entry["prompt_tokens"] = PROMPT_TOKENS.get((model, k))
                     for mix, levels in entry["mixes"].items():
                         for figures in levels:
                             figures["ttft_p90"] = _p90(runs, mix, figures["concurrency"])
@@ -253,14 +285,19 @@ def markdown(results: dict[str, Any]) -> str:
              f"Command: `{results['command']}`  ",
              f"Machine: {m['cpu']} ({m['cpus']} CPUs, no GPU); torch {m['torch']}, transformers "
              f"{m['transformers']}, Ray {m['ray']}; {results['started']}; server code {m.get('code')}  ",
-             f"Requests: {cfg['mixes']['text']} prompts (share, min words, max words), `image` = the same with one "
-             f"{cfg['image_size']}x{cfg['image_size']} JPEG before the text (a new image for every request); "
+             f"Requests: `text` = prompts of {cfg['mixes']['text']['buckets']} (share, min words, max words), "
+             f"`image` = the same with one {cfg['image_size']}x{cfg['image_size']} JPEG before the text (a new "
+             "image for every request); "
              f"max_tokens {cfg['max_tokens']}, greedy, EOS ignored; requests per level = max("
              f"{cfg['requests_per_level']}, {cfg['rounds_per_client']} x clients), {cfg['rounds']} round(s) pooled, "
              f"at most {cfg['max_level_seconds']:.0f} s of issuing per level.", ""]
     notes = []
     for model, entries in results["models"].items():
+        counts = [f"{e['label']} {e['prompt_tokens'][0]} / {e['prompt_tokens'][1]}"
+                  for e in entries.values() if e.get("prompt_tokens")]
         lines += [f"## `{model}`", "",
+                  *([f"Prompt tokens of one request, image / text (the server's `usage`): {'; '.join(counts)}.", ""]
+                    if counts else []),
                   "| contender | clients | image tok/s | text tok/s | image / text | TTFT p50 ms, image / text "
                   "| TTFT p90 ms, image / text | E2E p50 s, image / text | errors, image / text |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -314,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(VISION_CONFIG))
     p.add_argument("--models", type=words, help="comma-separated model sources, e.g. demo:vlm,demo:vlm-smol")
-    p.add_argument("--contenders", type=words, help=f"subset of {','.join(key_of.values())}")
+    p.add_argument("--contenders", type=words, help=f"subset of {','.join(VISION_KEYS)}")
     p.add_argument("--levels", type=ints, help="comma-separated client counts, e.g. 1,8,32")
     for name, kind in (("rounds", int), ("requests-per-level", int), ("rounds-per-client", int),
                        ("max-tokens", int), ("max-level-seconds", float), ("warmup-requests", int)):

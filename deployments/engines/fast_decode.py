@@ -47,7 +47,10 @@ from deployments.engines.batch import SlotLayer
 from deployments.engines.product_kernel import KERNEL_ROWS, Product, panel_product
 
 # model_type -> whether its attention normalises q and k per head (Qwen3) before the rotary embedding.
-FAMILIES: dict[str, bool] = {"llama": False, "mistral": False, "qwen2": False, "qwen3": True}
+FAMILIES: dict[str, bool] = {"llama": False, "mistral": False, "qwen2": False, "qwen3": True,
+                            # the language models of Qwen2-VL and Qwen2.5-VL: Qwen2 layers; their multimodal
+                            # rotary embedding is plain RoPE for text positions (every component equal)
+                            "qwen2_vl_text": False, "qwen2_5_vl_text": False}
 
 # The RMSNorm classes of those families: weight * x / sqrt(mean(x^2) + eps), computed in float32.
 _RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
@@ -131,8 +134,7 @@ class FastDecoder:
     cache layers."""
 
     def __init__(self, model: Any, qk_norm: bool, packed: bool = True, product_kernel: bool = True) -> None:
-        base = model.model
-        config = model.config
+        base, config = text_stack(model)
         self.embed = base.embed_tokens.weight
         self.rotary = base.rotary_emb.forward
         self.norm = _norm(base.norm)
@@ -286,11 +288,26 @@ class FastDecoder:
         return self.lm_head(self.norm(x))
 
 
+def text_stack(model: Any) -> tuple[Any, Any]:
+    """``(decoder stack, its config)`` of a causal LM, or of a vision-language model's language model
+    (``model.model.language_model`` / ``text_model``: LLaVA, Idefics3, SmolVLM...), whose decode step is
+    the same as a text model's. AttributeError when ``model`` has neither."""
+    base = model.model
+    if not hasattr(base, "embed_tokens"):
+        base = next((getattr(base, name) for name in ("language_model", "text_model") if hasattr(base, name)), None)
+        if base is None:
+            raise AttributeError("no decoder stack")
+    return base, model.config.get_text_config()
+
+
 def fast_decoder(model: Any, packed: bool = True, product_kernel: bool = True) -> FastDecoder | None:
     """A :class:`FastDecoder` for ``model``, or None when this step would not compute its forward (a
     family not in :data:`FAMILIES`, attention other than sdpa, quantized weights, sliding-window layers,
     partial rotary, modules that are not the plain ones)."""
-    config = getattr(model, "config", None)
+    try:
+        _, config = text_stack(model)
+    except AttributeError:
+        return None
     qk_norm = FAMILIES.get(getattr(config, "model_type", None))
     if qk_norm is None or getattr(config, "_attn_implementation", None) != "sdpa":
         return None

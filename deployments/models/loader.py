@@ -248,7 +248,7 @@ def estimate_weight_bytes(path: Path, spec: ChatModelSpec) -> int:
     try:
         config = json.loads((Path(path) / "config.json").read_text())
         stored_dtype = DTYPES.get(config.get("dtype") or config.get("torch_dtype") or "", torch.float32)
-        family = config.get("model_type")
+        family = (config.get("text_config") or {}).get("model_type") or config.get("model_type")  # a VLM's LM
     except (OSError, ValueError):
         stored_dtype, family = torch.float32, None
     device = pick_device(spec)

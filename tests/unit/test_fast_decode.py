@@ -9,7 +9,7 @@ from transformers import (AutoModelForCausalLM, GPT2Config, LlamaConfig, Mistral
                           Qwen3Config)
 
 from deployments.engines.batch import Batch
-from deployments.engines.fast_decode import FAMILIES, fast_decoder
+from deployments.engines.fast_decode import FAMILIES, fast_decoder, text_stack
 
 CPU = torch.device("cpu")
 
@@ -21,11 +21,28 @@ def tiny(config_class, **extra):
     return AutoModelForCausalLM.from_config(config).eval()
 
 
+def tiny_vl(family: str):
+    """A vision-language model of ``family`` (Qwen2-VL, Qwen2.5-VL) whose language model is :func:`tiny`'s
+    size: the lean step computes its text decode (multimodal RoPE with every component equal)."""
+    import transformers
+
+    prefix = {"qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL"}[family]
+    torch.manual_seed(0)
+    text = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    vision = dict(depth=1, hidden_size=64, out_hidden_size=64, embed_dim=32, num_heads=2, intermediate_size=64)
+    config = getattr(transformers, f"{prefix}Config")(text_config=text, vision_config=vision)
+    return getattr(transformers, f"{prefix}ForConditionalGeneration")(config).eval()
+
+
 FAMILY_MODELS = {
     "llama": lambda: tiny(LlamaConfig),
     "mistral": lambda: tiny(MistralConfig, sliding_window=None),
     "qwen2": lambda: tiny(Qwen2Config),
     "qwen3": lambda: tiny(Qwen3Config, head_dim=16),
+    "qwen2_vl_text": lambda: tiny_vl("qwen2_vl"),
+    "qwen2_5_vl_text": lambda: tiny_vl("qwen2_5_vl"),
 }
 
 
@@ -128,7 +145,8 @@ def test_packed_weights_compute_the_same_products(family):
     prompts = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8], [9]]
     plain, packed = fast_decoder(model, packed=False), fast_decoder(model, product_kernel=False)
     assert packed.packed and not plain.packed and plain.packed_bytes == 0
-    linear = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, torch.nn.Linear))
+    text = [*text_stack(model)[0].modules(), model.lm_head]  # a VLM's vision tower is not the step's
+    linear = sum(m.weight.numel() * 4 for m in text if isinstance(m, torch.nn.Linear))
     assert packed.packed_bytes == linear
     for a, b in zip(decode_steps(model, prompts, plain), decode_steps(model, prompts, packed)):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
