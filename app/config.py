@@ -81,7 +81,8 @@ class GenerationLimits(_Strict):
     max_images_per_request: int = Field(8, ge=0, le=64, description=(
         "Vision-language models: most image parts in one request (history included); more is a 400. "
         "Each image's tokens count against the context like the prompt's."))
-    max_image_pixels: int = Field(4096 * 4096, ge=1, le=2**28, description=(
+    # At most what Pillow decodes at all (2 x its MAX_IMAGE_PIXELS: larger images are refused as bombs).
+    max_image_pixels: int = Field(4096 * 4096, ge=1, le=178_956_970, description=(
         "Vision-language models: largest image accepted, in pixels (width x height, read from the "
         "image's header before it is decoded: a small file can decode to gigabytes); more is a 400."))
 

@@ -318,7 +318,8 @@ def markdown(results: dict[str, Any]) -> str:
                     f"| {img.get('errors', '–')} / {txt.get('errors', '–')} |")
             notes += [f"- `{model}`, {entry['label']}: {entry['note']}"] if entry.get("note") else []
             if entry.get("error"):
-                tail = "\n".join(entry["error"].strip().splitlines()[-8:])
+                error = entry["error"].strip().splitlines()  # the harness's message, then its log's tail
+                tail = "\n".join(error[:1] + ["..."] + error[-5:] if len(error) > 7 else error)
                 notes.append(f"- `{model}`, {entry['label']} failed:\n\n```\n{tail}\n```")
             notes += [f"- `{model}`, {entry['label']}, {mix} at {f['concurrency']} clients: {f['errors']} errors, "
                       f"first: `{f['first_error']}`" for mix, fs in entry["mixes"].items() for f in fs if f["errors"]]

@@ -50,7 +50,7 @@ class LLMDeployment(BatchedDeployment):
         """``/tokenize`` and ``/detokenize``: one record with the answer (deployments.engines.tokenize)."""
         from deployments.engines.tokenize import run_tokenizer
 
-        yield [await self._on_lane(request, run_tokenizer, self.engine)]
+        yield [await self._on_lane(request, run_tokenizer, self.engine, self.spec.limits)]
 
     async def _on_lane(self, request: Any, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(request, *args, tokenizer)`` on the preprocessing lane that ``request``'s size picks. A

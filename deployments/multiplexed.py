@@ -135,7 +135,7 @@ class MultiplexedChatDeployment:
         await self._route_here(spec.id)
         async with self.pool.use(spec) as engine:
             result = await asyncio.get_running_loop().run_in_executor(self._preprocess, run_tokenizer,
-                                                                      request, engine, None)
+                                                                      request, engine, spec.limits, None)
         yield [Served(self.replica_id, spec.id), result]
 
     async def prompt_limits(self) -> dict[str, int]:

@@ -53,6 +53,10 @@ class TokenizeRequest(WireModel):
             return text_size_over([self.prompt], limit_bytes)
         return self.chat_request().text_size_over(limit_bytes)
 
+    def images(self) -> list[tuple[str, Any]]:
+        """The messages' image parts (counted as generation counts them: deployments/engines/tokenize.py)."""
+        return [] if self.prompt is not None else self.chat_request().images()
+
     @property
     def prompt_param(self) -> str:
         return "prompt" if self.prompt is not None else "messages"

@@ -46,12 +46,12 @@ def decode_image(image: Any, where: str, max_pixels: int) -> Any:
             with Image.open(io.BytesIO(data)) as opened:  # reads the header only
                 width, height = opened.size
                 if width * height > max_pixels:
-                    raise _too_large(where, width, height, max_pixels)
-                return opened.convert("RGB")  # decodes the (first frame's) pixels
+                    raise _too_large(where, f"is {width}x{height} = {width * height} pixels,", max_pixels)
+                return _rgb(opened)  # decodes the (first frame's) pixels
     except InvalidRequest:
         raise
-    except Image.DecompressionBombError:
-        raise _too_large(where, 0, 0, max_pixels) from None
+    except Image.DecompressionBombError as exc:  # Pillow's own check (its frames' sizes) fired first
+        raise _too_large(where, f"is larger than Pillow decodes ({exc})", max_pixels) from None
     except Image.UnidentifiedImageError:
         raise InvalidRequest(f"{where}: the data is not an image in a format this server reads; send a PNG, "
                              "JPEG, WebP, GIF or another format Pillow reads", param=where,
@@ -61,7 +61,18 @@ def decode_image(image: Any, where: str, max_pixels: int) -> Any:
                              code="invalid_image") from None
 
 
-def _too_large(where: str, width: int, height: int, max_pixels: int) -> InvalidRequest:
-    size = f" is {width}x{height} = {width * height} pixels," if width else ""
-    return InvalidRequest(f"{where}: the image{size} over this model's limit of {max_pixels} pixels "
+def _rgb(image: Any) -> Any:
+    """``image`` as 8-bit RGB. 16- and 32-bit greyscale (``I;16*``, ``I``) is scaled to 8 bits first:
+    Pillow's own conversion clips it at 255, which turns a mid-grey 16-bit PNG white."""
+    if image.mode.startswith("I"):
+        import numpy as np
+        from PIL import Image
+
+        values = np.asarray(image).astype(np.int64) >> 8
+        image = Image.fromarray(np.clip(values, 0, 255).astype(np.uint8), "L")
+    return image.convert("RGB")
+
+
+def _too_large(where: str, size: str, max_pixels: int) -> InvalidRequest:
+    return InvalidRequest(f"{where}: the image {size} over this model's limit of {max_pixels} pixels "
                           "(limits.max_image_pixels); scale it down", param=where, code="image_too_large")

@@ -7,27 +7,32 @@ from typing import Any, Callable
 
 from app.errors import ContextLengthExceeded, InvalidRequest
 from app.protocol.tokenize import DetokenizeRequest, TokenizeRequest
-from deployments.engines.chat_params import prompt_bytes_limit, render_prompt
+from deployments.engines.chat_params import prompt_bytes_limit, render_prompt, render_text
 from deployments.engines.records import DetokenizeResult, TokenizeResult
+from deployments.engines.vision import with_images
 
 
-def tokenize(request: TokenizeRequest, engine: Any, tokenizer: Any) -> TokenizeResult:
+def tokenize(request: TokenizeRequest, engine: Any, limits: Any, tokenizer: Any) -> TokenizeResult:
     """The prompt's (or rendered messages') token ids. Text that cannot fit the context by its size
-    alone is refused before the tokenizer runs, as generation refuses it."""
+    alone is refused before the tokenizer runs, as generation refuses it; images count as the tokens
+    the model's processor expands them into (and are refused where generation refuses them)."""
     chars = request.text_size_over(prompt_bytes_limit(tokenizer, engine.context_len))
     if chars is not None:
         raise ContextLengthExceeded.text_too_long(engine.context_len, chars, request.prompt_param)
+    parts = getattr(engine, "content_parts", False)
     if request.prompt is not None:
         special = True if request.add_special_tokens is None else request.add_special_tokens
         ids = tokenizer(request.prompt, add_special_tokens=special)["input_ids"]
+    elif images := request.images():
+        ids, _, _ = with_images(engine, render_text(tokenizer, request.chat_request(), parts), images, limits)
     else:
         ids = render_prompt(tokenizer, request.chat_request(), add_special_tokens=bool(request.add_special_tokens),
-                            parts=getattr(engine, "content_parts", False))
+                            parts=parts)
     strs = tokenizer.convert_ids_to_tokens(ids) if request.return_token_strs else None
     return TokenizeResult(tokens=list(ids), max_model_len=engine.context_len, token_strs=strs)
 
 
-def detokenize(request: DetokenizeRequest, engine: Any, tokenizer: Any) -> DetokenizeResult:
+def detokenize(request: DetokenizeRequest, engine: Any, limits: Any, tokenizer: Any) -> DetokenizeResult:
     bad = next((i for i in request.tokens if i >= engine.vocab_size), None)
     if bad is not None:
         raise InvalidRequest(f"tokens names token id {bad}, outside this model's vocabulary "
@@ -39,6 +44,7 @@ def detokenize(request: DetokenizeRequest, engine: Any, tokenizer: Any) -> Detok
 TOKENIZERS: dict[type, Callable[..., Any]] = {TokenizeRequest: tokenize, DetokenizeRequest: detokenize}
 
 
-def run_tokenizer(request: Any, engine: Any, tokenizer: Any = None) -> Any:
-    """Answer a tokenize or detokenize request with ``tokenizer`` (default the engine's)."""
-    return TOKENIZERS[type(request)](request, engine, tokenizer or engine.tokenizer)
+def run_tokenizer(request: Any, engine: Any, limits: Any, tokenizer: Any = None) -> Any:
+    """Answer a tokenize or detokenize request with ``tokenizer`` (default the engine's), under the
+    model's generation ``limits`` (its image limits)."""
+    return TOKENIZERS[type(request)](request, engine, limits, tokenizer or engine.tokenizer)

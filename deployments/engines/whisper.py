@@ -16,7 +16,8 @@ Contracts:
   ``model.generate(..., return_timestamps=True, return_segments=True)``: rows are padded to the longest
   job and transformers slides a 30 s window over each row separately, so a row's result does not depend
   on the other rows (batched == unbatched). Jobs that need different decoder prompts or tasks run in
-  separate ``generate`` calls.
+  separate ``generate`` calls. A job's segments come out through :func:`timed_segments`: each one lasts
+  some time, in order, within the audio (what srt/vtt cues need).
 """
 
 from __future__ import annotations
@@ -177,25 +178,67 @@ class WhisperEngine(JobEngine):
         out = self.model.generate(**kwargs)
         results = []
         for row, job in enumerate(jobs):
-            segments = [self._segment(seg, job.duration) for seg in out["segments"][row]]
+            segments = timed_segments([s for s in map(self._segment, out["segments"][row]) if s.text.strip()],
+                                      job.duration)
             windows = max(1, math.ceil(job.num_frames / self.feature_extractor.nb_max_frames))
             self.windows_decoded += windows
             results.append(WhisperOutput(
                 language=languages[row], language_name=language_name(languages[row]),
                 duration=job.duration, temperature=settings.temperature,
-                segments=[s for s in segments if s.text.strip()], prompt_tokens=len(settings.prompt_ids),
+                segments=segments, prompt_tokens=len(settings.prompt_ids),
                 audio_tokens=windows * self.model.config.max_source_positions))
         return results
 
-    def _segment(self, seg: dict, duration: float) -> Segment:
+    def _segment(self, seg: dict) -> Segment:
+        """One of generate()'s segments, with the times the decoder gave it (see :func:`timed_segments`)."""
         tokens = [t for t in seg["tokens"].tolist() if t != self.eos_token_id]
         text_tokens = [t for t in tokens if t < self.timestamp_begin]
         text = self.tokenizer.decode(text_tokens, skip_special_tokens=True)
-        start = min(float(seg["start"]), duration)
-        end = min(max(float(seg["end"]), start), duration)
-        start, end = round(start, 3), round(end, 3)
-        return Segment(start=start, end=end, text=text, tokens=tokens, avg_logprob=_avg_logprob(seg),
-                       compression_ratio=_compression_ratio(text), words=words_of(text, start, end))
+        return Segment(start=float(seg["start"]), end=float(seg["end"]), text=text, tokens=tokens,
+                       avg_logprob=_avg_logprob(seg), compression_ratio=_compression_ratio(text))
+
+
+def timed_segments(segments: list[Segment], duration: float) -> list[Segment]:
+    """``segments`` (in order) as cues a subtitle file can hold: each ends after it starts, none starts
+    before the previous one ends, and all lie within ``[0, duration]``; times in whole milliseconds,
+    word timings spread over each segment (:func:`words_of`).
+
+    Whisper's timestamps are tokens the decoder chooses: it may place a segment past the end of the audio
+    (the demo checkpoint's random weights do on nearly every window; real checkpoints at a clip's end) or
+    give it no time. Clamped to the audio, such a segment would last nothing (``00:00:05,959 -->
+    00:00:05,959``), so its text joins the segment before it (before the first timed segment: the one
+    after it) and every response format keeps the whole text. Only when no segment has any time left
+    does one segment carry all the text, up to the end of the audio; none when the audio is empty.
+    """
+    limit = round(max(duration, 0.0), 3)
+    timed: list[Segment] = []
+    held: list[Segment] = []  # timeless segments before the first timed one
+    for seg in segments:
+        floor = timed[-1].end if timed else 0.0
+        start = round(min(max(seg.start, floor), limit), 3)
+        end = round(min(max(seg.end, start), limit), 3)
+        if end > start:
+            timed.append(_joined([*held, seg], min([start, *(h.start for h in held)]), end))
+            held = []
+        elif timed:
+            timed[-1] = _joined([timed[-1], seg], timed[-1].start, timed[-1].end)
+        else:
+            held.append(Segment(start, end, seg.text, seg.tokens, seg.avg_logprob, seg.compression_ratio))
+    if held and limit > 0:
+        start = min(h.start for h in held)
+        timed.append(_joined(held, start if start < limit else 0.0, limit))
+    return timed
+
+
+def _joined(parts: list[Segment], start: float, end: float) -> Segment:
+    """One segment spanning ``[start, end]`` with the text and tokens of ``parts``, in order."""
+    text = "".join(p.text for p in parts)
+    tokens = [t for p in parts for t in p.tokens]
+    weights = [max(len(p.tokens), 1) for p in parts]
+    logprob = sum(p.avg_logprob * w for p, w in zip(parts, weights)) / sum(weights)
+    ratio = parts[0].compression_ratio if len(parts) == 1 else _compression_ratio(text)
+    return Segment(start=start, end=end, text=text, tokens=tokens, avg_logprob=logprob,
+                   compression_ratio=ratio, words=words_of(text, start, end))
 
 
 def _avg_logprob(seg: dict) -> float:

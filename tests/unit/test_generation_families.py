@@ -192,16 +192,16 @@ def test_responses_refusals(fields, param):
 def test_tokenize_counts_what_generation_sees(engine):
     from deployments.engines.chat_params import render_prompt
 
-    out = run_tokenizer(TokenizeRequest(model="m", prompt="hello world", return_token_strs=True), engine)
+    out = run_tokenizer(TokenizeRequest(model="m", prompt="hello world", return_token_strs=True), engine, GenerationLimits())
     assert out.tokens == engine.tokenizer("hello world")["input_ids"] and out.max_model_len == 64
     assert "".join(out.token_strs).replace("\u0120", " ") == "hello world"
     chat = TokenizeRequest(model="m", messages=[{"role": "user", "content": "hi"}])
-    assert run_tokenizer(chat, engine).tokens == render_prompt(engine.tokenizer, chat.chat_request())
-    assert run_tokenizer(DetokenizeRequest(model="m", tokens=out.tokens), engine).prompt == "hello world"
+    assert run_tokenizer(chat, engine, GenerationLimits()).tokens == render_prompt(engine.tokenizer, chat.chat_request())
+    assert run_tokenizer(DetokenizeRequest(model="m", tokens=out.tokens), engine, GenerationLimits()).prompt == "hello world"
     with pytest.raises(InvalidRequest):
-        run_tokenizer(DetokenizeRequest(model="m", tokens=[10**6]), engine)
+        run_tokenizer(DetokenizeRequest(model="m", tokens=[10**6]), engine, GenerationLimits())
     with pytest.raises(ContextLengthExceeded):
-        run_tokenizer(TokenizeRequest(model="m", prompt="x" * 10**6), engine)
+        run_tokenizer(TokenizeRequest(model="m", prompt="x" * 10**6), engine, GenerationLimits())
     with pytest.raises(ValidationError):
         TokenizeRequest(model="m", prompt="a", messages=[{"role": "user", "content": "b"}])
 

@@ -249,9 +249,11 @@ async def test_greedy_output_equals_model_generate(make, expected, name):
     assert len(calls) == sum(any(not isinstance(p, str) for p in c) for c in PROMPTS)  # one per image request
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["lean-decode", "transformers-forward"])
 @pytest.mark.parametrize("name", DEMOS)
-async def test_rows_with_and_without_images_together_equal_each_alone(make, expected, name):
-    engine = make(name)
+async def test_rows_with_and_without_images_together_equal_each_alone(make, expected, name, fast):
+    engine = make(name, fast_decode=fast)
+    assert (engine.fast_decoder is not None) == fast  # text prefill and every decode step: both paths
     calls = TowerCalls(engine)
     try:
         together = await collect(engine, [prepared(engine, c) for c in PROMPTS])
@@ -338,22 +340,19 @@ def test_tokenize_renders_string_content_as_parts(loaded, name):
     tokenizer.chat_template = SMOLVLM_TEMPLATE
     request = TokenizeRequest(model="m", messages=[{"role": "user", "content": "Hello there, robot"}],
                               return_token_strs=True)
-    result = run_tokenizer(request, engine, tokenizer)
+    result = run_tokenizer(request, engine, LIMITS, tokenizer)
     assert tokenizer.decode(result.tokens) == "<|im_start|>User: Hello there, robot<end_of_utterance>\nAssistant:"
     assert result.max_model_len == engine.context_len and len(result.token_strs) == len(result.tokens)
     # The engine's own template: the same ids generation's prompt has.
-    ids = run_tokenizer(request, engine).tokens
+    ids = run_tokenizer(request, engine, LIMITS).tokens
     chat_request = ChatCompletionRequest.model_validate(
         {"model": "m", "messages": [{"role": "user", "content": "Hello there, robot"}]})
     assert ids == to_generation_request(chat_request, engine, LIMITS).prompt_ids
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: /tokenize renders an image part as its one placeholder token; "
-                                       "generation's prompt has the processor's expansion (the README says the "
-                                       "count is the one generation sees)")
 @pytest.mark.parametrize("name", DEMOS)
 def test_tokenize_counts_image_tokens_as_generation_does(loaded, name):
     engine = loaded[name]
     messages = chat(["What is this?", C]).model_dump(exclude_none=True)["messages"]
-    count = len(run_tokenizer(TokenizeRequest(model="m", messages=messages), engine).tokens)
+    count = len(run_tokenizer(TokenizeRequest(model="m", messages=messages), engine, LIMITS).tokens)
     assert count == len(prepared(engine, ["What is this?", C]).prompt_ids)
