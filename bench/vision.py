@@ -1,7 +1,8 @@
 """Image input: streaming chat with one image per request beside the same prompts without one, on one server.
 
-    python -m bench.vision                    # bench/vision.yaml (the lead's full run; see bench/README.md)
-    python -m bench.vision --levels 1 --max-level-seconds 3 --models demo:vlm --out-dir /tmp/v   # smoke
+    python -m bench.vision                    # bench/vision.yaml: about 10 minutes (bench/README.md)
+    python -m bench.vision --models demo:vlm --levels 8 --requests-per-level 8 --rounds-per-client 1 \
+        --out-dir /tmp/vision-smoke           # a check that it works: about 2 minutes
 
 For each model of the config (``models``), each contender is started once per round, warmed up, and driven
 by the harness (``bench.run.run_contender``: closed-loop streaming clients, CPU per process role, the model
