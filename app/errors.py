@@ -193,6 +193,17 @@ class NotReady(Retryable):
         return {**super().body(), "models": self.models}
 
 
+class ClientDisconnected(ServingError):
+    """The client hung up before the server had read its request (499, nginx's "client closed request").
+
+    The client's doing, not a fault: logged in one INFO line, never as a server error. Nobody reads the
+    answer; it exists so that the access log says 499."""
+
+    status_code = 499
+    error_type = "invalid_request_error"
+    default_code = "client_disconnected"
+
+
 class RequestTimedOut(ServingError):
     status_code = 504
     error_type = "timeout_error"
@@ -211,16 +222,20 @@ def as_serving_error(exc: BaseException) -> ServingError:
     """Map any exception reaching the ingress to the ServingError the client sees.
 
     Ray wraps a replica's exception in ``RayTaskError`` (whose ``cause`` is the original) and reports
-    backpressure and dead replicas with its own types; this is the one place that knows them.
+    backpressure and dead replicas with its own types, and Starlette reports a client that hung up
+    mid-body with ``ClientDisconnect``; this is the one place that knows them.
     """
     from ray import exceptions as ray_exc
     from ray.serve import exceptions as serve_exc
+    from starlette.requests import ClientDisconnect
 
     cause = getattr(exc, "cause", None)
     if isinstance(cause, ServingError):
         return cause
     if isinstance(exc, ServingError):
         return exc
+    if isinstance(exc, ClientDisconnect):
+        return ClientDisconnected("The client closed the connection before the server had read its request.")
     if isinstance(exc, serve_exc.DeploymentUnavailableError):  # Ray gave up starting its replicas
         return ModelUnavailable(f"{exc.message} Retry later; /health names the reason.")
     if isinstance(exc, serve_exc.BackPressureError):
@@ -251,6 +266,7 @@ def install_error_handlers(app) -> None:
     """
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
 
     logger = logging.getLogger("app.errors")
     by_status = {413: RequestTooLarge}
@@ -282,6 +298,9 @@ def install_error_handlers(app) -> None:
     app.add_exception_handler(ServingError, on_serving_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(HTTPException, on_http_error)
+    # Its own entry, not the catch-all's: Starlette re-raises whatever the catch-all (Exception) handles
+    # after answering, and Ray Serve then logs it as a failed request with its traceback.
+    app.add_exception_handler(ClientDisconnect, on_unexpected)
     app.add_exception_handler(Exception, on_unexpected)
 
 
@@ -313,7 +332,8 @@ _ROUTING_ERRORS = {404: unknown_route, 405: wrong_method}
 
 def log_error(logger, request, err: ServingError, cause: BaseException) -> None:
     """Log an error answer: a server fault (500) at ERROR with the traceback of ``cause``; anything the
-    client can act on (4xx) at INFO, and overload/timeouts (other 5xx) at WARNING, in one line each."""
+    client can act on or caused (4xx, a hang-up's 499 included) at INFO, and overload/timeouts (other
+    5xx) at WARNING, in one line each."""
     where = (request.method, request.url.path, current_request_id(), err.status_code, err.code, err.message)
     if isinstance(err, InternalError):
         logger.error("unhandled error on %s %s (request id %s): %d %s: %s", *where, exc_info=cause)

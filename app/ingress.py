@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic.json_schema import models_json_schema
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.convertors import Convertor, register_url_convertor
 
 from app.allowlist import nameable_models, resolve_allowed
 from app.availability import Availability, read_serve_status
@@ -41,6 +42,27 @@ from app.serving.pipeline import PIPELINE
 from app.serving.responses import RESPONSES
 from app.serving.tokenize import DETOKENIZE, TOKENIZE
 from app.streaming import respond, upstream, without_served
+
+
+class ExactPath(Convertor[str]):
+    """``{name:exactpath}``: the rest of the path, slashes included, exactly as the client sent it.
+
+    Starlette's ``path`` convertor (``.*``) stops at a newline, and a route's pattern ends in ``$``, which
+    in Python also matches before a final newline: ``/v1/models/demo-chat%0A`` matched
+    ``/v1/models/{model:path}`` with ``model = "demo-chat"`` and answered with that model's card. This
+    one takes newlines too, so the parameter is the whole remainder (``"demo-chat\n"``, a 404).
+    """
+
+    regex = "(?s:.*)"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return str(value)
+
+
+register_url_convertor("exactpath", ExactPath())
 
 
 @dataclass(frozen=True)
@@ -62,7 +84,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("/v1/audio/translations", TRANSLATION, "Translate audio into English"),
     Endpoint("/v1/embeddings", EMBEDDINGS, "Create embeddings"),
     # The Hugging Face Inference API shape (InferenceClient(model="http://host:8000/models/<id>")).
-    Endpoint("/models/{model:path}", PIPELINE, "Run a pipeline task (fill-mask) on the model of the path"),
+    Endpoint("/models/{model:exactpath}", PIPELINE, "Run a pipeline task (fill-mask) on the model of the path"),
 )
 
 api = FastAPI(title="serve-transformers", description="OpenAI-compatible API for transformers models "
@@ -197,7 +219,7 @@ class OpenAIIngress:
             cards += [self._on_demand_card(n, states) for n in names if n not in self._specs]
         return ModelList(data=cards).model_dump(exclude_none=True)
 
-    @api.get("/v1/models/{model:path}")
+    @api.get("/v1/models/{model:exactpath}")
     async def get_model(self, model: str) -> dict[str, Any]:
         if model in self._specs:
             return (await self._pinned_card(model)).model_dump(exclude_none=True)

@@ -18,6 +18,7 @@ from typing import Any, AsyncIterator, Callable
 from fastapi import Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 
 from app.errors import InvalidRequest, RequestTooLarge, validation_error
 from app.protocol.audio import (DurationUsage, InputTokenDetails, TokenUsage, TranscriptionRequest,
@@ -192,6 +193,8 @@ class TranscriptionServing(Serving):
         """The multipart form's fields; the upload stays unread until the model's limit is known."""
         try:
             form = await request.form()
+        except ClientDisconnect:  # a hang-up mid-upload, not a bad form: app/errors.py answers it (499)
+            raise
         except Exception as exc:  # multipart parser errors, wrong content type
             raise InvalidRequest(f"The request must be a multipart form with the audio in 'file' ({exc}).",
                                  param="file") from None

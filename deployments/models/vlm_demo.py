@@ -49,7 +49,7 @@ _QWEN2_VL_CONTENT_MACRO = (
 def qwen2_vl_chat_template() -> str:
     """The demo ChatML template (tools included) with every message content rendered by the macro above:
     for text-only conversations its output is the demo chat model's, character for character."""
-    from deployments.models.demo import CHATML_TEMPLATE
+    from deployments.models.demo_tokenizer import CHATML_TEMPLATE
 
     template = CHATML_TEMPLATE
     for old, new in [
@@ -84,7 +84,7 @@ def _tokenizer_with(specials: list[str], vocab_size: int, chat_template: str, eo
     """The demo chat tokenizer (ChatML specials, trained BPE) plus ``specials`` and this family's template."""
     from transformers import AddedToken
 
-    from deployments.models.demo import build_tokenizer
+    from deployments.models.demo_tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer(vocab_size)
     tokenizer.add_special_tokens({"additional_special_tokens": [

@@ -16,7 +16,7 @@ from tests.openapi_schema import assert_valid
 from tests.unit.fake_ingress import ingress_app
 from tests.unit.test_layout import imported_after
 
-ROW = next(e for e in ENDPOINTS if e.path == "/models/{model:path}")
+ROW = next(e for e in ENDPOINTS if e.path == "/models/{model:exactpath}")
 SPECS = [FillMaskModelSpec(id="demo-fill-mask", source="unused", task="fill-mask",
                            limits={"max_inputs": 3, "max_top_k": 10}),
          FillMaskModelSpec(id="google-bert/bert-base-uncased", source="unused", task="fill-mask"),
