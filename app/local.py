@@ -39,20 +39,30 @@ def free_port() -> int:
 # environment of whatever starts Ray (`serve run`, `ray start`, or ray.init below).
 FAST_PATH_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
 
+# HAProxy's bound on a client connection that has not sent a whole request (README: Connection limits).
+# Ray's generated haproxy.cfg sets no `timeout http-request`, so `timeout client` is what closes a
+# connection that sends nothing, half a header or half a body. At Ray's default, 3600 s, 4,200 idle
+# connections filled HAProxy's 4,096 slots (RAY_SERVE_HAPROXY_MAXCONN) and kept every client out for as
+# long as they stayed open. 10 s of silence is far beyond a working client's pauses while it sends; it
+# does not cut a client that waits for an answer (the replica computing) nor one idle between requests
+# (that is http_options.keep_alive_timeout_s). Like FAST_PATH_ENV, it goes where Ray starts.
+CONNECTION_ENV = {"RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S": "10"}
+
 # What serve_config.yaml's runtime_env gives the app's replicas besides: gRPC messages between them up to
 # 2 GiB (Ray's default, 4 MiB, fails an audio upload or a request body above it with a 500).
 REPLICA_ENV = {"RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": "2147483647"}
 
 
 def fast_path_env() -> dict[str, str]:
-    """:data:`FAST_PATH_ENV` for a private local instance: free ports for HAProxy's stats and metrics
-    listeners (their fixed defaults, 8404 and 9101, would clash between two local instances), and a
-    short drain for a stopping ingress replica."""
+    """:data:`FAST_PATH_ENV` and :data:`CONNECTION_ENV` for a private local instance: free ports for
+    HAProxy's stats and metrics listeners (their fixed defaults, 8404 and 9101, would clash between two
+    local instances), and a short drain for a stopping ingress replica."""
     stats, metrics = free_ports(2)
-    return {**FAST_PATH_ENV, "RAY_SERVE_HAPROXY_STATS_PORT": str(stats),
+    return {**FAST_PATH_ENV, **CONNECTION_ENV, "RAY_SERVE_HAPROXY_STATS_PORT": str(stats),
             "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics),
             # An ingress replica that stops stays open this long so that load balancers can drop it
             # (Ray's default: 30 s, which every shutdown would wait); HAProxy here is on this machine.
+            # serve_config.yaml sets the same for its ingress (the cluster keeps 30 s).
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
 
 

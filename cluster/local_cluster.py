@@ -230,7 +230,8 @@ CHAT = "SmolLM2-135M-Instruct"
 def local_serve_config(port: int, chat_policy: dict | None = None) -> dict:
     """serve_config.yaml for this local cluster, changed only where one shared machine needs it:
 
-    - the HTTP port (pick a free one: other servers may run here) on loopback;
+    - the HTTP port (pick a free one: other servers may run here) on loopback (the other ``http_options``
+      stay);
     - the chat model's replicas take a worker's ``fake_gpu`` (standing in for ``num_gpus: 1``: one replica per
       "GPU node") and half a CPU;
     - autoscaling reacts in seconds rather than the shipped tens of seconds, to keep tests short;
@@ -239,7 +240,7 @@ def local_serve_config(port: int, chat_policy: dict | None = None) -> dict:
     import yaml
 
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
-    config["http_options"] = {"host": "127.0.0.1", "port": port}
+    config["http_options"] = {**config["http_options"], "host": "127.0.0.1", "port": port}
     chat = next(d for d in config["applications"][0]["deployments"] if d["name"] == CHAT)
     chat["ray_actor_options"] = {"num_cpus": 0.5, "num_gpus": 0, "resources": {"fake_gpu": 1}}
     chat["autoscaling_config"].update(upscale_delay_s=2, downscale_delay_s=8, look_back_period_s=12)

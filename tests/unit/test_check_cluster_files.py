@@ -208,10 +208,11 @@ def test_the_local_and_gpu_configs_differ_only_where_they_must():
 
 
 def test_every_way_to_start_the_server_selects_the_fast_serving_path():
-    """The README's serve command, the image (KubeRay) and `ray up` set every variable of FAST_PATH_ENV."""
-    from app.local import FAST_PATH_ENV
+    """The README's serve command, the image (KubeRay) and `ray up` set every variable of FAST_PATH_ENV, and
+    the connection timeout of CONNECTION_ENV (README: Connection limits)."""
+    from app.local import CONNECTION_ENV, FAST_PATH_ENV
 
-    settings = [f"{name}={value}" for name, value in FAST_PATH_ENV.items()]
+    settings = [f"{name}={value}" for name, value in {**FAST_PATH_ENV, **CONNECTION_ENV}.items()]
     readme = (ROOT / "README.md").read_text()
     command = next(line for line in readme.splitlines() if "serve run serve_config.yaml" in line
                    and line.startswith("python3 -m venv"))
