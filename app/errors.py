@@ -204,6 +204,13 @@ class ClientDisconnected(ServingError):
     default_code = "client_disconnected"
 
 
+class BodyTimedOut(ServingError):
+    """The client did not send its whole request body within ``ingress.body_timeout_s`` (408)."""
+
+    status_code = 408
+    default_code = "request_body_timeout"
+
+
 class RequestTimedOut(ServingError):
     status_code = 504
     error_type = "timeout_error"

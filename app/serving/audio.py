@@ -20,11 +20,11 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 
-from app.errors import InvalidRequest, RequestTooLarge, validation_error
+from app.errors import BodyTimedOut, InvalidRequest, RequestTooLarge, validation_error
 from app.protocol.audio import (DurationUsage, InputTokenDetails, TokenUsage, TranscriptionRequest,
                                 TranscriptionResponse, TranscriptionSegment, TranscriptionVerboseResponse,
                                 TranscriptionWord, TranscriptTextDelta, TranscriptTextDone)
-from app.serving.base import Inbound, Serving, model_name
+from app.serving.base import Inbound, Serving, model_name, within_body_timeout
 
 
 class TranscriptChunk(BaseModel):
@@ -192,8 +192,8 @@ class TranscriptionServing(Serving):
     async def read(self, request: Request) -> Inbound:
         """The multipart form's fields; the upload stays unread until the model's limit is known."""
         try:
-            form = await request.form()
-        except ClientDisconnect:  # a hang-up mid-upload, not a bad form: app/errors.py answers it (499)
+            form = await within_body_timeout(request, request.form())
+        except (ClientDisconnect, BodyTimedOut):  # not a bad form: app/errors.py answers them (499, 408)
             raise
         except Exception as exc:  # multipart parser errors, wrong content type
             raise InvalidRequest(f"The request must be a multipart form with the audio in 'file' ({exc}).",

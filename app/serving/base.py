@@ -28,12 +28,13 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
 from app.config import ImageFetchSpec
-from app.errors import InvalidRequest, validation_error
+from app.errors import BodyTimedOut, InvalidRequest, validation_error
 from app.protocol.common import INVALID_UNICODE, lone_surrogate_at
 
 # Bodies above this many bytes are parsed and validated on a worker thread: a 30 MB JSON document takes
 # long enough to stall every stream the ingress is serving.
 OFF_LOOP_BYTES = 256 * 1024
+DEFAULT_BODY_TIMEOUT_S = 60.0  # IngressSpec.body_timeout_s's default, for an app without settings
 
 
 @dataclass
@@ -58,7 +59,7 @@ class Serving:
     async def read(self, request: Request) -> Inbound:
         """The JSON body, parsed (off the event loop when large), its ``model``, and the ingress's image
         policy (``request.app.state.settings.images`` when the app has settings, else the default)."""
-        raw = await request.body()
+        raw = await within_body_timeout(request, request.body())
         try:
             payload = await maybe_off_loop(len(raw), json.loads, raw)
         except (ValueError, RecursionError) as exc:
@@ -103,6 +104,19 @@ class Serving:
         """The route's OpenAPI ``requestBody`` (schemas referenced from ``components``)."""
         return {"required": True, "content": {"application/json": {"schema": {
             "$ref": f"#/components/schemas/{self.request_model.__name__}"}}}}
+
+
+async def within_body_timeout(request: Request, reading: Any) -> Any:
+    """``await reading`` (the request's body or form), or BodyTimedOut (408) past the ingress's
+    ``body_timeout_s``: a client that trickles its body must not hold a connection and a request slot for
+    as long as it likes (HAProxy's own timeout closes only a silent connection)."""
+    settings = getattr(request.app.state, "settings", None)
+    timeout = getattr(settings, "body_timeout_s", None) or DEFAULT_BODY_TIMEOUT_S
+    try:
+        return await asyncio.wait_for(reading, timeout)
+    except asyncio.TimeoutError:
+        raise BodyTimedOut(f"The request body did not arrive within {timeout:g} s "
+                           "(ingress.body_timeout_s).") from None
 
 
 def image_policy(request: Request) -> ImageFetchSpec:

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 
 from app.errors import InvalidRequest, validation_error
 from app.protocol.pipeline import REQUESTS, FillMaskRequest
-from app.serving.base import Inbound, Serving, maybe_off_loop, model_name
+from app.serving.base import Inbound, Serving, maybe_off_loop, model_name, within_body_timeout
 
 # Content types whose body must be a JSON document (any other body that is not a JSON object is text).
 _JSON_TYPES = ("application/json",)
@@ -81,7 +81,7 @@ class PipelineServing(Serving):
         A body that cannot be read is refused in :meth:`validate`, after the model lookup: an unknown
         model is a 404 whatever the body holds, as on every route."""
         model = model_name(request.path_params.get("model"))
-        raw = await request.body()
+        raw = await within_body_timeout(request, request.body())
         return BodyInbound(model=model, payload={}, size=len(raw), body=raw,
                            json_type=_is_json(request.headers.get("content-type", "")))
 

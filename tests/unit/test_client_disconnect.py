@@ -75,3 +75,38 @@ def test_the_hang_up_is_mapped_in_the_one_place():
 
     err = as_serving_error(ClientDisconnect())
     assert isinstance(err, ClientDisconnected) and err.status_code == 499 and err.code == "client_disconnected"
+
+
+@pytest.mark.parametrize("path,content_type,sent", CASES[:1] + CASES[3:5], ids=["chat", "fill-mask", "audio"])
+def test_a_body_trickled_past_the_body_timeout_is_a_408(http, path, content_type, sent):  # noqa: F811
+    """A client that sends part of its body and then nothing more (but stays connected) is answered 408
+    after ``ingress.body_timeout_s``, instead of holding its connection and request slot for as long as
+    it likes."""
+    settings = api.state.settings
+    api.state.settings = settings.model_copy(update={"body_timeout_s": 0.3})
+    headers = [(b"host", b"test"), (b"content-type", content_type.encode()), (b"content-length", b"100000")]
+    inbound = [{"type": "http.request", "body": sent, "more_body": True}]
+    outbound: list[dict] = []
+
+    async def receive():
+        if inbound:
+            return inbound.pop(0)
+        await asyncio.sleep(30)  # connected, silent
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        outbound.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": headers, "client": ("127.0.0.1", 5555), "server": ("test", 80), "state": {}}
+    try:
+        started = asyncio.get_event_loop_policy().new_event_loop()
+        started.run_until_complete(asyncio.wait_for(api(scope, receive, send), 10))
+        started.close()
+    finally:
+        api.state.settings = settings
+    start = next(m for m in outbound if m["type"] == "http.response.start")
+    assert start["status"] == 408
+    body = b"".join(m.get("body", b"") for m in outbound if m["type"] == "http.response.body")
+    assert b"request_body_timeout" in body and b"body_timeout_s" in body
