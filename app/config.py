@@ -78,6 +78,14 @@ class GenerationLimits(_Strict):
     max_context_len: int | None = Field(None, ge=16, description=(
         "Context length in tokens; default the model config's max_position_embeddings."))
     max_stop_sequences: int = Field(4, ge=0, le=64, description="Most stop strings per request.")
+    # The upper bounds (le) of the next two are the wire's hard caps (app/protocol: chat.MAX_MESSAGES,
+    # sampling.MAX_STOP_CHARS), which a unit test keeps equal.
+    max_stop_chars: int = Field(256, ge=1, le=4096, description=(
+        "Longest stop string, in characters: the text held back is compared with every prefix of every "
+        "stop string at each decode step, so long ones cost every row of the batch."))
+    max_messages: int = Field(4096, ge=1, le=16384, description=(
+        "Most messages in one chat request (responses: input items, plus instructions); more is a 400 "
+        "before the chat template runs, whose work grows with the messages whatever they hold."))
     max_images_per_request: int = Field(8, ge=0, le=64, description=(
         "Vision-language models: most image parts in one request (history included); more is a 400. "
         "Each image's tokens count against the context like the prompt's."))
@@ -398,6 +406,9 @@ class IngressSpec(_Strict):
         "error frame in a stream already started) and its generation is stopped."))
     max_request_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description=(
         "Largest request body accepted by any route; a bigger one is refused with 413."))
+    body_timeout_s: float = Field(60.0, gt=0, le=3600, description=(
+        "Longest the ingress waits for a request's whole body once its head arrived; past it the "
+        "client gets a 408. Bounds a client that trickles its body (README: Connection limits)."))
     overload_status: Literal[503, 429] = Field(503, description=(
         "HTTP status of the answer when a model's queue is full (both carry Retry-After)."))
     retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with overload answers.")

@@ -7,9 +7,11 @@ from typing import Annotated, Any, Callable, Literal, Union
 from pydantic import (BaseModel, Discriminator, Field, PrivateAttr, StrictBool, StrictInt, Tag, field_validator,
                       model_serializer, model_validator)
 
+from app.errors import ContextLengthExceeded, InvalidRequest
 from app.protocol.common import Usage, WireModel, check_json_bounds, unsupported
-from app.protocol.sampling import SAMPLING_CONFLICTS, SAMPLING_REFUSALS, SamplingRequest, refuse
-from app.protocol.structured import ChoiceLogprobs
+from app.protocol.sampling import (SAMPLING_CONFLICTS, SAMPLING_REFUSALS, SamplingRequest, json_over, refuse,
+                                   text_size_over, too_long)
+from app.protocol.structured import MAX_SCHEMA_DEPTH, MAX_SCHEMA_VALUES, ChoiceLogprobs
 from app.protocol.tools import MAX_TOOLS, Tool, ToolCall, ToolCallChunk, ToolCallOut, ToolChoice, forced_tools
 
 FinishReason = Literal["stop", "length", "tool_calls"]
@@ -17,6 +19,12 @@ PartType = Literal["text", "image_url", "input_audio", "file", "refusal"]
 MAX_TEMPLATE_KWARGS = 32      # top-level keys of chat_template_kwargs
 MAX_TEMPLATE_KWARGS_ITEMS = 1024  # values in chat_template_kwargs, nested ones included
 MAX_TEMPLATE_KWARGS_DEPTH = 8
+# Structure a request may hold whatever the model (its limits.max_messages is at most MAX_MESSAGES),
+# counted before anything in it is validated (:func:`check_structure`).
+MAX_MESSAGES = 16384
+MAX_CONTENT_PARTS = 16384     # content parts, all messages together
+MAX_TOOL_CALLS = 4096         # assistant tool calls in the history, all messages together
+MAX_TOOLS_VALUES = MAX_SCHEMA_VALUES  # JSON values in all of ``tools`` together (names, schemas, ...)
 
 
 # The URL forms an image part may take: inline data, a web address the ingress fetches (when the
@@ -110,6 +118,38 @@ class ChatMessage(WireModel):
                 and part.type == "image_url"]
 
 
+def _field(item: Any, name: str) -> Any:
+    """A message's field, whether the message is still JSON (a dict) or already a ChatMessage."""
+    return item.get(name) if isinstance(item, dict) else getattr(item, name, None)
+
+
+def check_structure(messages: Any, tools: Any = None, param: str = "messages") -> None:
+    """Refuse (a ``too_long`` validation error naming where) messages, content parts, history tool
+    calls or tools beyond the wire's hard caps. Runs on the raw JSON before pydantic validates any of
+    it, in O(messages) (plus at most MAX_TOOLS_VALUES values of tools): a body of 900,000 empty messages
+    is refused without building 900,000 models. Responses' input items (``param``) count alike."""
+    if isinstance(messages, list):
+        if len(messages) > MAX_MESSAGES:
+            raise too_long(param, f"at most {MAX_MESSAGES} messages are allowed, got {len(messages)}")
+        parts = calls = 0
+        for i, message in enumerate(messages):
+            key = "content" if _field(message, "content") is not None else "output"  # a responses item's
+            content, tool_calls = _field(message, key), _field(message, "tool_calls")
+            parts += len(content) if isinstance(content, list) else 0
+            if parts > MAX_CONTENT_PARTS:
+                raise too_long(f"{param}[{i}].{key}", f"at most {MAX_CONTENT_PARTS} content parts are "
+                               "allowed, all messages together")
+            calls += len(tool_calls) if isinstance(tool_calls, list) else 0
+            if calls > MAX_TOOL_CALLS:
+                raise too_long(f"{param}[{i}].tool_calls", f"at most {MAX_TOOL_CALLS} tool calls are "
+                               "allowed in the history, all messages together")
+    if isinstance(tools, list) and len(tools) <= MAX_TOOLS:  # more: the field's own max_length says so
+        if json_over([t.model_dump() if isinstance(t, BaseModel) else t for t in tools], MAX_TOOLS_VALUES,
+                     MAX_SCHEMA_DEPTH + 4):
+            raise too_long("tools", f"all tools together may hold at most {MAX_TOOLS_VALUES} JSON values, "
+                           f"nested at most {MAX_SCHEMA_DEPTH} deep in a schema")
+
+
 def _is_set(value: Any) -> bool:
     """Whether a refusable parameter asks for something: absent, null, false and empty are not asks."""
     return value is not None and value is not False and value != [] and value != {}
@@ -120,7 +160,7 @@ class ChatCompletionRequest(SamplingRequest):
     refused with a 400 naming it (:data:`REFUSALS`, :data:`CONFLICTS`); fields nobody defines are
     ignored. The sampling parameters are :class:`~app.protocol.sampling.SamplingRequest`'s."""
 
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
     logprobs: StrictBool | None = None
     top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
@@ -145,6 +185,13 @@ class ChatCompletionRequest(SamplingRequest):
     store: StrictBool | None = None
     metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = Field(None, max_length=16)
     service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bounded_structure(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            check_structure(data.get("messages"), data.get("tools"))
+        return data
 
     @field_validator("chat_template_kwargs")
     @classmethod
@@ -207,6 +254,38 @@ class ChatCompletionRequest(SamplingRequest):
     def parses_tool_calls(self) -> bool:
         """Whether the model's output is parsed into tool calls (tools given, tool_choice not none)."""
         return bool(self.tools) and self.tool_choice != "none"
+
+    def check_limits(self, limits: Any) -> None:
+        """The sampling limits, then the model's ``max_messages``: the template's work grows with the
+        messages, whatever they hold."""
+        super().check_limits(limits)
+        if len(self.messages) > limits.max_messages:
+            raise InvalidRequest(f"at most {limits.max_messages} messages are allowed with this model, got "
+                                 f"{len(self.messages)}", param="messages")
+
+    def check_context(self, context_len: int, message_tokens: float = 0.0) -> None:
+        """ContextLengthExceeded when the messages cannot fit by their count alone: each renders to at
+        least ``message_tokens`` tokens (its role's header and end, whatever its content); one message is
+        left out of the count, as a template may fold one (a first system message) into its header."""
+        least = (len(self.messages) - 1) * message_tokens
+        if least > context_len:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {context_len} tokens, but the {len(self.messages)} "
+                f"messages take at least {int(least)} tokens (at least {message_tokens:.2f} each, whatever "
+                "their content).", param="messages")
+
+    def tools_size_over(self, limit_bytes: int) -> int | None:
+        """The characters of the tools' names, descriptions, and their parameters' names and descriptions
+        (what a template that writes tools writes of each: ``chat_params.renders_tools``) if over
+        ``limit_bytes``, else None; O(tools and their parameters)."""
+        texts: list[str] = []
+        for function in (t.function for t in self.tools or ()):
+            properties = (function.parameters or {}).get("properties")
+            properties = properties if isinstance(properties, dict) else {}
+            texts += [function.name, function.description or "", *map(str, properties), *(
+                p["description"] for p in properties.values() if isinstance(p, dict)
+                and isinstance(p.get("description"), str))]
+        return text_size_over(texts, limit_bytes)
 
     def prompt_texts(self) -> list[list[str]]:
         """One prompt: the message contents and names (what :meth:`text_size_over` measures)."""

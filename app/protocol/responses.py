@@ -24,12 +24,14 @@ from typing import Annotated, Any, Callable, Literal, Union
 from pydantic import Discriminator, Field, PrivateAttr, StrictBool, StrictInt, Tag, model_validator
 from pydantic_core import PydanticCustomError
 
+from app.protocol.chat import check_structure
 from app.protocol.common import UNSUPPORTED, WireModel, conflict
 from app.protocol.structured import Schema
 from app.protocol.sampling import Number, refuse
 from app.protocol.tools import FUNCTION_NAME, MAX_TOOLS
 
 MAX_INPUT_ITEMS = 4096
+MAX_INCLUDE = 64  # entries of `include` (OpenAI defines fewer than ten values)
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
 
 
@@ -289,7 +291,7 @@ class ResponsesRequest(WireModel):
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: StrictBool | None = None
     top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
-    include: list[str] | None = None
+    include: list[str] | None = Field(None, max_length=MAX_INCLUDE)
     previous_response_id: str | None = None
     conversation: str | dict[str, Any] | None = None
     background: StrictBool | None = None
@@ -304,6 +306,17 @@ class ResponsesRequest(WireModel):
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
     _chat: Any = PrivateAttr(None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bounded_structure(cls, data: Any) -> Any:
+        """Content parts of the input items and the tools' size within chat's caps, counted on the raw
+        JSON before any of it is validated (``app.protocol.chat.check_structure``)."""
+        if isinstance(data, dict):
+            items = data.get("input")
+            check_structure(items if isinstance(items, list) and len(items) <= MAX_INPUT_ITEMS else None,
+                            data.get("tools"), param="input")
+        return data
 
     @model_validator(mode="after")
     def _refusals(self) -> "ResponsesRequest":

@@ -7,7 +7,9 @@ lengths are checked against the context, defaults are filled in. Errors are rais
 :func:`to_generation_request` is CPU work proportional to the prompt (template, tokenizer): callers on
 an event loop run it in a worker thread. Before any of that, a prompt whose UTF-8 size alone proves it
 cannot fit the context is refused in time proportional to the number of messages (see
-:func:`prompt_bytes_limit`), so a huge body costs the replica almost nothing.
+:func:`prompt_bytes_limit`), and so is one beyond the model's limits or whose messages cannot fit by
+their count (each renders to at least :func:`message_tokens`), so a huge body costs the replica almost
+nothing; a rendered prompt too long by its size is refused before it is tokenized (:func:`rendered_too_long`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 from app.config import GenerationLimits
 from app.errors import ContextLengthExceeded, InvalidRequest
 from app.protocol.chat import ChatCompletionRequest
-from app.protocol.sampling import SamplingRequest
+from app.protocol.sampling import SamplingRequest, text_size_over
 from deployments.engines.prepared import Prepared
 from deployments.engines.records import GenerationRequest, SamplingParams
 from deployments.engines.structured_params import output_parser, request_grammar
@@ -50,11 +52,87 @@ def prompt_bytes_limit(tokenizer: Any, context_len: int) -> int:
     return context_len * _longest_token_bytes(tokenizer) * _normalizer_shrink(tokenizer)
 
 
-def prompt_limits(engine: Any) -> dict[str, int]:
-    """``{"context_len": tokens, "prompt_bytes": most UTF-8 bytes of message text that can fit}`` of a
-    chat engine: what a deployment tells the ingress so it can refuse larger prompts itself."""
+RENDERED_CHECK_CHARS = 1 << 16  # a rendered prompt longer than this is size-checked before it is tokenized
+
+# Roles a message may have; every ordered pair of them is rendered to measure what a message costs.
+_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def message_tokens(tokenizer: Any, parts: bool = False) -> float:
+    """A lower bound of the tokens any one message adds to the prompt, whatever its role and content,
+    with the tokenizer's chat template (measured once per tokenizer and template).
+
+    For every ordered pair of roles (r, q) after each of two openings (a user message; the same and an
+    assistant tool call), the conversation with ``(r, q)`` twice against once, empty contents, halved;
+    the least over what the template renders (an order it refuses cannot be repeated). A difference
+    counts its added tokens (special tokens: matched before anything else, so no neighbouring text
+    merges into them) plus its other text's UTF-8 bytes over the bytes one token can spell
+    (:func:`prompt_bytes_limit`). 0 when some role renders to nothing (then only
+    ``limits.max_messages`` bounds the messages) or when nothing could be measured.
+    """
+    try:
+        return _message_tokens(tokenizer, str(getattr(tokenizer, "chat_template", None)), parts)
+    except Exception:  # not a tokenizer with a vocabulary and a chat template: no bound
+        return 0.0
+
+
+@functools.lru_cache(maxsize=16)
+def _message_tokens(tokenizer: Any, template: str, parts: bool) -> float:
+    added = {str(token): i for i, token in tokenizer.added_tokens_decoder.items()}
+    by_length, added_ids, per_byte = sorted(added, key=len, reverse=True), set(added.values()), \
+        1 / prompt_bytes_limit(tokenizer, 1)
+
+    def cost(messages: list[dict[str, Any]]) -> float:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+        specials = sum(i in added_ids for i in tokenizer(text, add_special_tokens=False)["input_ids"])
+        for token in by_length:
+            text = text.replace(token, "")
+        return specials + len(text.encode("utf-8", "surrogatepass")) * per_byte
+
+    def message(role: str) -> dict[str, Any]:
+        return {"role": role, "content": [] if parts else "", **({"tool_call_id": "0"} if role == "tool" else {})}
+
+    user = {"role": "user", "content": [{"type": "text", "text": "x"}] if parts else "x"}
+    call = {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "0", "type": "function", "function": {"name": "f", "arguments": {}}}]}
+    costs = []
+    for opening in ([user], [user, call]):
+        for pair in ([message(r), message(q)] for r in _ROLES for q in _ROLES):
+            try:
+                costs.append((cost([*opening, *pair, *pair]) - cost([*opening, *pair])) / 2)
+            except Exception:  # the template refuses this order of roles (jinja's raise_exception)
+                continue
+    return max(0.0, min(costs, default=0.0))
+
+
+def renders_tools(tokenizer: Any) -> bool:
+    """Whether the chat template writes each tool's name, description and parameters' names and
+    descriptions into the prompt, so that their text counts against the context as the messages' does
+    (``ChatCompletionRequest.tools_size_over``); measured once per tokenizer and template."""
+    try:
+        return _renders_tools(tokenizer, str(getattr(tokenizer, "chat_template", None)))
+    except Exception:  # not a tokenizer with a chat template
+        return False
+
+
+@functools.lru_cache(maxsize=16)
+def _renders_tools(tokenizer: Any, template: str) -> bool:
+    marks = ("fn_q7z", "about_q7z", "prop_q7z", "prop_about_q7z")
+    tool = {"type": "function", "function": {"name": marks[0], "description": marks[1], "parameters": {
+        "type": "object", "properties": {marks[2]: {"type": "string", "description": marks[3]}}}}}
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tools=[tool], tokenize=False)
+    return all(mark in text for mark in marks)
+
+
+def prompt_limits(engine: Any) -> dict[str, Any]:
+    """``{"context_len": tokens, "prompt_bytes": most UTF-8 bytes of message text that can fit,
+    "message_tokens": least tokens any message renders to, "renders_tools": whether the tools' text
+    counts}`` of a chat engine: what a deployment tells the ingress so it can refuse larger prompts
+    itself (``SamplingRequest.check_context``, ``tools_size_over``)."""
     return {"context_len": engine.context_len,
-            "prompt_bytes": prompt_bytes_limit(engine.tokenizer, engine.context_len)}
+            "prompt_bytes": prompt_bytes_limit(engine.tokenizer, engine.context_len),
+            "message_tokens": message_tokens(engine.tokenizer, getattr(engine, "content_parts", False)),
+            "renders_tools": renders_tools(engine.tokenizer)}
 
 
 def _check_prompt_size(request: SamplingRequest, tokenizer: Any, context_len: int) -> None:
@@ -63,6 +141,15 @@ def _check_prompt_size(request: SamplingRequest, tokenizer: Any, context_len: in
     chars = request.text_size_over(prompt_bytes_limit(tokenizer, context_len))
     if chars is not None:
         raise ContextLengthExceeded.text_too_long(context_len, chars, request.prompt_param)
+
+
+def _check_tools_size(request: ChatCompletionRequest, tokenizer: Any, context_len: int) -> None:
+    """ContextLengthExceeded naming ``tools`` if the template writes them whole and their text alone
+    cannot fit ``context_len`` (measured and cached once per tokenizer and template)."""
+    if request.tools and renders_tools(tokenizer):
+        chars = request.tools_size_over(prompt_bytes_limit(tokenizer, context_len))
+        if chars is not None:
+            raise ContextLengthExceeded.text_too_long(context_len, chars, "tools")
 
 
 @functools.lru_cache(maxsize=16)
@@ -79,7 +166,7 @@ def _arguments(text: str) -> Any:
     Llama 3's apply ``tojson`` to it), anything else as the text it is."""
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # deep nesting is not a dict a template reads
         return text
     return value if isinstance(value, dict) else text
 
@@ -108,10 +195,30 @@ def _template_message(message: Any, parts: bool = False) -> dict[str, Any]:
 
 
 def render_prompt(tokenizer: Any, request: ChatCompletionRequest, add_special_tokens: bool = False,
-                  parts: bool = False) -> list[int]:
+                  parts: bool = False, context_len: int | None = None) -> list[int]:
     """Token ids of :func:`render_text`'s prompt. The template already wrote any BOS/special tokens:
-    they are not added twice (unless asked: /tokenize)."""
-    return tokenizer(render_text(tokenizer, request, parts), add_special_tokens=add_special_tokens)["input_ids"]
+    they are not added twice (unless asked: /tokenize). With ``context_len``, a rendered prompt too long
+    for it by its size is refused before it is tokenized (:func:`rendered_too_long`)."""
+    text = render_text(tokenizer, request, parts)
+    if context_len is not None and (refusal := rendered_too_long(text, tokenizer, context_len)) is not None:
+        del text  # not kept alive by the refusal's traceback
+        raise refusal
+    return tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+
+def rendered_too_long(text: str, tokenizer: Any, context_len: int) -> ContextLengthExceeded | None:
+    """The refusal of a rendered prompt that is long (over RENDERED_CHECK_CHARS: shorter ones tokenize
+    in milliseconds and get the exact count, images' tokens included) and whose UTF-8 size proves it
+    cannot fit ``context_len``; else None. The template also writes what the message-text bound does
+    not count (tool calls' arguments, chat_template_kwargs' values, tools it writes in part): rendering
+    them is string work, tokenizing them is what costs."""
+    chars = text_size_over([text], prompt_bytes_limit(tokenizer, context_len)) \
+        if len(text) > RENDERED_CHECK_CHARS else None
+    if chars is None:
+        return None
+    return ContextLengthExceeded(f"This model's maximum context length is {context_len} tokens, but the prompt "
+                                 f"rendered from the messages (tools included) holds {chars} characters, more "
+                                 f"than any {context_len} tokens can spell.", param="messages")
 
 
 def render_text(tokenizer: Any, request: ChatCompletionRequest, parts: bool = False) -> str:
@@ -151,12 +258,20 @@ def to_generation_request(request: ChatCompletionRequest, engine: Any, limits: G
     for a thread of its own), validate lengths and counts against ``engine.context_len`` and ``limits``,
     fill OpenAI's defaults."""
     context_len, tokenizer = engine.context_len, tokenizer or engine.tokenizer
-    _check_prompt_size(request, tokenizer, context_len)
     parts, images = getattr(engine, "content_parts", False), request.images()
+    # Size and structure first, then the template; its output's size before the tokenizer.
+    _check_prompt_size(request, tokenizer, context_len)
+    request.check_limits(limits)
+    request.check_context(context_len, message_tokens(tokenizer, parts))
+    _check_tools_size(request, tokenizer, context_len)
     if images:  # the processor tokenizes: it expands each image's placeholder into the image's tokens
-        ids, inputs, note = with_images(engine, render_text(tokenizer, request, parts), images, limits)
+        text = render_text(tokenizer, request, parts)
+        if (refusal := rendered_too_long(text, tokenizer, context_len)) is not None:
+            del text
+            raise refusal
+        ids, inputs, note = with_images(engine, text, images, limits)
     else:
-        ids, inputs, note = render_prompt(tokenizer, request, parts=parts), None, ""
+        ids, inputs, note = render_prompt(tokenizer, request, parts=parts, context_len=context_len), None, ""
     out = generation_request(request, ids, limits, context_len, vocab_size=engine.vocab_size, note=note)
     out.images = inputs
     out.grammar = request_grammar(request, engine)  # compiled once the cheaper checks passed
@@ -177,12 +292,8 @@ def generation_request(request: SamplingRequest, prompt_ids: list[int], limits: 
     (logit_bias, stop_token_ids) against ``vocab_size``; fill OpenAI's defaults. Errors name where the
     prompt came from (the request's ``prompt_param``: ``messages``, ``prompt``); a context-length error
     adds ``note`` to the prompt's token count (how many of them images take)."""
-    if request.n > limits.max_n:
-        raise InvalidRequest(f"n must be at most {limits.max_n}, got {request.n}", param="n")
+    request.check_limits(limits)  # n, stop strings, max_tokens (callers checked them before rendering too)
     stops = request.stop_list
-    if len(stops) > limits.max_stop_sequences:
-        raise InvalidRequest(f"at most {limits.max_stop_sequences} stop sequences are allowed, got "
-                             f"{len(stops)}", param="stop")
     prompt_param = request.prompt_param
     prompt_len = len(prompt_ids)
     if not prompt_len:  # e.g. a custom chat template that renders these messages as ""
@@ -195,8 +306,6 @@ def generation_request(request: SamplingRequest, prompt_ids: list[int], limits: 
             f"{prompt_len} tokens{note}, leaving no room for a completion.", param=prompt_param)
     asked = request.requested_max_tokens
     param = request.max_tokens_param
-    if asked is not None and asked > limits.max_tokens:
-        raise InvalidRequest(f"{param} must be at most {limits.max_tokens}, got {asked}", param=param)
     if asked is not None and asked > room:
         raise ContextLengthExceeded(
             f"This model's maximum context length is {context_len} tokens. However, you requested "

@@ -25,10 +25,10 @@ from deployments.engines.structured_params import request_grammar
 def prompt_ids(request: CompletionRequest, tokenizer: Any, context_len: int, vocab_size: int) -> list[list[int]]:
     """Each prompt's token ids (see the module docstring); InvalidRequest names the prompt at fault."""
     limit = prompt_bytes_limit(tokenizer, context_len)
-    nested = isinstance(request.prompt, list) and not isinstance(request.prompt[0], int)
+    request.check_context(context_len)  # token-id prompts longer than the context, before reading any
     out = []
     for k, prompt in enumerate(request.prompts):
-        param = f"prompt[{k}]" if nested else "prompt"
+        param = request.prompt_param_of(k)
         if isinstance(prompt, str):
             if text_size_over([prompt], limit) is not None:
                 raise ContextLengthExceeded.text_too_long(context_len, len(prompt), param)
@@ -46,6 +46,7 @@ def prepare_completion(request: CompletionRequest, engine: Any, limits: Generati
                        tokenizer: Any = None) -> Prepared:
     """The completions request as engine requests, one per prompt (see the module docstring)."""
     tokenizer = tokenizer or engine.tokenizer
+    request.check_limits(limits)  # n, stop strings, max_tokens: before any prompt is tokenized
     ids = prompt_ids(request, tokenizer, engine.context_len, engine.vocab_size)
     requests = [generation_request(request, p, limits, engine.context_len, vocab_size=engine.vocab_size)
                 for p in ids]
