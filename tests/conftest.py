@@ -115,7 +115,10 @@ def server():
     from app.local import serve_locally
 
     port = int(os.environ.get("TEST_SERVE_PORT") or 0) or None
-    base = serve_locally(TEST_APP_ARGS, TEST_DEPLOYMENT_OPTIONS, port=port)
+    # Logical CPUs for Ray's scheduler (the machine has 2): the session's replicas ask for 3.25 + the
+    # ingress, and tests add applications beside them (test_failures.py's two, on-demand loads). With 4,
+    # the second extra application never got its replicas placed and serve.run waited for ever.
+    base = serve_locally(TEST_APP_ARGS, TEST_DEPLOYMENT_OPTIONS, port=port, num_cpus=8)
     yield base
     serve.shutdown()
     ray.shutdown()

@@ -149,7 +149,7 @@ def test_health_lists_every_model_ready(server):
     assert {m: (s["state"], s["running_replicas"], s["config_error"]) for m, s in body["models"].items()} == {
         "demo-chat": ("ready", 1, None), "demo-whisper": ("ready", 1, None), "all-MiniLM-L6-v2": ("ready", 1, None),
         "demo-fill-mask": ("ready", 1, None), "SmolLM2-135M-Instruct": ("ready", 1, None),
-        "on-demand": ("ready", 1, None)}
+        "demo-vlm": ("ready", 1, None), "on-demand": ("ready", 1, None)}
 
 
 def replica_names(deployment, app):

@@ -117,7 +117,7 @@ async def test_batched_equals_alone_and_beside_chat(async_client):
     ({"prompt": []}, "prompt"),
     ({"prompt": [[]]}, "prompt[0]"),
     ({"prompt": 12}, "prompt"),
-    ({"prompt": [1, "a"]}, "prompt[0]"),
+    ({"prompt": [1, "a"]}, "prompt[1]"),  # a token-id list (by its first item) with a string at 1
     ({"prompt": [10**7]}, "prompt"),
     ({"prompt": "word " * 1200}, "prompt"),
     ({"prompt": "word " * 250, "max_tokens": 300}, "max_tokens"),

@@ -233,7 +233,7 @@ def test_wrong_method_is_405_with_allow(server):
     ({"functions": [{"name": "f", "parameters": {"type": "object"}}]}, "functions"),
     ({"messages": [{"role": "user", "content": [
         {"type": "text", "text": "what is it?"},
-        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}]},
+        {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}]}]},
      "messages[0].content[1].type"),
     ({"messages": [{"role": "user", "content": "2+2?"},
                    {"role": "function", "name": "add", "content": "4"}]}, "messages[1].role"),

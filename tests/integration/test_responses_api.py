@@ -236,7 +236,7 @@ async def test_agents_sdk_structured_output_type(server):
     ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "x", "schema": {
         "type": "integer", "minimum": 5, "maximum": 1}}}}, 400, "text.format.schema"),  # refused by the replica
     ({"input": []}, 400, "input"),
-    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, 400,
+    ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "file-1"}]}]}, 400,
      "input[0].content[0].type"),
     ({"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]}, 400, "input[0].call_id"),
     ({"input": [{"type": "reasoning", "summary": []}]}, 400, "input[0].type"),
