@@ -28,7 +28,8 @@ class CountingTokenizer:
 
     def __init__(self, tokenizer) -> None:
         self.inner, self.calls = tokenizer, 0
-        self.backend_tokenizer = tokenizer.backend_tokenizer
+        self.backend_tokenizer, self.chat_template = tokenizer.backend_tokenizer, tokenizer.chat_template
+        self.added_tokens_decoder = tokenizer.added_tokens_decoder
 
     def get_vocab(self):
         return self.inner.get_vocab()

@@ -34,6 +34,7 @@ from deployments.engines.preparers import prepare
 from deployments.models.demo import demo_path
 from tests.structural_shapes import BODY_LIMIT, CONTEXT_LEN, MODEL, SHAPES, Shape
 from tests.unit.fake_ingress import OpenDoor
+from tests.unit.test_prompt_size import CountingTokenizer
 
 LIMITS = GenerationLimits(default_max_tokens=16, max_tokens=512, max_context_len=CONTEXT_LEN)  # the test app's
 REQUEST_MODELS = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest,
@@ -153,26 +154,6 @@ def test_each_shape_is_refused_where_it_should_be(shape: Shape, http, model, eng
         assert param == shape.param and caught.value.status_code == 400, (shape.name, caught.value)
         assert shape.code is None or caught.value.code == shape.code, (shape.name, caught.value)
     assert time.perf_counter() - started < 2.0, shape.name
-
-
-class CountingTokenizer:
-    """The demo tokenizer, counting template renders and tokenizer calls after :meth:`measured`."""
-
-    def __init__(self, tokenizer) -> None:
-        self.inner, self.calls = tokenizer, 0
-        self.backend_tokenizer, self.chat_template = tokenizer.backend_tokenizer, tokenizer.chat_template
-        self.added_tokens_decoder = tokenizer.added_tokens_decoder
-
-    def get_vocab(self):
-        return self.inner.get_vocab()
-
-    def apply_chat_template(self, *args, **kwargs):
-        self.calls += 1
-        return self.inner.apply_chat_template(*args, **kwargs)
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        return self.inner(*args, **kwargs)
 
 
 def test_messages_beyond_the_context_are_refused_without_rendering(tokenizer):
