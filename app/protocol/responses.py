@@ -306,6 +306,8 @@ class ResponsesRequest(WireModel):
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
     _chat: Any = PrivateAttr(None)
+    # Chat message index -> the index of the input item that opened it (filled by messages()).
+    _items: dict[int, int] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
@@ -353,9 +355,19 @@ class ResponsesRequest(WireModel):
         messages = [{"role": "system", "content": self.instructions}] if self.instructions else []
         if isinstance(self.input, str):
             return [*messages, {"role": "user", "content": self.input}]
-        for item in self.input:
+        for k, item in enumerate(self.input):
+            opened = len(messages)
             item.add_to(messages)
+            self._items.update(dict.fromkeys(range(opened, len(messages)), k))
         return messages
+
+    def input_param(self, param: str) -> str | None:
+        """Where in ``input`` the mapped chat request's ``messages[i]...`` is (``input[k]...``), or None
+        when that message is not one input item's (the instructions, a string input)."""
+        head, sep, rest = param.partition("]")
+        if not (sep and head.startswith("messages[") and head[9:].isdigit()) or int(head[9:]) not in self._items:
+            return None
+        return f"input[{self._items[int(head[9:])]}]{rest}"
 
     def chat_request(self) -> Any:
         """The chat request this maps onto, made once (raises pydantic's ValidationError as any request

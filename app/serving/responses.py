@@ -48,19 +48,27 @@ CHAT_PARAMS: tuple[tuple[str, str, str], ...] = (
 Event = Callable[..., ResponseEvent]
 
 
-def renamed(exc: BaseException) -> BaseException:
+def renamed(exc: BaseException, body: ResponsesRequest | None = None) -> BaseException:
     """``exc`` (or the ServingError a Ray error carries), naming the responses parameter instead of the
-    chat one (:data:`CHAT_PARAMS`); ``exc`` itself when it names none."""
+    chat one: a part of one input item by its place in ``input`` (``messages[2].content[1]`` ->
+    ``input[1].content[1]``, from ``body``), else by :data:`CHAT_PARAMS`; ``exc`` itself when it names
+    none."""
     cause = getattr(exc, "cause", None)
     err = cause if isinstance(cause, ServingError) else exc
     param = getattr(err, "param", None) if isinstance(err, ServingError) else None
+    if param and body is not None and (item := body.input_param(param)) is not None:
+        return _naming(err, param, item, item)
     for chat, ours, words in CHAT_PARAMS if param else ():
         if param == chat or param.startswith((chat + ".", chat + "[")):
-            out = copy.copy(err)
-            out.param, out.message = ours, err.message.replace(f"'{param}'", f"'{ours}'").replace(param, words)
-            out.args = (out.message,)
-            return out
+            return _naming(err, param, ours, words)
     return exc
+
+
+def _naming(err: ServingError, param: str, ours: str, words: str) -> ServingError:
+    out = copy.copy(err)
+    out.param, out.message = ours, err.message.replace(f"'{param}'", f"'{ours}'").replace(param, words)
+    out.args = (out.message,)
+    return out
 
 
 @dataclass
@@ -198,7 +206,7 @@ async def response_events(records: AsyncIterator[list[Any]], body: ResponsesRequ
                 if d.finish_reason is not None:
                     finish, prompt_tokens, output_tokens = d.finish_reason, d.prompt_tokens, d.completion_tokens
     except Exception as exc:
-        if (err := renamed(exc)) is exc:
+        if (err := renamed(exc, body)) is exc:
             raise
         raise err from None
     for event in answer.finished(finish, prompt_tokens, output_tokens):
@@ -223,7 +231,7 @@ class ResponsesServing(GenerationServing):
         try:
             await super().screen(body, inbound, spec, deployment)
         except ServingError as exc:
-            raise renamed(exc) from None
+            raise renamed(exc, body) from None
 
     async def args(self, body: ResponsesRequest, inbound: Inbound, spec: Any) -> tuple:
         return (body.chat_request(),)

@@ -206,6 +206,15 @@ def test_responses_take_input_image(client):
         {"role": "user", "content": [{"type": "input_text", "text": QUESTION},
                                      {"type": "input_image", "image_url": data_url(RED)}]}])
     assert out.output_text == inline
+    # A bad image is named by its place in `input`, whatever messages the instructions add before it.
+    bad = [{"type": "input_text", "text": QUESTION}, {"type": "input_image", "image_url": data_url(b"not an image")}]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model=VLM, instructions="Answer briefly.", max_output_tokens=4, input=[
+            {"role": "user", "content": QUESTION}, {"role": "assistant", "content": "A picture."},
+            {"role": "user", "content": bad}])
+    error = caught.value.response.json()["error"]
+    assert (error["param"], error["code"]) == ("input[2].content[1]", "invalid_image"), error
+    assert "input[2].content[1]" in error["message"] and "messages" not in error["message"], error
 
 
 def refusal(client, messages, model: str = VLM, **kwargs) -> dict:

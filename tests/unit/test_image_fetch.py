@@ -379,4 +379,6 @@ async def test_responses_screen_resolves_the_chat_request_it_sends(tree):
     body = RESPONSES.request_model(model="m", input=[{"role": "user", "content": content}])
     with pytest.raises(InvalidRequest) as caught:
         await RESPONSES.screen(body, inbound, None, None)
-    assert caught.value.param == "input" and caught.value.code == INVALID_URL  # named as a responses param
+    # Named as a responses param: the part by its place in `input`.
+    assert caught.value.param == "input[0].content[1]" and caught.value.code == INVALID_URL
+    assert "messages" not in caught.value.message, caught.value.message
