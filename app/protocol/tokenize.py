@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, Field, PrivateAttr, StrictBool, StrictInt, model_validator
 
-from app.protocol.chat import ChatCompletionRequest, ChatMessage
+from app.protocol.chat import ChatCompletionRequest, ChatMessage, check_structure
 from app.protocol.common import WireModel, conflict
 from app.protocol.sampling import text_size_over
 
@@ -31,6 +31,14 @@ class TokenizeRequest(WireModel):
     chat_template_kwargs: dict[str, Any] | None = Field(None, description="Messages: template variables.")
     return_token_strs: StrictBool = Field(False, description="Also return each token's string.")
     _chat: Any = PrivateAttr(None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bounded_structure(cls, data: Any) -> Any:
+        """The messages' count and parts, on the raw JSON before any message validates (as chat's)."""
+        if isinstance(data, dict):
+            check_structure(data.get("messages"))
+        return data
 
     @model_validator(mode="after")
     def _one_input(self) -> "TokenizeRequest":

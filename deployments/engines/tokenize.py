@@ -7,19 +7,23 @@ from typing import Any, Callable
 
 from app.errors import ContextLengthExceeded, InvalidRequest
 from app.protocol.tokenize import DetokenizeRequest, TokenizeRequest
-from deployments.engines.chat_params import prompt_bytes_limit, render_prompt, render_text
+from deployments.engines.chat_params import message_tokens, prompt_bytes_limit, render_prompt, render_text
 from deployments.engines.records import DetokenizeResult, TokenizeResult
 from deployments.engines.vision import with_images
 
 
 def tokenize(request: TokenizeRequest, engine: Any, limits: Any, tokenizer: Any) -> TokenizeResult:
     """The prompt's (or rendered messages') token ids. Text that cannot fit the context by its size
-    alone is refused before the tokenizer runs, as generation refuses it; images count as the tokens
+    alone, or messages beyond the model's ``max_messages`` or too many to fit, are refused before the
+    template or the tokenizer runs, as generation refuses them; images count as the tokens
     the model's processor expands them into (and are refused where generation refuses them)."""
     chars = request.text_size_over(prompt_bytes_limit(tokenizer, engine.context_len))
     if chars is not None:
         raise ContextLengthExceeded.text_too_long(engine.context_len, chars, request.prompt_param)
     parts = getattr(engine, "content_parts", False)
+    if request.messages is not None:  # the messages' count and structure, before the template renders them
+        request.chat_request().check_limits(limits)
+        request.chat_request().check_context(engine.context_len, message_tokens(tokenizer, parts))
     if request.prompt is not None:
         special = True if request.add_special_tokens is None else request.add_special_tokens
         ids = tokenizer(request.prompt, add_special_tokens=special)["input_ids"]

@@ -171,6 +171,30 @@ def test_messages_beyond_the_context_are_refused_without_rendering(tokenizer):
     assert len(to_generation_request(fits, engine, LIMITS, counting).prompt_ids) > 100 * each
 
 
+def test_tokenize_bounds_messages_as_chat_does(tokenizer):
+    """/tokenize renders messages as chat does, so it is bounded alike: the wire counts them before any
+    validates, the model's max_messages and the context refuse them before the template runs."""
+    from app.protocol.tokenize import TokenizeRequest
+    from deployments.engines.tokenize import run_tokenizer
+
+    started = time.perf_counter()
+    with pytest.raises(ValidationError):
+        TokenizeRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": ""}] * 900_000})
+    assert time.perf_counter() - started < 0.5
+    counting = CountingTokenizer(tokenizer)
+    message_tokens(counting)
+    counting.calls = 0
+    engine = SimpleNamespace(tokenizer=counting, context_len=CONTEXT_LEN, vocab_size=len(tokenizer))
+    for count, error, param in ((LIMITS.max_messages + 1, InvalidRequest, "messages"),
+                                (3000, ContextLengthExceeded, "messages")):
+        request = TokenizeRequest(model="m", messages=[{"role": "user", "content": ""}] * count)
+        with pytest.raises(error) as caught:
+            run_tokenizer(request, engine, LIMITS, counting)
+        assert type(caught.value) is error and caught.value.param == param and counting.calls == 0, caught.value
+    fits = TokenizeRequest(model="m", messages=[{"role": "user", "content": "hi"}] * 10)
+    assert len(run_tokenizer(fits, engine, LIMITS, counting).tokens) > 10
+
+
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
