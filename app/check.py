@@ -20,6 +20,7 @@ status is 1 when any file has an error.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from typing import Any, Iterable, Mapping
 import yaml
 from pydantic import ValidationError
 
+from app.auth import parse_key_file
 from app.builder import AUTOSCALING_POLICIES, INGRESS_NAME, deployment_defaults, directory_name
 from app.config import AppArgs
 
@@ -172,7 +174,31 @@ def check_application(app: Mapping[str, Any], where: str) -> list[Problem]:
     for k, spec in enumerate(args.models):
         if spec.deployment_name not in configured:  # the builder's defaults apply: still check them
             problems += check_model_deployment(spec, {}, f"{where}.args.models[{k}]")
-    return problems + _image_problems(args.ingress.images, f"{where}.args.ingress.images")
+    runtime_env = app.get("runtime_env") if isinstance(app.get("runtime_env"), Mapping) else {}
+    env = runtime_env.get("env_vars") if isinstance(runtime_env.get("env_vars"), Mapping) else {}
+    return (problems + _image_problems(args.ingress.images, f"{where}.args.ingress.images")
+            + _auth_problems(args.ingress.auth, f"{where}.args.ingress.auth", env))
+
+
+def _auth_problems(auth: Any, at: str, app_env: Mapping[str, Any]) -> list[Problem]:
+    """API keys (README: Authentication): a key file that is here but malformed is an error (the ingress
+    would not start); a source missing here, or keys written into the config itself, are warnings."""
+    problems = []
+    if auth.api_keys_env and auth.api_keys_env in app_env:
+        problems.append(Problem(f"{at}.api_keys_env", f"runtime_env.env_vars sets {auth.api_keys_env}: the keys "
+                                "are then in the config; set the variable where Ray starts instead", False))
+    elif auth.api_keys_env and not os.environ.get(auth.api_keys_env):
+        problems.append(Problem(f"{at}.api_keys_env", f"{auth.api_keys_env} is not set here; the ingress refuses "
+                                "to start where it finds no key", False))
+    if auth.api_keys_file:
+        try:
+            parse_key_file(Path(auth.api_keys_file).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError):
+            problems.append(Problem(f"{at}.api_keys_file", f"{auth.api_keys_file!r} cannot be read on this machine",
+                                    False))
+        except ValueError as exc:
+            problems.append(Problem(f"{at}.api_keys_file", str(exc)))
+    return problems
 
 
 def _image_problems(images: Any, at: str) -> list[Problem]:

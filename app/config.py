@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationInfo, field_validator,
                       model_validator)
 
+from app.auth import AuthSpec
 from app.quantization import QUANTIZATION_DOC, Quantization, check_quantization
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -414,6 +415,8 @@ class IngressSpec(_Strict):
     retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with overload answers.")
     images: ImageFetchSpec = Field(default_factory=ImageFetchSpec, description=(
         "Where image_url parts may point (data URLs always; web and file URLs as allowed here)."))
+    auth: AuthSpec = Field(default_factory=AuthSpec, description=(
+        "API keys (off unless a source of keys is named): every route but /health then needs one."))
 
 
 class AppArgs(_Strict):

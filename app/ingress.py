@@ -27,11 +27,12 @@ from ray.serve.handle import DeploymentHandle
 from starlette.convertors import Convertor, register_url_convertor
 
 from app.allowlist import nameable_models, resolve_allowed
+from app.auth import Grant, KeyRing
 from app.availability import Availability, read_serve_status
 from app.config import IngressSpec, OnDemandSpec
 from app.errors import ModelNotFound, ModelTaskMismatch, NotFound, NotReady, install_error_handlers
 from app.logs import write_logs_at_once
-from app.middleware import BodySizeLimit
+from app.middleware import ApiKeyAuth, BodySizeLimit, current_grant
 from app.protocol.models import ModelCard, ModelList
 from app.serving.audio import TRANSCRIPTION, TRANSLATION
 from app.serving.base import Serving
@@ -93,6 +94,9 @@ install_error_handlers(api)
 # Settings the module-level app needs before a replica exists; OpenAIIngress.__init__ sets the real ones.
 api.state.settings = IngressSpec()
 api.add_middleware(BodySizeLimit, limit=lambda: api.state.settings.max_request_body_bytes)
+# Added last, so outermost: a request without a valid key is refused before its body is read.
+api.state.keyring = None
+api.add_middleware(ApiKeyAuth, keyring=lambda: api.state.keyring, open_paths=frozenset({"/health"}))
 
 
 def add_endpoint(app: FastAPI, endpoint: Endpoint) -> None:
@@ -161,6 +165,7 @@ class OpenAIIngress:
         self._context_lens: dict[str, int | None] = {}
         self.settings = settings or IngressSpec()
         api.state.settings = self.settings
+        api.state.keyring = KeyRing.load(self.settings.auth)  # ValueError: keys required but none found
         api.state.ingress = self
         app_name = serve.get_replica_context().app_name
         units = {spec.id: spec.deployment_name for spec in specs}
@@ -169,11 +174,12 @@ class OpenAIIngress:
         self.availability = Availability(units, lambda: read_serve_status(app_name))
         self.availability.start()  # Serve runs the constructor on the replica's event loop
 
-    async def _spec(self, model: str, task: str) -> Any:
+    async def _spec(self, model: str, task: str, grant: Grant | None) -> Any:
         """A pinned model's spec, else an allowed on-demand model's (app/allowlist.py): 404 for an unknown
-        model or another task's, 503 when its deployment has no running replica."""
+        model, one the API key may not use (the same answer: names do not leak) or another task's, 503
+        when its deployment has no running replica."""
         spec = self._specs.get(model) or resolve_allowed(self._on_demand, model)
-        if spec is None:
+        if spec is None or grant is None or not grant.allows(model):
             raise ModelNotFound(model)
         if spec.task != task:
             raise ModelTaskMismatch(model, spec.task, task)
@@ -193,7 +199,7 @@ class OpenAIIngress:
         """The one request path of every model route (see the module docstring)."""
         serving = endpoint.serving
         inbound = await serving.read(request)
-        spec = await self._spec(inbound.model, serving.task)
+        spec = await self._spec(inbound.model, serving.task, current_grant())
         body = await serving.validate(inbound, spec)
         handle = self._handle(spec)
         await serving.screen(body, inbound, spec, handle)
@@ -211,16 +217,20 @@ class OpenAIIngress:
     @api.get("/v1/models")
     async def list_models(self) -> dict[str, Any]:
         """Pinned models, then every allowed on-demand model this server can name, with its status,
-        task and (where known) context length."""
-        cards = list(await asyncio.gather(*(self._pinned_card(model) for model in self._specs)))
+        task and (where known) context length; only those the request's API key may use."""
+        grant = current_grant()
+        pinned = [model for model in self._specs if grant.allows(model)]
+        cards = list(await asyncio.gather(*(self._pinned_card(model) for model in pinned)))
         if self._on_demand is not None:
             names = await asyncio.to_thread(nameable_models, self._on_demand)  # reads directories
             states = await self._on_demand_states()
-            cards += [self._on_demand_card(n, states) for n in names if n not in self._specs]
+            cards += [self._on_demand_card(n, states) for n in names if n not in self._specs and grant.allows(n)]
         return ModelList(data=cards).model_dump(exclude_none=True)
 
     @api.get("/v1/models/{model:exactpath}")
     async def get_model(self, model: str) -> dict[str, Any]:
+        if not current_grant().allows(model):
+            raise ModelNotFound(model)
         if model in self._specs:
             return (await self._pinned_card(model)).model_dump(exclude_none=True)
         if resolve_allowed(self._on_demand, model) is None:
@@ -274,7 +284,10 @@ class OpenAIIngress:
         an OpenAI error (``code: not_ready``) whose body also holds the same ``models`` map. A state is
         :class:`~app.availability.ModelState` plus ``config_error``: a refused live ``user_config``, as
         reported by one replica's stats (null when none, or when the replica did not answer in time).
+        With API keys on, a request without a valid key gets the status alone (no model names).
         """
+        if current_grant() is None:
+            return await self._anonymous_health()
         states = await self.availability.snapshot()
         ready = [m for m, s in states.items() if s is not None and s.ready]
         errors = dict(zip(ready, await asyncio.gather(*(self._config_error(m) for m in ready))))
@@ -284,6 +297,13 @@ class OpenAIIngress:
         if waiting:
             raise NotReady(f"Not ready: {', '.join(waiting)}; see `models` for the reasons.", models)
         return JSONResponse({"status": "ok", "models": models})
+
+    async def _anonymous_health(self) -> JSONResponse:
+        states = await self.availability.snapshot()
+        waiting = sum(1 for s in states.values() if s is None or not s.ready)
+        if waiting:
+            raise NotReady(f"Not ready: {waiting} of {len(states)} models.", {})
+        return JSONResponse({"status": "ok"})
 
     async def _config_error(self, model: str, timeout_s: float = 2.0) -> str | None:
         try:

@@ -1,10 +1,58 @@
-"""ASGI middleware of the ingress: request body size limit."""
+"""ASGI middleware of the ingress: API keys and the request body size limit."""
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from typing import Callable
 
-from app.errors import RequestTooLarge, render
+from app.auth import EVERYTHING, Grant, KeyRing, presented_key
+from app.errors import AuthenticationFailed, RequestTooLarge, render
+
+# The grant of the request being handled (set by ApiKeyAuth around the app's call): a context variable,
+# since Ray Serve's class-based routes cannot take FastAPI's Request by annotation here.
+_GRANT: ContextVar[Grant | None] = ContextVar("api_grant", default=EVERYTHING)
+
+
+def current_grant() -> Grant | None:
+    """What the current request's API key may use: EVERYTHING when keys are off; None when it has no
+    valid key, which only an open path (``/health``) lets through."""
+    return _GRANT.get()
+
+
+class ApiKeyAuth:
+    """When ``keyring()`` gives a KeyRing, refuse a request without one of its keys with 401 before any
+    route (or the body limit) sees it, on every path but ``open_paths``; the key's grant is the request's
+    :func:`current_grant`, which the ingress applies per model (``app/auth.py``)."""
+
+    def __init__(self, app, keyring: Callable[[], KeyRing | None], open_paths: frozenset[str]) -> None:
+        self.app, self.keyring, self.open_paths = app, keyring, open_paths
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        ring = self.keyring()
+        if ring is None:
+            grant = EVERYTHING
+        else:
+            key = presented_key(dict(scope.get("headers") or ()))
+            grant = ring.grant(key)
+            if grant is None and _route_path(scope) not in self.open_paths:
+                err = AuthenticationFailed(
+                    "Incorrect API key provided." if key else "Missing API key: send it as "
+                    "`Authorization: Bearer <key>` (the openai SDK's api_key) or as `x-api-key`.",
+                    headers={"WWW-Authenticate": "Bearer"})
+                return await render(err)(scope, receive, send)
+        token = _GRANT.set(grant)
+        try:
+            return await self.app(scope, receive, send)
+        finally:
+            _GRANT.reset(token)
+
+
+def _route_path(scope) -> str:
+    """The path the app routes on: without the application's route prefix (``root_path``)."""
+    path, root = scope["path"], scope.get("root_path", "").rstrip("/")
+    return path[len(root):] or "/" if root and path.startswith(root) else path
 
 
 class BodySizeLimit:
