@@ -38,7 +38,8 @@ class AuthSpec(BaseModel):
 
     api_keys_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description=(
         "Name of an environment variable of the ingress's process holding API keys, separated by commas "
-        "or whitespace; each may use every model. Set it with the app's runtime_env or where Ray starts."))
+        "or whitespace; each may use every model. Set it where Ray starts (in runtime_env it would put the "
+        "keys in the config)."))
     api_keys_file: str | None = Field(None, min_length=1, description=(
         "Path of a file of API keys on the ingress's node: one per line, alone (every model) or followed "
         "by the model ids it may use; blank lines and `#` comments are skipped."))

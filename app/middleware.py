@@ -28,7 +28,7 @@ class ApiKeyAuth:
         self.app, self.keyring, self.open_paths = app, keyring, open_paths
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):  # lifespan
             return await self.app(scope, receive, send)
         ring = self.keyring()
         if ring is None:
@@ -36,6 +36,8 @@ class ApiKeyAuth:
         else:
             key = presented_key(dict(scope.get("headers") or ()))
             grant = ring.grant(key)
+            if grant is None and scope["type"] == "websocket":  # no route takes one; never open either
+                return await send({"type": "websocket.close", "code": 1008})
             if grant is None and _route_path(scope) not in self.open_paths:
                 err = AuthenticationFailed(
                     "Incorrect API key provided." if key else "Missing API key: send it as "

@@ -8,6 +8,7 @@ import re
 
 import pytest
 from fastapi.testclient import TestClient
+from starlette.websockets import WebSocketDisconnect
 
 from app.auth import EVERYTHING, AuthSpec, Grant, KeyRing, parse_key_file, presented_key
 from app.check import check_application
@@ -104,6 +105,9 @@ def test_every_route_but_health_refuses_a_request_without_a_valid_key(monkeypatc
         # A valid key passes the door (this app has no replica behind it: the OpenAPI document is static).
         assert client.get("/openapi.json", headers={"authorization": f"Bearer {KEY}"}).status_code == 200
         assert client.get("/openapi.json").status_code == 401
+        with pytest.raises(WebSocketDisconnect) as closed, client.websocket_connect("/v1/models"):
+            pass
+        assert closed.value.code == 1008
 
 
 def test_app_check_reports_key_sources(tmp_path, monkeypatch):
