@@ -245,9 +245,10 @@ class OpenAIIngress:
                          task=spec.task, max_model_len=spec.limits.max_context_len)
 
     async def _pinned_card(self, model: str) -> ModelCard:
-        spec = self._specs[model]
-        return ModelCard(id=model, created=self._created, status="pinned", task=spec.task,
-                         max_model_len=await self._context_len(model))
+        spec, current = self._specs[model], self.availability.state(model)
+        state = current.state if current is not None else "unknown"
+        return ModelCard(id=model, created=self._created, status="pinned", state=state, task=spec.task,
+                         max_model_len=await self._context_len(model) if state == "ready" else None)
 
     async def _context_len(self, model: str, timeout_s: float = 2.0) -> int | None:
         """A pinned model's context length in tokens, as its engine reports it (``stats()["context_len"]``;

@@ -24,6 +24,7 @@ from deployments.engines.pipeline import PipelineEngine
 from deployments.engines.pipeline_heads import HEADS
 from deployments.engines.product_kernel import available as kernel_available
 from deployments.engines.whisper import WhisperEngine
+from deployments.models.load_log import LoadLog
 from deployments.models.processors import load_processor
 from deployments.models.quantization import METHODS, prequantized, quantized_weight_bytes
 from deployments.models.sources import resolve_source
@@ -69,7 +70,9 @@ def load_chat_engine(spec: ChatModelSpec) -> GenerationEngine:
 
     method = METHODS[spec.quantization]
     method.check_installed(spec.quantization)  # before minutes of reading weights
+    log = LoadLog(spec.id, spec.task)
     path = resolve_source(spec.source, spec.revision, spec.gguf_file)
+    log.resolved(spec.source, path)
     device = pick_device(spec)
     dtype = pick_dtype(spec, device)
     stored = prequantized(path)
@@ -97,11 +100,13 @@ def load_chat_engine(spec: ChatModelSpec) -> GenerationEngine:
         auto_class = AutoModelForImageTextToText if processor is not None else AutoModelForCausalLM
         model = auto_class.from_pretrained(path, dtype=dtype, trust_remote_code=spec.trust_remote_code,
                                            **method.load_kwargs(dtype), **placement)
+    log.step(f"weights read as {dtype}")
     if not placement:
         model.to(device)
     if method.after_load is not None:
         method.after_load(model)
     model.eval()
+    log.step(f"on {device}" + (f", quantized ({stored or spec.quantization})" if quantized else ""))
     eos = model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     if tokenizer.eos_token_id is not None:
@@ -110,14 +115,17 @@ def load_chat_engine(spec: ChatModelSpec) -> GenerationEngine:
     logger.info("loaded %s from %s on %s as %s%s%s", spec.id, path, device, dtype,
                 f", quantized ({stored or spec.quantization}): transformers forward" if quantized else "",
                 f", vision-language ({type(model).__name__}): takes images" if processor is not None else "")
-    return GenerationEngine(model, tokenizer, device=device, eos_token_ids=eos_ids, pad_token_id=pad,
-                            context_len=context_length(spec.limits, model.config, tokenizer),
-                            max_running_rows=spec.batching.max_running_rows,
-                            max_prefill_tokens=spec.batching.max_prefill_tokens,
-                            prefill_threads=spec.prefill_threads, decode_threads=spec.decode_threads,
-                            fast_decode=spec.fast_decode and not quantized, packed_weights=spec.packed_weights,
-                            product_kernel=spec.product_kernel, tool_parser=spec.tool_parser,
-                            processor=processor)
+    engine = GenerationEngine(model, tokenizer, device=device, eos_token_ids=eos_ids, pad_token_id=pad,
+                              context_len=context_length(spec.limits, model.config, tokenizer),
+                              max_running_rows=spec.batching.max_running_rows,
+                              max_prefill_tokens=spec.batching.max_prefill_tokens,
+                              prefill_threads=spec.prefill_threads, decode_threads=spec.decode_threads,
+                              fast_decode=spec.fast_decode and not quantized, packed_weights=spec.packed_weights,
+                              product_kernel=spec.product_kernel, tool_parser=spec.tool_parser,
+                              processor=processor)
+    log.step("engine built")
+    log.done()
+    return engine
 
 
 def context_length(limits: GenerationLimits, config, tokenizer) -> int:
@@ -136,7 +144,9 @@ def load_whisper_engine(spec: TranscriptionModelSpec) -> WhisperEngine:
     """A :class:`WhisperEngine` over any transformers Whisper checkpoint (local dir or hub cache)."""
     from transformers import AutoProcessor, WhisperForConditionalGeneration
 
+    log = LoadLog(spec.id, spec.task)
     path = resolve_source(spec.source, spec.revision)
+    log.resolved(spec.source, path)
     device = pick_device(spec)
     dtype = pick_dtype(spec, device)
     if device.type == "cuda" and spec.dtype == "auto":
@@ -144,11 +154,15 @@ def load_whisper_engine(spec: TranscriptionModelSpec) -> WhisperEngine:
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
     with FROM_PRETRAINED_LOCK:
         model = WhisperForConditionalGeneration.from_pretrained(path, dtype=dtype)
+    log.step(f"weights read as {dtype}")
     model.to(device).eval()
     logger.info("loaded %s from %s on %s as %s", spec.id, path, device, dtype)
-    return WhisperEngine(model, processor, device=device, dtype=dtype,
-                         max_new_tokens=spec.audio.max_new_tokens_per_window,
-                         max_windows_per_batch=spec.audio.max_windows_per_batch)
+    engine = WhisperEngine(model, processor, device=device, dtype=dtype,
+                           max_new_tokens=spec.audio.max_new_tokens_per_window,
+                           max_windows_per_batch=spec.audio.max_windows_per_batch)
+    log.step(f"on {device}, engine built")
+    log.done()
+    return engine
 
 
 @on_passing_thread
@@ -157,13 +171,16 @@ def load_embedding_engine(spec: EmbeddingModelSpec) -> EmbeddingEngine:
     its sentence-transformers files say (``deployments/engines/embedding.py``)."""
     from transformers import AutoModel, AutoTokenizer
 
+    log = LoadLog(spec.id, spec.task)
     path = resolve_source(spec.source, spec.revision)
+    log.resolved(spec.source, path)
     device = pick_device(spec)
     dtype = pick_dtype(spec, device)
     recipe = read_recipe(path)  # before the weights: an unsupported module fails the load at once
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
     with FROM_PRETRAINED_LOCK:
         model = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=spec.trust_remote_code)
+    log.step(f"weights read as {dtype}")
     if model.config.is_encoder_decoder:
         raise ValueError(f"model {spec.id!r}: {type(model).__name__} is an encoder-decoder model; embeddings "
                          "are served from encoder-only or decoder-only checkpoints")
@@ -172,9 +189,12 @@ def load_embedding_engine(spec: EmbeddingModelSpec) -> EmbeddingEngine:
     max_tokens = max_input_length(spec.limits.max_input_tokens, recipe, positions, tokenizer.model_max_length)
     logger.info("loaded %s from %s on %s as %s (%s pooling%s, at most %d tokens per input)", spec.id, path,
                 device, dtype, "+".join(recipe.pooling), ", normalised" if recipe.normalize else "", max_tokens)
-    return EmbeddingEngine(model, tokenizer, device=device, recipe=recipe, max_input_tokens=max_tokens,
-                           max_batch_tokens=spec.batching.max_batch_tokens,
-                           matryoshka_dimensions=spec.matryoshka_dimensions)
+    engine = EmbeddingEngine(model, tokenizer, device=device, recipe=recipe, max_input_tokens=max_tokens,
+                             max_batch_tokens=spec.batching.max_batch_tokens,
+                             matryoshka_dimensions=spec.matryoshka_dimensions)
+    log.step(f"on {device}, engine built")
+    log.done()
+    return engine
 
 
 @on_passing_thread
@@ -184,19 +204,24 @@ def load_pipeline_engine(spec: PipelineModelSpec) -> PipelineEngine:
     import transformers
 
     head = HEADS[spec.task]
+    log = LoadLog(spec.id, spec.task)
     path = resolve_source(spec.source, spec.revision)
+    log.resolved(spec.source, path)
     device = pick_device(spec)
     dtype = pick_dtype(spec, device)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
     with FROM_PRETRAINED_LOCK:
         model = getattr(transformers, head.auto_class).from_pretrained(
             path, dtype=dtype, trust_remote_code=spec.trust_remote_code)
+    log.step(f"weights read as {dtype}")
     model.to(device).eval()
     max_tokens = spec.limits.max_input_tokens or input_length(model.config, tokenizer)
     engine = PipelineEngine(model, tokenizer, head, device=device, max_input_tokens=max_tokens,
                             max_batch_tokens=spec.batching.max_batch_tokens)
     logger.info("loaded %s (%s) from %s on %s as %s, at most %d tokens per input", spec.id, spec.task, path,
                 device, dtype, max_tokens)
+    log.step(f"on {device}, engine built")
+    log.done()
     return engine
 
 

@@ -63,7 +63,8 @@ def test_openai_sdk_gets_an_allowed_model_that_is_not_pinned(server, client):
     listed = requests.get(f"{server}/v1/models", timeout=30).json()
     assert_valid(listed, "ListModelsResponse")
     cards = {m["id"]: m for m in listed["data"]}
-    assert cards["demo-chat"]["status"] == "pinned"
+    assert (cards["demo-chat"]["status"], cards["demo-chat"]["state"]) == ("pinned", "ready")
+    assert "state" not in cards[S1]  # on demand: its status says it
     assert cards[S1]["status"] == "loaded" and cards[S1]["loaded_replicas"] == 1
     assert cards["demo-bench"]["status"] == "available"
     assert cards["local-broken"]["status"] == "available" and "local-escape" not in cards

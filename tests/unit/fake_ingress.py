@@ -17,6 +17,9 @@ class OpenDoor:
     async def check(self, unit: str) -> None:
         return None
 
+    def state(self, unit: str) -> None:
+        return None  # unknown
+
     def guard(self, unit: str, records):
         return records
 
