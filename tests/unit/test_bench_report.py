@@ -141,12 +141,17 @@ def test_model_rss_of_an_in_process_contender_is_the_bench_process_growth():
 
     from bench.run import RSS_OF, model_rss, rss_peak
 
+    import gc
+
+    # 512 MiB against a bound of 400: in a full suite run, memory that earlier tests freed can go back to
+    # the OS meanwhile (once 64 MiB measured 0 growth), so the margin is larger than that noise.
+    gc.collect()
     base = psutil.Process().memory_info().rss
     memory: dict = {}
     with rss_peak(None, base, memory, every_s=0.01):
-        block = bytearray(64 * 2**20)  # zero pages from mmap: not resident until written
+        block = bytearray(512 * 2**20)  # zero pages from mmap: not resident until written
         block[::4096] = b"\x01" * len(range(0, len(block), 4096))  # one write per page: resident
-    assert memory["rss_of"] == RSS_OF["client"] and memory["rss_mb"] >= 60 and len(block)
+    assert memory["rss_of"] == RSS_OF["client"] and memory["rss_mb"] >= 400 and len(block)
     assert model_rss(None, base + 2**40)[0] == 0  # never negative
 
 
