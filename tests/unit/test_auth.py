@@ -1,5 +1,5 @@
 """API keys (app/auth.py, app/middleware.py): key sources, constant-time matching, and every route of the
-real ingress app closed without a key except /health."""
+real ingress app closed without a key except the expected open ones (/health and the playground's page)."""
 
 from __future__ import annotations
 
@@ -85,16 +85,26 @@ def _routes(routes=None) -> list[tuple[str, str]]:
     return out
 
 
-def test_every_route_but_health_refuses_a_request_without_a_valid_key(monkeypatch):
+# The routes a request without a key may reach, and why. /health: load balancers and Kubernetes probes
+# send no key (without one it answers the status alone). The playground (app/playground.py): a browser's
+# navigation to a page, its <script> and its <link rel=stylesheet> cannot carry an Authorization header;
+# the page, script and stylesheet are the same static bytes for everyone and hold no data, and every API
+# call the page makes sends the key the user typed. `/` only redirects to the page.
+OPEN = {("GET", "/health"), ("GET", "/"), ("GET", "/playground"), ("GET", "/playground/playground.js"),
+        ("GET", "/playground/playground.css")}
+
+
+def test_every_route_but_the_expected_open_ones_refuses_a_request_without_a_valid_key(monkeypatch):
     """Walks the app's own route table (docs and the OpenAPI document included), so a route added later
     cannot be left open."""
     monkeypatch.setattr(api.state, "keyring", KeyRing({KEY: EVERYTHING}))
     routes = _routes()
     assert {p for _, p in routes} >= {"/v1/chat/completions", "/v1/models", "/v1/models/x", "/health",
                                       "/openapi.json", "/docs", "/models/x", "/tokenize"}
+    assert OPEN <= set(routes)
     with TestClient(api, raise_server_exceptions=False) as client:
         for method, path in routes:
-            if path == "/health":
+            if (method, path) in OPEN:
                 continue
             for headers in ({}, {"authorization": "Bearer sk-wrong-key-00"}, {"x-api-key": OTHER}):
                 resp = client.request(method, path, headers=headers, content=b"{}")
@@ -108,6 +118,27 @@ def test_every_route_but_health_refuses_a_request_without_a_valid_key(monkeypatc
         with pytest.raises(WebSocketDisconnect) as closed, client.websocket_connect("/v1/models"):
             pass
         assert closed.value.code == 1008
+
+
+def test_the_playground_is_open_and_serves_static_files_only(monkeypatch):
+    """The open playground paths (OPEN) answer without a key; anything else under them does not."""
+    monkeypatch.setattr(api.state, "keyring", KeyRing({KEY: EVERYTHING}))
+    with TestClient(api, raise_server_exceptions=False) as client:
+        root = client.get("/", follow_redirects=False)
+        assert root.status_code == 307 and root.headers["location"] == "/playground"
+        for path, media_type in (("/playground", "text/html"), ("/playground/playground.js", "text/javascript"),
+                                 ("/playground/playground.css", "text/css")):
+            resp = client.get(path)
+            assert resp.status_code == 200, path
+            assert resp.headers["content-type"] == f"{media_type}; charset=utf-8"
+            assert resp.headers["cache-control"] == "no-cache"
+        page = client.get("/playground")
+        assert "default-src 'self'" in page.headers["content-security-policy"]
+        assert "http://" not in page.text and "https://" not in page.text  # no CDN, no external font
+        for path in ("/playground/", "/playground/other.js", "/playground.js"):
+            assert client.get(path, follow_redirects=False).status_code == 401, path
+        for method in ("POST", "PUT", "DELETE"):
+            assert client.request(method, "/playground").status_code == 405
 
 
 def test_app_check_reports_key_sources(tmp_path, monkeypatch):
