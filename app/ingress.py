@@ -30,9 +30,12 @@ from app.allowlist import nameable_models, resolve_allowed
 from app.auth import Grant, KeyRing
 from app.availability import Availability, read_serve_status
 from app.config import IngressSpec, OnDemandSpec
-from app.errors import ModelNotFound, ModelTaskMismatch, NotFound, NotReady, install_error_handlers
+from app.errors import (ModelNotFound, ModelTaskMismatch, NotFound, NotReady, as_serving_error,
+                        install_error_handlers)
 from app.logs import write_logs_at_once
+from app.metrics import RequestMetrics
 from app.middleware import ApiKeyAuth, BodySizeLimit, current_grant
+from app.playground import OPEN_PATHS as PLAYGROUND_PATHS, router as playground
 from app.protocol.models import ModelCard, ModelList
 from app.serving.audio import TRANSCRIPTION, TRANSLATION
 from app.serving.base import Serving
@@ -42,7 +45,7 @@ from app.serving.embeddings import EMBEDDINGS
 from app.serving.pipeline import PIPELINE
 from app.serving.responses import RESPONSES
 from app.serving.tokenize import DETOKENIZE, TOKENIZE
-from app.streaming import respond, upstream, without_served
+from app.streaming import respond, upstream, without_marks
 
 
 class ExactPath(Convertor[str]):
@@ -96,7 +99,11 @@ api.state.settings = IngressSpec()
 api.add_middleware(BodySizeLimit, limit=lambda: api.state.settings.max_request_body_bytes)
 # Added last, so outermost: a request without a valid key is refused before its body is read.
 api.state.keyring = None
-api.add_middleware(ApiKeyAuth, keyring=lambda: api.state.keyring, open_paths=frozenset({"/health"}))
+# Open without a key: /health (load balancers, probes) and the playground's static page, script and
+# stylesheet and `/` (a browser navigation sends no Authorization header; the page holds no data, and
+# every API call it makes sends the key the user typed).
+api.add_middleware(ApiKeyAuth, keyring=lambda: api.state.keyring,
+                   open_paths=frozenset({"/health", *PLAYGROUND_PATHS}))
 
 
 def add_endpoint(app: FastAPI, endpoint: Endpoint) -> None:
@@ -115,6 +122,7 @@ def add_endpoint(app: FastAPI, endpoint: Endpoint) -> None:
 
 for _endpoint in ENDPOINTS:
     add_endpoint(api, _endpoint)
+api.include_router(playground)  # GET /playground (app/playground.py) and / redirecting there
 
 
 def _openapi() -> dict[str, Any]:
@@ -196,21 +204,31 @@ class OpenAIIngress:
         return self._multiplexed.options(multiplexed_model_id=spec.id)
 
     async def serve(self, endpoint: Endpoint, request: Request) -> Response:
-        """The one request path of every model route (see the module docstring)."""
+        """The one request path of every model route (see the module docstring); every request's outcome
+        and timings go to its :class:`RequestMetrics`."""
         serving = endpoint.serving
-        inbound = await serving.read(request)
-        spec = await self._spec(inbound.model, serving.task, current_grant())
-        body = await serving.validate(inbound, spec)
-        handle = self._handle(spec)
-        await serving.screen(body, inbound, spec, handle)
-        args = await serving.args(body, inbound, spec)
-        method = getattr(handle.options(stream=True), serving.method)
-        served: dict[str, str] = {}
-        records = self.availability.guard(self._unit(spec), upstream(method.remote(*args)))
-        chunks = serving.chunks(without_served(records, served), body)
-        response = await respond(chunks, stream=serving.streams(body), collect=lambda c: serving.collect(c, body),
-                                 dump=lambda c: serving.dump(c, body), render=lambda x: serving.render(x, body),
-                                 timeout_s=self.settings.request_timeout_s)
+        metrics = RequestMetrics(endpoint.path, serving.method == "generate")
+        try:
+            inbound = await serving.read(request)
+            spec = await self._spec(inbound.model, serving.task, current_grant())
+            metrics.model = spec.id
+            body = await serving.validate(inbound, spec)
+            handle = self._handle(spec)
+            await serving.screen(body, inbound, spec, handle)
+            args = await serving.args(body, inbound, spec)
+            method = getattr(handle.options(stream=True), serving.method)
+            served: dict[str, str] = {}
+            records = self.availability.guard(self._unit(spec), upstream(method.remote(*args)))
+            chunks = serving.chunks(without_marks(records, served, metrics), body)
+            response = await respond(chunks, stream=serving.streams(body), collect=lambda c: serving.collect(c, body),
+                                     dump=lambda c: serving.dump(c, body), render=lambda x: serving.render(x, body),
+                                     timeout_s=self.settings.request_timeout_s, on_end=metrics.end)
+        except asyncio.CancelledError:  # the client hung up while a non-streamed answer was made
+            metrics.end(cancelled=True)
+            raise
+        except Exception as exc:  # (respond reported its own errors first: end() keeps the first)
+            metrics.end(as_serving_error(exc))
+            raise
         response.headers.update(served)
         return response
 

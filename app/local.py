@@ -68,11 +68,12 @@ def fast_path_env() -> dict[str, str]:
 
 def serve_locally(args: Mapping[str, Any], deployment_options: Mapping[str, Mapping[str, Any]] | None = None,
                   *, port: int | None = None, num_cpus: int = 4, env: Mapping[str, str] | None = None,
-                  timeout_s: float = 120.0, fast_path: bool = True) -> str:
+                  timeout_s: float = 120.0, fast_path: bool = True, metrics_port: int | None = None) -> str:
     """Start Ray and Serve, deploy ``compose_app(args, deployment_options)`` as app ``openai`` at ``/``;
     return its base URL. Stop it with ``serve.shutdown(); ray.shutdown()``. ``fast_path``: run Ray in
     the mode of :data:`FAST_PATH_ENV` (this process's environment gets those variables, which Ray's
-    processes inherit)."""
+    processes inherit). ``metrics_port``: where Ray's agent exports Prometheus metrics (else a free port
+    Ray picks)."""
     if fast_path:
         os.environ.update(fast_path_env())
     import ray
@@ -84,6 +85,7 @@ def serve_locally(args: Mapping[str, Any], deployment_options: Mapping[str, Mapp
     port = port or free_port()
     pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+             _metrics_export_port=metrics_port,
              runtime_env={"env_vars": {"PYTHONPATH": pythonpath, **REPLICA_ENV, **(env or {})}})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(compose_app(args, deployment_options), name="openai", route_prefix="/")

@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
-from app.errors import InternalError, RequestTimedOut, as_serving_error, for_client
+from app.errors import InternalError, RequestTimedOut, ServingError, as_serving_error, for_client
 
 logger = logging.getLogger(__name__)
 
@@ -28,28 +28,38 @@ def _json(body: BaseModel) -> Response:
     return JSONResponse(body.model_dump())
 
 
+def _ignore(error: ServingError | None = None, *, cancelled: bool = False) -> None:
+    pass
+
+
 async def respond(chunks: AsyncIterator[Chunk], *, stream: bool,
                   collect: Callable[[AsyncIterator[Chunk]], Awaitable[Any]],
                   dump: Callable[[Chunk], dict[str, Any]] = lambda c: c.model_dump(),
                   render: Callable[[Any], Response] = _json,
-                  timeout_s: float | None = None) -> Response:
+                  timeout_s: float | None = None, on_end: Callable[..., None] = _ignore) -> Response:
     """Answer with ``render(collect(chunks))`` (JSON by default), or with ``chunks`` as SSE (``dump``
     renders each).
 
     Past ``timeout_s`` (from now) the answer is a 504, or a timeout error frame once streaming began,
-    and ``chunks`` is closed, which cancels the upstream work.
+    and ``chunks`` is closed, which cancels the upstream work. ``on_end`` learns how the answer ended,
+    once: ``on_end()`` complete, ``on_end(error)``, or ``on_end(cancelled=True)`` when the client left
+    during the stream (app/metrics.py).
     """
     if timeout_s is not None:
         chunks = with_deadline(chunks, timeout_s)
     try:
         if not stream:
-            return render(await collect(chunks))
+            response = render(await collect(chunks))
+            on_end()
+            return response
         first = await anext(chunks)
     except StopAsyncIteration:
         first = None
     except Exception as exc:
-        raise as_serving_error(exc) from exc
-    return StreamingResponse(_sse(first, chunks, dump), media_type="text/event-stream",
+        err = as_serving_error(exc)
+        on_end(err)
+        raise err from exc
+    return StreamingResponse(_sse(first, chunks, dump, on_end), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
@@ -72,20 +82,39 @@ async def upstream(response: Any) -> AsyncIterator[Any]:
 @dataclass(frozen=True)
 class Served:
     """Where a request ran: a deployment may put it first in the first list of records it streams (the
-    multiplexed deployment does); :func:`without_served` takes it out for the ``x-replica-id`` header."""
+    multiplexed deployment does); :func:`without_marks` takes it out for the ``x-replica-id`` header."""
 
     replica_id: str
     model: str
 
 
-async def without_served(records: AsyncIterator[list[Any]], headers: dict[str, str]) -> AsyncIterator[list[Any]]:
-    """``records`` without a leading :class:`Served`; its replica id goes to ``headers``
-    (``x-replica-id``). Closing this closes ``records`` (which cancels the upstream call)."""
+@dataclass(frozen=True)
+class ReplicaTime:
+    """A model replica's seconds from a call's arrival to its first records: the deployments put it at
+    the head of their first list (``deployments/metrics.py`` ``timed``), and :func:`without_marks` hands
+    it to the request's metrics, which subtract it from the ingress's own time (app/metrics.py)."""
+
+    seconds: float
+
+
+async def without_marks(records: AsyncIterator[list[Any]], headers: dict[str, str],
+                        metrics: Any = None) -> AsyncIterator[list[Any]]:
+    """``records`` without their leading marks: a :class:`Served`'s replica id goes to ``headers``
+    (``x-replica-id``), a :class:`ReplicaTime` to ``metrics`` (an app.metrics.RequestMetrics), which also
+    learns when the first records arrived. Closing this closes ``records`` (which cancels the upstream
+    call)."""
+    first = True
     try:
         async for items in records:
-            if items and isinstance(items[0], Served):
-                headers["x-replica-id"] = items[0].replica_id
+            while items and isinstance(items[0], (Served, ReplicaTime)):
+                if isinstance(items[0], Served):
+                    headers["x-replica-id"] = items[0].replica_id
+                elif metrics is not None:
+                    metrics.replica_time(items[0].seconds)
                 items = items[1:]
+            if first and metrics is not None:
+                metrics.first_records()
+            first = False
             if items:
                 yield items
     finally:
@@ -121,18 +150,24 @@ def sse_data(payload: dict[str, Any] | str) -> str:
     return f"data: {text}\n\n"
 
 
-async def _sse(first: Chunk | None, rest: AsyncIterator[Chunk],
-               dump: Callable[[Chunk], dict[str, Any]]) -> AsyncIterator[str]:
-    if first is None:
-        yield sse_data("[DONE]")
-        return
-    yield sse_data(dump(first))
+async def _sse(first: Chunk | None, rest: AsyncIterator[Chunk], dump: Callable[[Chunk], dict[str, Any]],
+               on_end: Callable[..., None]) -> AsyncIterator[str]:
     try:
-        async for chunk in rest:
-            yield sse_data(dump(chunk))
-    except Exception as exc:  # headers are gone: report in-band, as OpenAI does
-        err = as_serving_error(exc)
-        if isinstance(err, InternalError):
-            logger.exception("stream failed", exc_info=exc)
-        yield sse_data(for_client(err).body())
-    yield sse_data("[DONE]")
+        if first is None:
+            yield sse_data("[DONE]")
+            on_end()
+            return
+        yield sse_data(dump(first))
+        try:
+            async for chunk in rest:
+                yield sse_data(dump(chunk))
+        except Exception as exc:  # headers are gone: report in-band, as OpenAI does
+            err = as_serving_error(exc)
+            if isinstance(err, InternalError):
+                logger.exception("stream failed", exc_info=exc)
+            on_end(err)
+            yield sse_data(for_client(err).body())
+        yield sse_data("[DONE]")
+        on_end()
+    finally:  # closed or cancelled before its end: the client went away (on_end counts only the first)
+        on_end(cancelled=True)

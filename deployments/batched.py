@@ -23,6 +23,7 @@ from ray import serve
 
 from app.config import BatchingSpec
 from deployments.logs import install_client_error_filter
+from deployments.metrics import observe, watch_engines
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +76,9 @@ class BatchedDeployment:
     def __init__(self, spec: Any, engine_factory: Callable[[Any], Any] | None = None) -> None:
         install_client_error_filter()  # a 4xx raised to the caller is logged as one INFO line
         self.spec = spec
-        self.engine = (engine_factory or load_factory(self.default_factory))(spec)
+        self.engine = observe(spec.id, (engine_factory or load_factory(self.default_factory))(spec))
+        if replica_max_ongoing_requests() is not None:  # in a replica (not a unit test): export gauges
+            watch_engines(lambda: {spec.id: self.engine})
         self._streams = 0  # requests being streamed (queued or generating)
         self.config_error: str | None = None
         self._apply(spec.batching)

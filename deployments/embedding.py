@@ -24,6 +24,7 @@ from app.protocol.embeddings import EmbeddingRequest
 from deployments.batched import BatchedDeployment
 from deployments.engines.embedding_records import EmbeddingOutput
 from deployments.lanes import SMALL_PROMPT_CHARS, Lanes
+from deployments.metrics import timed
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1})
@@ -34,6 +35,7 @@ class EmbeddingDeployment(BatchedDeployment):
         super().__init__(spec, engine_factory)
         self._lanes = Lanes("embed-preprocess", lambda: self.engine.tokenizer)
 
+    @timed
     async def embed(self, request: EmbeddingRequest) -> AsyncIterator[list[EmbeddingOutput]]:
         """Stream the embeddings of ``request`` (one list); raises InvalidRequest / ContextLengthExceeded
         for an input the model cannot take (a bad token id, too long, unsupported dimensions)."""

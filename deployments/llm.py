@@ -29,6 +29,7 @@ from deployments.engines.prepared import merged
 from deployments.engines.preparers import prepare
 from deployments.engines.records import Delta
 from deployments.lanes import SMALL_PROMPT_CHARS, Lanes
+from deployments.metrics import timed
 
 @serve.deployment(ray_actor_options={"num_cpus": 1})
 class LLMDeployment(BatchedDeployment):
@@ -39,6 +40,7 @@ class LLMDeployment(BatchedDeployment):
         self._lanes = Lanes("preprocess", lambda: self.engine.tokenizer)
         self._limits: dict[str, int] | None = None
 
+    @timed
     async def generate(self, request: SamplingRequest) -> AsyncIterator[list[Delta]]:
         """Stream the deltas of one generation request (choices numbered across its prompts); raises
         ServingError subclasses for bad input."""
@@ -46,6 +48,7 @@ class LLMDeployment(BatchedDeployment):
         async for deltas in merged(prepared, [self._stream(r) for r in prepared.requests]):
             yield deltas
 
+    @timed
     async def tokenize(self, request: Any) -> AsyncIterator[list[Any]]:
         """``/tokenize`` and ``/detokenize``: one record with the answer (deployments.engines.tokenize)."""
         from deployments.engines.tokenize import run_tokenizer

