@@ -11,8 +11,9 @@ key per line, alone (every model) or followed by the models it may use::
 :class:`KeyRing` keeps only SHA-256 digests and compares a presented key's digest with every stored one
 in constant time (``hmac.compare_digest``, no early exit), so neither a key nor which key matched can be
 learnt from response times. A key that may not use a model gets the 404 of an unknown model, so model
-names do not leak (``app/ingress.py``); ``/health`` is the only route open without a key
-(``app/middleware.py``).
+names do not leak (``app/ingress.py``); ``/health`` and the playground's static files (``/``,
+``/playground`` and its script and stylesheet: the same bytes for everyone, no data) are the only routes
+open without a key (``app/middleware.py``).
 """
 
 from __future__ import annotations

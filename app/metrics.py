@@ -58,7 +58,8 @@ METRICS: dict[str, Metric] = {
         "histogram", _ENDPOINT, "Arrival at the ingress to the request's first generated token (generation "
         "endpoints, streamed or not).", "ingress", TTFT_BUCKETS),
     "e2e_request_latency_seconds": Metric(
-        "histogram", _ENDPOINT, "Arrival at the ingress to the request's last byte (every model endpoint).",
+        "histogram", _ENDPOINT, "Arrival at the ingress to the end of a complete answer (every model "
+        "endpoint; errors and cancellations are counted apart).",
         "ingress", LATENCY_BUCKETS),
     "framework_time_to_first_token_seconds": Metric(
         "histogram", _ENDPOINT, "Of the time to the first records, the part spent outside the model "

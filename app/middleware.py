@@ -15,7 +15,7 @@ _GRANT: ContextVar[Grant | None] = ContextVar("api_grant", default=EVERYTHING)
 
 def current_grant() -> Grant | None:
     """What the current request's API key may use: EVERYTHING when keys are off; None when it has no
-    valid key, which only an open path (``/health``) lets through."""
+    valid key, which only an open path (``/health``, the playground's files) lets through."""
     return _GRANT.get()
 
 

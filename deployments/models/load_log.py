@@ -47,5 +47,7 @@ class LoadLog:
         files, size = weight_bytes(path)
         self.step(f"source {source} resolved to {path}, {files} weight file(s), {size / 2**20:,.1f} MiB")
 
-    def done(self) -> None:
+    def done(self, what: str) -> None:
+        """The last phase (``what``: the engine built, with what the loader knows of it), then the total."""
+        self.step(what)
         logger.info("model %s: ready in %.1f s", self.model_id, time.perf_counter() - self.started)

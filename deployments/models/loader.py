@@ -8,7 +8,6 @@ factory as an argument, so tests inject others.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import torch
@@ -29,7 +28,6 @@ from deployments.models.processors import load_processor
 from deployments.models.quantization import METHODS, prequantized, quantized_weight_bytes
 from deployments.models.sources import resolve_source
 
-logger = logging.getLogger(__name__)
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -112,9 +110,6 @@ def load_chat_engine(spec: ChatModelSpec) -> GenerationEngine:
     if tokenizer.eos_token_id is not None:
         eos_ids.add(tokenizer.eos_token_id)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids, default=0)
-    logger.info("loaded %s from %s on %s as %s%s%s", spec.id, path, device, dtype,
-                f", quantized ({stored or spec.quantization}): transformers forward" if quantized else "",
-                f", vision-language ({type(model).__name__}): takes images" if processor is not None else "")
     engine = GenerationEngine(model, tokenizer, device=device, eos_token_ids=eos_ids, pad_token_id=pad,
                               context_len=context_length(spec.limits, model.config, tokenizer),
                               max_running_rows=spec.batching.max_running_rows,
@@ -123,8 +118,8 @@ def load_chat_engine(spec: ChatModelSpec) -> GenerationEngine:
                               fast_decode=spec.fast_decode and not quantized, packed_weights=spec.packed_weights,
                               product_kernel=spec.product_kernel, tool_parser=spec.tool_parser,
                               processor=processor)
-    log.step("engine built")
-    log.done()
+    log.done("engine built" + (": transformers forward (quantized)" if quantized else "")
+             + (f", vision-language ({type(model).__name__}): takes images" if processor is not None else ""))
     return engine
 
 
@@ -156,12 +151,10 @@ def load_whisper_engine(spec: TranscriptionModelSpec) -> WhisperEngine:
         model = WhisperForConditionalGeneration.from_pretrained(path, dtype=dtype)
     log.step(f"weights read as {dtype}")
     model.to(device).eval()
-    logger.info("loaded %s from %s on %s as %s", spec.id, path, device, dtype)
     engine = WhisperEngine(model, processor, device=device, dtype=dtype,
                            max_new_tokens=spec.audio.max_new_tokens_per_window,
                            max_windows_per_batch=spec.audio.max_windows_per_batch)
-    log.step(f"on {device}, engine built")
-    log.done()
+    log.done(f"on {device}, engine built")
     return engine
 
 
@@ -187,13 +180,11 @@ def load_embedding_engine(spec: EmbeddingModelSpec) -> EmbeddingEngine:
     model.to(device).eval()
     positions = getattr(model.config, "max_position_embeddings", None)
     max_tokens = max_input_length(spec.limits.max_input_tokens, recipe, positions, tokenizer.model_max_length)
-    logger.info("loaded %s from %s on %s as %s (%s pooling%s, at most %d tokens per input)", spec.id, path,
-                device, dtype, "+".join(recipe.pooling), ", normalised" if recipe.normalize else "", max_tokens)
     engine = EmbeddingEngine(model, tokenizer, device=device, recipe=recipe, max_input_tokens=max_tokens,
                              max_batch_tokens=spec.batching.max_batch_tokens,
                              matryoshka_dimensions=spec.matryoshka_dimensions)
-    log.step(f"on {device}, engine built")
-    log.done()
+    log.done(f"on {device}, engine built: {'+'.join(recipe.pooling)} pooling"
+             f"{', normalised' if recipe.normalize else ''}, at most {max_tokens} tokens per input")
     return engine
 
 
@@ -218,10 +209,7 @@ def load_pipeline_engine(spec: PipelineModelSpec) -> PipelineEngine:
     max_tokens = spec.limits.max_input_tokens or input_length(model.config, tokenizer)
     engine = PipelineEngine(model, tokenizer, head, device=device, max_input_tokens=max_tokens,
                             max_batch_tokens=spec.batching.max_batch_tokens)
-    logger.info("loaded %s (%s) from %s on %s as %s, at most %d tokens per input", spec.id, spec.task, path,
-                device, dtype, max_tokens)
-    log.step(f"on {device}, engine built")
-    log.done()
+    log.done(f"on {device}, engine built: at most {max_tokens} tokens per input")
     return engine
 
 

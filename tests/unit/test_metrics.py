@@ -231,3 +231,11 @@ async def test_the_pool_reports_loads_failures_and_evictions():
     assert [c[0] for c in events.calls] == ["loaded", "evicted", "loaded", "load_failed"]
     assert events.calls[0][1] == "a" and events.calls[0][2] >= 0
     await pool.close()
+
+
+def test_every_metric_is_in_the_readme_table():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("## Metrics\n"):readme.index("## Configuration\n")]
+    assert [name for name in METRICS if f"`{name}`" not in section] == []
