@@ -29,7 +29,6 @@ from deployments.models.quantization import METHODS, prequantized, quantized_wei
 from deployments.models.sources import resolve_source
 
 
-
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
