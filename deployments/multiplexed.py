@@ -113,7 +113,8 @@ class MultiplexedChatDeployment:
                               load_timeout_s=on_demand.load_timeout_s, on_change=self._changed,
                               log=logging.getLogger("ray.serve"),  # Serve's replica log, request ids included
                               observer=PoolMetrics())
-        watch_engines(self.pool.engines)
+        if self.replica_id != "local":  # in a replica (not a unit test): export the engines' gauges
+            watch_engines(self.pool.engines)
         # One thread for chat templates and tokenization (of every model here): tokenizers are not
         # shared between threads, and each prompt is bounded by its model's context.
         self._preprocess = ThreadPoolExecutor(max_workers=1, thread_name_prefix="preprocess")

@@ -257,8 +257,9 @@ class ModelPool:
         return self.counters.setdefault(model_id, ModelCounters())
 
     def engines(self) -> dict[str, Any]:
-        """``{model id: engine}`` of the loaded models."""
-        return {model_id: e.engine for model_id, e in self._entries.items() if e.loaded}
+        """``{model id: engine}`` of the loaded models. Safe from another thread (the metrics sampler):
+        ``list`` copies the entries in one step under the GIL while the event loop may change them."""
+        return {model_id: e.engine for model_id, e in list(self._entries.items()) if e.loaded and e.engine is not None}
 
     def states(self) -> dict[str, str]:
         """``{model id: "loaded" | "loading"}`` for every model this pool holds or is loading."""
