@@ -10,7 +10,7 @@ with an idle gap between phases. A thread scrapes the endpoint every 2 s (bench/
 From the scrapes it computes cluster/grafana.py's panels over time (rates and histogram quantiles over
 ``--window-seconds`` windows) and a table per phase (whole-phase increases), compared with what the
 clients measured. Writes bench/results/metrics.json (the scrapes of the plotted series, the phases and the
-table), metrics.png and metrics.md. ``--from-json`` redraws the figure and the report from a saved run.
+table), metrics.png and metrics.md. ``--from-json`` redraws all three from a saved run's metrics.json.
 """
 
 from __future__ import annotations
@@ -135,7 +135,8 @@ def _gauges(s: dict[str, float], model: str) -> dict[str, float | None]:
     cap = ms.total(s, O + "max_running_rows", model=model)
     return {"fill": ms.total(s, O + "num_running_rows", model=model) / cap if cap else None,
             "waiting": ms.total(s, O + "num_waiting_requests", model=model),
-            "ongoing": ms.total(s, "ray_serve_replica_processing_queries")}
+            "ongoing_model": ms.total(s, "ray_serve_replica_processing_queries", deployment=model),
+            "ongoing_ingress": ms.total(s, "ray_serve_replica_processing_queries", deployment="OpenAIIngress")}
 
 
 def analyse(saved: dict[str, Any]) -> dict[str, Any]:
@@ -164,13 +165,19 @@ def analyse(saved: dict[str, Any]) -> dict[str, Any]:
                       "fw_share_mean": fig["fw_mean"] / fig["ttft_mean"] if fig["fw_mean"] and fig["ttft_mean"] else None,
                       "client_requests": c["requests"] - c["errors"], "client_ttft_p50": c["ttft_p50"],
                       "client_itl_p50": c["itl_p50"], "client_tok_s": c["tokens_per_s"],
-                      "client_req_s": c["requests_per_s"], "errors": c["errors"], "wall_s": c["wall_s"]})
+                      "client_req_s": c["requests_per_s"],
+                      "tokens_per_chunk": c["output_tokens"] / (c["requests"] - c["errors"]) / c["chunks_per_request"]
+                      if c["chunks_per_request"] else None, "errors": c["errors"], "wall_s": c["wall_s"]})
     return {"series": series, "table": table}
 
 
 # --- the report -----------------------------------------------------------------------------------
 def _ms(v: float | None) -> str:
     return "–" if v is None else f"{v * 1e3:,.0f}"
+
+
+def _f(v: float | None) -> str:
+    return "–" if v is None else f"{v:.1f}"
 
 
 def _pct(v: float | None) -> str:
@@ -194,26 +201,29 @@ def markdown(saved: dict[str, Any], a: dict[str, Any]) -> str:
         "scrape before the next phase. Times in ms.", "",
         "![metrics over time](metrics.png)", "",
         "## Per phase", "",
-        "| clients | mix | req/s | out tok/s | TTFT p50 (ingress) | engine TTFT p50 | framework TTFT p50 "
-        "(share) | ITL p50 | queue p95 | prefill p95 | mean batch fill |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        "| clients | mix | req/s | out tok/s | TTFT p50 (ingress) | replica TTFT p50 | engine TTFT p50 | "
+        "framework TTFT p50 (share) | ITL p50 | queue p95 | prefill p95 | mean batch fill |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in t:
         lines.append(f"| {r['clients']} | {r['mix']} | {r['ok_s']:.2f} | {r['gen_tok_s']:.0f} | {_ms(r['ttft_p50'])} | "
-                     f"{_ms(r['engine_p50'])} | {_ms(r['fw_p50'])} ({_pct(r['fw_share'])}) | {_ms(r['itl_p50'])} | "
+                     f"{_ms(r['replica_p50'])} | {_ms(r['engine_p50'])} | {_ms(r['fw_p50'])} ({_pct(r['fw_share'])}) | {_ms(r['itl_p50'])} | "
                      f"{_ms(r['queue_p95'])} | {_ms(r['prefill_p95'])} | {_pct(r['fill_mean'])} |")
     lines += ["", "## Metrics against the clients", "",
               "The clients' TTFT is from sending the request to the first content chunk (it adds HAProxy, the "
-              "network stack and the client's own event loop on the same two cores); means are exact "
-              "(`_sum` / `_count`), quantiles only as fine as the buckets (…, 0.25, 0.5, 0.75, 1, 2.5, 5 s). "
+              "network stack and the client's own event loop on the same two cores). Means "
+              "(`_sum` / `_count`) are approximations: Ray 2.60's exporter replays every histogram observation at its "
+              "bucket's midpoint (ray/_private/telemetry/open_telemetry_metric_recorder.py), so `_sum` is "
+              "bucket-made too; quantiles are only as fine as the buckets (…, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5 s). "
               "ITL: the metric is per token, the client's per content chunk.", "",
-              "| clients | mix | requests: client / TTFT count | TTFT p50: metrics / client | TTFT mean (metrics) "
-              "| framework share of mean TTFT | out tok/s: metrics / client | ITL p50: metrics / client |",
-              "|---:|---|---:|---:|---:|---:|---:|---:|"]
+              "| clients | mix | requests: client / TTFT count | TTFT p50: metrics / client | TTFT mean (≈) "
+              "| framework share of the mean (≈) | out tok/s: metrics / client | ITL p50: metrics / client "
+              "| tokens per chunk (client) |",
+              "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in t:
         lines.append(f"| {r['clients']} | {r['mix']} | {r['client_requests']} / {r['ttft_count']:.0f} | "
                      f"{_ms(r['ttft_p50'])} / {_ms(r['client_ttft_p50'])} | {_ms(r['ttft_mean'])} | "
                      f"{_pct(r['fw_share_mean'])} | {r['gen_tok_s']:.0f} / {r['client_tok_s']:.0f} | "
-                     f"{_ms(r['itl_p50'])} / {_ms(r['client_itl_p50'])} |")
+                     f"{_ms(r['itl_p50'])} / {_ms(r['client_itl_p50'])} | {_f(r['tokens_per_chunk'])} |")
     lines += ["", "## Reading the figures", "", *reading(t), ""]
     return "\n".join(lines)
 
@@ -227,11 +237,15 @@ def reading(t: list[dict[str, Any]]) -> list[str]:
                f"replica), per phase: {share}.")
     top = [r for r in t if r["clients"] == max(x["clients"] for x in t)]
     for r in top:
-        if r["ttft_p50"] and r["engine_p50"]:
-            out.append(f"- At {r['clients']} clients ({r['mix']}), the engine's TTFT p50 is {_ms(r['engine_p50'])} ms "
-                       f"of {_ms(r['ttft_p50'])} ms at the ingress ({_pct(r['engine_p50'] / r['ttft_p50'])}); "
-                       f"queue p95 {_ms(r['queue_p95'])} ms, prefill p95 {_ms(r['prefill_p95'])} ms, mean batch "
-                       f"fill {_pct(r['fill_mean'])}, ITL p50 {_ms(r['itl_p50'])} ms.")
+        out.append(f"- At {r['clients']} clients ({r['mix']}): TTFT p50 {_ms(r['ttft_p50'])} ms at the ingress, "
+                   f"{_ms(r['replica_p50'])} ms from the call's arrival at the model replica, {_ms(r['engine_p50'])} "
+                   f"ms from its submission to the engine (the difference: admission, chat template, "
+                   f"tokenization); queue p95 {_ms(r['queue_p95'])} ms, prefill p95 {_ms(r['prefill_p95'])} ms, "
+                   f"mean batch fill {_pct(r['fill_mean'])}, ITL p50 {_ms(r['itl_p50'])} ms.")
+    diffs = ", ".join(f"{r['clients']} {r['mix']}: {_ms(r['ttft_p50'])} / {_ms(r['client_ttft_p50'])}" for r in t)
+    out.append(f"- Ingress TTFT p50 from the buckets / the clients' own p50 (ms): {diffs}. Equal p50s of "
+               "different histograms mean equal bucket counts around the median, not equal times: "
+               "`histogram_quantile` interpolates linearly inside a bucket.")
     return out
 
 
@@ -256,27 +270,30 @@ def plot(saved: dict[str, Any], a: dict[str, Any], path: Path) -> None:
         ("Inter-token latency (ms)", [("itl_p50", "p50", 1e3), ("itl_p95", "p95", 1e3)], ""),
         ("Queue and prefill time p95 (ms)", [("queue_p95", "queue", 1e3), ("prefill_p95", "prefill", 1e3)], "log"),
         ("Batch fill (running rows / max_running_rows)", [("fill", "fill", 100)], ""),
-        ("Waiting for the engine / ongoing at Serve's replicas", [("waiting", "engine: waiting requests", 1),
-                                                                  ("ongoing", "Serve: processing (all replicas)", 1)], ""),
+        ("Waiting for the engine; ongoing per deployment (Ray Serve)", [
+            ("waiting", "engine: waiting requests", 1), ("ongoing_model", "Serve: processing at the model", 1),
+            ("ongoing_ingress", "Serve: processing at the ingress", 1)], ""),
     ]
     fig, axes = plt.subplots(4, 2, figsize=(15, 14), sharex=True)
     for ax, (title, lines, scale) in zip(axes.flat, panels):
         for key, label, k in lines:
-            ax.plot(t, ys(key) * k, label=label, linewidth=1.3, marker=".", markersize=3)
+            ax.plot(t, ys(key) * k, label=label, linewidth=1.3, marker=".", markersize=3,
+                    linestyle="--" if key in ("ongoing_ingress", "replica_p50") else "-")
         if scale:
             ax.set_yscale(scale)
         ax.set_title(title, fontsize=10, loc="left")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left")
+        ax.legend(fontsize=7, loc="center left")
         for n, p in enumerate(saved["phases"]):
             ax.axvspan(p["start"], p["end"], color="tab:blue" if p["mix"] == "short" else "tab:orange",
                        alpha=0.08 + 0.04 * (n % 2), linewidth=0)
         if title.startswith("Batch"):
             ax.set_ylabel("%")
-    for ax in axes[0]:
-        top = ax.get_ylim()[1]
+            ax.set_ylim(bottom=0)
+    for ax in axes.flat:
         for p in saved["phases"]:
-            ax.text((p["start"] + p["end"]) / 2, top, f"{p['clients']}c\n{p['mix']}", ha="center", va="top", fontsize=7)
+            ax.text((p["start"] + p["end"]) / 2, 0.98, f"{p['clients']}c {p['mix']}", ha="center", va="top",
+                    fontsize=6.5, color="dimgrey", transform=ax.get_xaxis_transform())
     for ax in axes[-1]:
         ax.set_xlabel(f"seconds (each point: the {saved['window_s']:g} s before it; shaded: phases, "
                       "blue short, orange mixed)", fontsize=8)
@@ -317,12 +334,12 @@ def main(argv: list[str] | None = None) -> int:
         saved = run(args)
         saved["command"] = saved["command"].strip()
     a = analyse(saved)
-    if not args.from_json:
-        (out / "metrics.json").write_text(json.dumps({**saved, "table": a["table"]}, separators=(",", ":")))
+    saved.pop("table", None)
+    (out / "metrics.json").write_text(json.dumps({**saved, "table": a["table"]}, separators=(",", ":")))
     plot(saved, a, out / "metrics.png")
     (out / "metrics.md").write_text(markdown(saved, a))
     print(markdown(saved, a))
-    print(f"wrote {out / 'metrics.md'}, {out / 'metrics.png'}" + ("" if args.from_json else f", {out / 'metrics.json'}"))
+    print(f"wrote {out / 'metrics.md'}, {out / 'metrics.png'}, {out / 'metrics.json'}")
     return 0
 
 
