@@ -24,7 +24,7 @@ import time
 import httpx
 
 from tests.conftest import TEST_DEPLOYMENT_OPTIONS
-from tests.integration.test_metrics_api import ours, scrape, value, wait_for
+from tests.integration.test_metrics_api import ours, settled, value, wait_for
 from tests.openapi_schema import assert_valid
 
 MODEL = "demo-chat"
@@ -90,7 +90,7 @@ async def test_flood_at_ten_times_capacity_sheds_load_cleanly(server, metrics_ur
             assert alone["status"] == 200, alone
             expected[prompt] = alone["text"]
 
-        rejections = value(scrape(metrics_url), ours("overload_rejections_total"), model="demo-chat")
+        rejections = value(settled(metrics_url), ours("overload_rejections_total"), model="demo-chat")
         start = time.perf_counter()
         async with asyncio.timeout(FLOOD_DEADLINE_S):
             results = await asyncio.gather(*(one(http, url, PROMPTS[i % len(PROMPTS)], stream=bool(i % 2))

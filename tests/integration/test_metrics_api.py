@@ -52,10 +52,28 @@ def wait_for(url, check, timeout_s: float = 45.0):
         time.sleep(1)
 
 
+def settled(url: str, timeout_s: float = 30.0) -> dict[tuple[str, frozenset], float]:
+    """A scrape once Ray's exporter has caught up with what earlier tests sent: two scrapes 3 s apart
+    (more than the 2 s export interval) that agree on the request and token counters. Without it, a
+    request that ended just before (the previous test's) was exported after the first scrape and counted
+    as this test's (seen once in a full run)."""
+    watched = tuple(ours(n) for n in ("requests_total", "generation_tokens_total", "audio_seconds_total"))
+
+    def counters(snapshot):
+        return {k: v for k, v in snapshot.items() if k[0] in watched}
+    previous, deadline = scrape(url), time.time() + timeout_s
+    while True:
+        time.sleep(3)
+        current = scrape(url)
+        if counters(current) == counters(previous) or time.time() > deadline:
+            return current
+        previous = current
+
+
 @pytest.fixture(scope="module")
 def traffic(server, client, metrics_url):
     """Real requests between two scrapes: what they were, the scrapes before and after."""
-    before = scrape(metrics_url)
+    before = settled(metrics_url)
     streamed = []
     for i in range(3):
         stream = client.chat.completions.create(
@@ -150,7 +168,7 @@ def test_every_exported_metric_is_in_the_table(traffic):
 
 def test_a_client_that_leaves_a_stream_is_counted_as_a_cancellation(server, metrics_url):
     labels = {"model": "demo-chat", "endpoint": CHAT}
-    before = scrape(metrics_url)
+    before = settled(metrics_url)
     with requests.post(f"{server}{CHAT}", stream=True, timeout=30,
                        json={"model": "demo-chat", "messages": [{"role": "user", "content": "go on"}],
                              "max_tokens": 500, "ignore_eos": True, "stream": True}) as gone:
@@ -167,14 +185,14 @@ def test_a_client_that_leaves_a_stream_is_counted_as_a_cancellation(server, metr
         before, ours("time_to_first_token_seconds_count"), **labels)  # it had its first token
 
 
-def test_the_dashboard_queries_only_metrics_this_server_exports(metrics_url):
+def test_the_dashboard_queries_only_metrics_this_server_exports(traffic, metrics_url):
     """Every metric cluster/grafana-dashboard.json queries is in the real scrape (ours after traffic, Ray
     Serve's own), except those that appear with their first event: the on-demand pool's (scraped in
     test_on_demand.py) and overload rejections (test_flood.py)."""
     from cluster.grafana import dashboard_metrics
 
     suffixes = ("_bucket", "_count", "_sum")
-    scraped = {n for n, _ in scrape(metrics_url)}  # after the tests above
+    scraped = {n for n, _ in [*traffic["after"], *scrape(metrics_url)]}  # after the tests above
     scraped |= {n[:-len(s)] + s2 for n in scraped for s in suffixes if n.endswith(s) for s2 in suffixes}
     later = {ours(m) for m, spec in METRICS.items() if spec.where == "pool"} | {ours("overload_rejections_total")}
     missing = {m for m in dashboard_metrics() if m not in scraped and m.removesuffix("_bucket") not in later}
