@@ -306,6 +306,9 @@ class GenerationEngine:
                     for seq in group:
                         if seq.index == 0:
                             self.observer.prefilled(self._now - started, len(seq.request.prompt_ids))
+                    # This group's first tokens go out now, not after the admission's other groups: an
+                    # admission of max_prefill_tokens can take seconds to prefill on a CPU.
+                    self._publish()
                     if (batch := self._keep_live(batch)) is None:
                         continue
                     if self._running is not None:

@@ -286,3 +286,25 @@ async def test_a_sliding_window_model_serves_prompts_of_different_lengths_togeth
     assert [[t for d in r for t in d.token_ids] for r in together] == \
         [[t for d in r for t in d.token_ids] for r in alone]
     engine.close()
+
+
+async def test_each_prefill_group_delivers_its_first_tokens_before_the_next_is_prefilled(engine, monkeypatch):
+    """An admission is prefilled in several groups (packs); the first tokens of a group go to its streams
+    at once, not after the admission's last group (a 4096-token admission took seconds on 2 CPUs, and
+    its first groups' requests waited for all of it: TTFT p50 at 32 mixed clients 4.3-5.5 s before,
+    2.5 s after)."""
+    from deployments.engines import generation, prefill_groups
+
+    monkeypatch.setattr(prefill_groups, "PACK_TOKENS", 8)  # every prompt below is a pack of its own
+    events = []
+    prefill = engine._batch_class.prefill
+    monkeypatch.setattr(engine, "_batch_class", type("Logged", (engine._batch_class,), {
+        "prefill": staticmethod(lambda *a, **k: (events.append("prefill"), prefill(*a, **k))[1])}))
+    deliver = generation.deliver_threadsafe
+    monkeypatch.setattr(generation, "deliver_threadsafe", lambda items: (events.append("deliver"), deliver(items))[1])
+    prompts = PROMPTS[1:5]
+    results = await collect(engine, [request(engine, p, max_new_tokens=2) for p in prompts])
+    assert all(text_of(r) for r in results)
+    prefills = [i for i, e in enumerate(events) if e == "prefill"]
+    assert len(prefills) >= 3, events  # one admission, several groups
+    assert all(events[i + 1] == "deliver" for i in prefills), events
