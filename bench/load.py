@@ -64,7 +64,8 @@ class LevelStats:
         return asdict(self)
 
 
-def _pct(values: list[float], q: float) -> float | None:
+def percentile(values: list[float], q: float) -> float | None:
+    """The ``q``-th percentile of ``values`` (numpy's linear interpolation), None for no values."""
     return float(np.percentile(values, q)) if values else None
 
 
@@ -81,11 +82,11 @@ def summarize(records: list[RequestRecord], concurrency: int, planned: int, wall
         wall_s=wall_s, output_tokens=tokens,
         requests_per_s=len(ok) / wall_s if wall_s > 0 else 0.0,
         tokens_per_s=tokens / wall_s if wall_s > 0 else 0.0,
-        ttft_p50=_pct([r.ttft for r in ok if r.ttft is not None], 50),
-        ttft_p99=_pct([r.ttft for r in ok if r.ttft is not None], 99),
-        itl_p50=_pct(gaps, 50), itl_p99=_pct(gaps, 99),
-        e2e_p50=_pct([r.e2e for r in ok if r.e2e is not None], 50),
-        e2e_p99=_pct([r.e2e for r in ok if r.e2e is not None], 99),
+        ttft_p50=percentile([r.ttft for r in ok if r.ttft is not None], 50),
+        ttft_p99=percentile([r.ttft for r in ok if r.ttft is not None], 99),
+        itl_p50=percentile(gaps, 50), itl_p99=percentile(gaps, 99),
+        e2e_p50=percentile([r.e2e for r in ok if r.e2e is not None], 50),
+        e2e_p99=percentile([r.e2e for r in ok if r.e2e is not None], 99),
         chunks_per_request=float(np.mean([len(r.chunk_times) for r in ok])) if ok else None,
         events_per_request=float(np.mean([r.events for r in ok])) if ok else None,
         tokens_counted=tokens_counted,

@@ -33,6 +33,7 @@ import numpy as np
 import psutil
 
 from bench.autoscale_load import windows
+from bench.load import percentile
 from bench.soak_traffic import FAILURES, Result
 
 MB = 2**20
@@ -129,17 +130,13 @@ def memory_verdicts(run: Run, tolerance: float, settle_s: float) -> list[dict[st
 
 
 # --- latency and outcomes ----------------------------------------------------------------------------
-def _p99(values: list[float]) -> float | None:
-    return float(np.percentile(values, 99)) if values else None
-
-
 def recovery(run: Run, fault: Fault, baseline_s: float, window_s: float, tolerance: float,
              horizon_s: float = 300) -> dict[str, Any]:
     since = max(run.warmup_until, fault.t - baseline_s)
     earlier = [f.t for f in run.faults if f.t < fault.t]
     since = max([since] + [t + 60 for t in earlier])  # not the previous fault's recovery
-    base = _p99([r.end - r.start for r in run.results if since <= r.start and r.end <= fault.t
-                 and r.outcome == "ok"])
+    base = percentile([r.end - r.start for r in run.results if since <= r.start and r.end <= fault.t
+                       and r.outcome == "ok"], 99)
     failed = [r for r in run.results if r.outcome != "ok" and r.end >= fault.t and r.start < fault.t + 60]
     hit = [r for r in run.results if r.start >= fault.t and r.outcome == "ok" and r.deployment == fault.target]
     out = {"baseline_p99": base, "recovered_s": None, "errors_after": len(failed),
@@ -157,7 +154,7 @@ def recovery(run: Run, fault: Fault, baseline_s: float, window_s: float, toleran
         back = min((r.start for r in inside if r.deployment == fault.target), default=None)
         if back is None:
             continue
-        p99 = _p99([r.end - r.start for r in inside])
+        p99 = percentile([r.end - r.start for r in inside], 99)
         if p99 <= tolerance * base:
             out.update(recovered_s=float(max(t, back) - fault.t), window_p99=p99)
             break
@@ -187,7 +184,7 @@ def analyse(run: Run, *, rss_tolerance: float = 0.10, settle_s: float = 60, base
     latency = {}
     for kind in sorted({r.kind for r in run.results}):
         lat = [r.end - r.start for r in run.results if r.kind == kind and r.outcome == "ok"]
-        latency[kind] = {"ok": len(lat), "p50": float(np.percentile(lat, 50)) if lat else None, "p99": _p99(lat)}
+        latency[kind] = {"ok": len(lat), "p50": percentile(lat, 50), "p99": percentile(lat, 99)}
     checks = {
         "no request hung, was cut or answered uncleanly": not failures and not run.stuck_clients,
         f"RSS of every server process flat within ±{rss_tolerance:.0%} after warm-up":
@@ -270,7 +267,7 @@ def markdown(run: Run, a: dict[str, Any]) -> str:
         inside = [r for r in run.results if a_ <= r.end < b_]
         lat = [r.end - r.start for r in inside if r.outcome == "ok"]
         lines.append(f"| {i} | {len(lat) / (b_ - a_):.2f} | {len(inside) - len(lat)} | "
-                     f"{_f(float(np.percentile(lat, 50)) if lat else None)} | {_f(_p99(lat))} |")
+                     f"{_f(percentile(lat, 50))} | {_f(percentile(lat, 99))} |")
     return "\n".join(lines) + "\n"
 
 
