@@ -416,7 +416,8 @@ class IngressSpec(_Strict):
     images: ImageFetchSpec = Field(default_factory=ImageFetchSpec, description=(
         "Where image_url parts may point (data URLs always; web and file URLs as allowed here)."))
     auth: AuthSpec = Field(default_factory=AuthSpec, description=(
-        "API keys (off unless a source of keys is named): every route but /health then needs one."))
+        "API keys (off unless a source of keys is named): every route but /health and the playground's static "
+        "files then needs one."))
 
 
 class AppArgs(_Strict):
