@@ -25,9 +25,9 @@ OURS = "ray_" + PREFIX
 KEEP = ("model", "endpoint", "outcome", "deployment", "le")
 
 
-def series_key(name: str, labels: dict[str, str]) -> str:
+def series_key(name: str, labels: dict[str, str], keep: tuple[str, ...] = KEEP) -> str:
     """``name{k=v,...}`` with the kept labels, sorted (a stable JSON key)."""
-    kept = ",".join(f"{k}={labels[k]}" for k in sorted(labels) if k in KEEP)
+    kept = ",".join(f"{k}={labels[k]}" for k in sorted(labels) if k in keep)
     return f"{name}{{{kept}}}"
 
 
@@ -37,9 +37,10 @@ def parse_key(key: str) -> tuple[str, dict[str, str]]:
     return name, labels
 
 
-def scrape_once(url: str, names: tuple[str, ...]) -> dict[str, float]:
+def scrape_once(url: str, names: tuple[str, ...], keep: tuple[str, ...] = KEEP) -> dict[str, float]:
     """One scrape: {series key: value} of the metric families whose name starts with one of ``names``
-    (lines of other families are dropped before parsing: Ray's page is large, the machine small)."""
+    (lines of other families are dropped before parsing: Ray's page is large, the machine small), summed
+    over every label but ``keep``."""
     text = requests.get(url, timeout=10).text
     wanted = []
     for line in text.splitlines():
@@ -49,7 +50,7 @@ def scrape_once(url: str, names: tuple[str, ...]) -> dict[str, float]:
     out: dict[str, float] = {}
     for family in text_string_to_metric_families("\n".join(wanted) + "\n"):
         for sample in family.samples:
-            key = series_key(sample.name, sample.labels)
+            key = series_key(sample.name, sample.labels, keep)
             out[key] = out.get(key, 0.0) + sample.value
     return out
 

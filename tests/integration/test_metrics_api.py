@@ -5,13 +5,12 @@ tests sent before does not matter (the suite runs its tests one at a time)."""
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 
 import pytest
 import requests
-from prometheus_client.parser import text_string_to_metric_families
 
 from app.metrics import METRICS, PREFIX
+from bench.metrics_scrape import parse_key, scrape_once
 from deployments.engines.audio import encode_audio
 from tests.integration.test_audio_api import speechlike
 
@@ -21,14 +20,12 @@ COMPLETIONS = "/v1/completions"
 
 def scrape(url: str) -> dict[tuple[str, frozenset], float]:
     """{(sample name, labels that matter), value} of our metrics and Ray Serve's, summed over the labels
-    Ray adds per process (replica, worker, ...)."""
-    keep = {"model", "endpoint", "outcome", "code", "finish_reason", "deployment"}
-    out: dict[tuple[str, frozenset], float] = defaultdict(float)
-    for family in text_string_to_metric_families(requests.get(url, timeout=10).text):
-        for sample in family.samples:
-            if sample.name.startswith(("ray_" + PREFIX, "ray_serve_")) and "le" not in sample.labels:
-                labels = frozenset((k, v) for k, v in sample.labels.items() if k in keep)
-                out[(sample.name, labels)] += sample.value
+    Ray adds per process (replica, worker, ...) and over histogram buckets (the tests read counts)."""
+    keep = ("model", "endpoint", "outcome", "code", "finish_reason", "deployment")
+    out = {}
+    for key, v in scrape_once(url, ("ray_serve_",), keep).items():
+        name, labels = parse_key(key)
+        out[(name, frozenset(labels.items()))] = v
     return out
 
 
