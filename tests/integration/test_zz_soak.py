@@ -4,8 +4,8 @@ Six closed-loop clients send the soak's mix (chat streamed and not on the real c
 WAV transcription, fill-mask, demo-chat, the on-demand demo-chat-s1, demo-vlm with a data-URL image) for
 165 s; at 60 s a replica of the real chat model is ray.kill-ed. Asserted as the full soak does: no request
 hangs, is cut (a stream without [DONE]) or ends in anything but a clean OpenAI error; the RSS of every
-process of the server (ingress, replicas, HAProxy, controller, raylet, GCS...) stays within ±20 % after
-warm-up (the full soak: ±10 %); p99 latency is back to its pre-fault baseline (≤ 1.5x) within RECOVERY_S
+process of the server (ingress, replicas, HAProxy, controller, raylet, GCS...) does not grow after warm-up
+(its level at the end at most 20 % above its baseline, no peak over 40 %; the full soak: 10 % and 20 %); p99 latency is back to its pre-fault baseline (≤ 1.5x) within RECOVERY_S
 of the kill (the full soak's 30 s is out of reach here: see the assertion).
 
 Runs last (file name): it kills a replica of the shared server, and waits until the model answers again.
@@ -38,8 +38,9 @@ def test_a_short_soak_with_a_replica_kill_keeps_every_request_clean_memory_flat_
                timeout_s=60, sample_every_s=5)
     run.meta.update(mode="CI", command="pytest tests/integration/test_zz_soak.py", machine=machine(load),
                     server="tests/conftest.py's app on the session's local Ray instance")
-    # Memory within ±20 % here (the full soak: ±10 %): 2 minutes after warm-up some replicas' allocators
-    # are still taking their working set (demo-whisper's grew 9.7 % in one CI-sized run, then held).
+    # Growth at most 20 % here (the full soak: 10 %): 2 minutes after warm-up some replicas' allocators
+    # are still taking their working set (demo-whisper's grew 9.7 % in one CI-sized run, then held). A fall
+    # or a transient peak is no leak (bench/soak_report.py says why the verdict changed).
     report = analyse(run, settle_s=60, rss_tolerance=0.20)
     print(markdown(run, report), "\nreport, figures and plot:", write(run, report, tmp_path / "soak"))
 

@@ -83,7 +83,22 @@ def test_memory_growth_beyond_the_tolerance_fails_after_warm_up_only():
     a = analyse(run(steady(0, 300), rss=rss))
     verdicts = {m["process"]: m["flat"] for m in a["memory"]}
     assert verdicts == {"replica chat": False, "haproxy": True, "IDLE": None}
-    assert a["memory"][-1]["deviation"] == pytest.approx(0.15, abs=0.01) and not a["passed"]
+    assert a["memory"][-1]["growth"] == pytest.approx(0.15, abs=0.01) and not a["passed"]
+
+
+def test_memory_that_falls_or_peaks_and_gives_back_is_flat_but_a_runaway_peak_is_not():
+    # The session server's ingress in CI: 449 -> 290 MB (memory of earlier tests' bodies returned to the
+    # OS) in one run, 273 -> 333 -> 280 MB in another. Neither is a leak.
+    rss = {1: ("replica OpenAIIngress", lambda t: (450 - min(t, 200) * 0.8) * 2**20),
+           2: ("replica chat", lambda t: (270 + (60 if 150 < t < 200 else 0)) << 20),
+           3: ("haproxy", lambda t: (100 + (50 if 150 < t < 200 else 0)) << 20)}
+    a = analyse(run(steady(0, 300), rss=rss), rss_tolerance=0.20)  # as tests/integration/test_zz_soak.py
+    verdicts = {m["process"]: m["flat"] for m in a["memory"]}
+    assert verdicts == {"replica OpenAIIngress": True, "replica chat": True, "haproxy": False}
+    ingress, chat, haproxy = (next(m for m in a["memory"] if m["process"] == p)
+                              for p in ("replica OpenAIIngress", "replica chat", "haproxy"))
+    assert ingress["growth"] < -0.2 and round(chat["peak"], 2) == 0.22 and haproxy["peak"] == 0.5
+    assert "| +22.2% | yes |" in markdown(run(steady(0, 300), rss=rss), a)
 
 
 def test_a_process_that_appears_late_is_judged_after_it_settles():
