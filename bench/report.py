@@ -220,7 +220,8 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def readme_section(results: dict[str, Any], results_dir: str = "bench/results") -> str:
-    """The README's ``## Benchmarks`` section: command, machine, headline tables, plot, full table link."""
+    """The chat comparison's block (bench/README.md, between the markers): command, machine, headline
+    tables, plot, full table link; ``results_dir`` as a link from the file it goes into."""
     m, cfg = results["machine"], results["config"]
     md = markdown(results)
     body = md[md.index("## Output tokens/s"):md.index("## All figures")].replace("\n## ", "\n### ")

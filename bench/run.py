@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import datetime
 import json
+import os
 import platform
 import shlex
 import signal
@@ -295,7 +296,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--contenders", type=lambda s: s.split(","), help=f"subset of {','.join(CONTENDERS)}")
     p.add_argument("--out-dir", default=str(RESULTS_DIR))
     p.add_argument("--stem", default="latest", help="output file names: <stem>.md/.json/.png")
-    p.add_argument("--readme", metavar="PATH", help="also rewrite the `## Benchmarks` section of this README")
+    p.add_argument("--readme", metavar="PATH",
+                   help="also rewrite the bench.run block of this file (bench/README.md's chat comparison)")
     p.add_argument("--profile", action="append", default=[], metavar="KEY:CLIENTS",
                    help="py-spy profile a server contender's Ray processes during one level")
     return p.parse_args(argv)
@@ -314,8 +316,11 @@ def main(argv: list[str] | None = None) -> int:
     results = asyncio.run(run_bench(config, Path(args.out_dir), command.strip(), args.stem, profile))
     print(json.dumps({k: e["status"] for k, e in results["contenders"].items()}))
     if args.readme:
-        update_readme(Path(args.readme), readme_section(results))
-        print(f"updated the Benchmarks section of {args.readme}")
+        readme = Path(args.readme)
+        # The block's links (plot, full report) are relative to the file it is written into.
+        results_dir = os.path.relpath(Path(args.out_dir).resolve(), readme.resolve().parent)
+        update_readme(readme, readme_section(results, results_dir))
+        print(f"updated the bench.run block of {args.readme}")
     print(f"wrote {Path(args.out_dir) / args.stem}.md/.json/.png")
     return 0
 
