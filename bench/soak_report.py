@@ -6,9 +6,9 @@ the local cluster's node processes) with a label from its title (``replica SmolL
 ``HAProxy``, ``raylet``...) and its RSS. A process's series starts when it is first seen with that label
 (an idle Ray worker that becomes a replica starts a new one). It is judged after its warm-up (the run's,
 or ``settle_s`` after the process appeared, whichever is later) against its baseline, the median of its
-first three judged samples. Flat = no growth and no runaway peak: its settled level at the end (the median of
-its last three samples) is at most ``tolerance`` above the baseline, and no sample is more than
-``2 x tolerance`` above it. A fall is not a leak (a process that served earlier traffic, e.g. the session
+first three judged samples. Flat = no growth and no runaway peak: its settled level at the end (the
+median of its last three samples) is at most ``tolerance`` above the baseline, and no sample is more
+than ``2 x tolerance`` above it. A fall is not a leak (a process that served earlier traffic, e.g. the session
 server's ingress after other tests' large bodies, returns memory to the OS), and a transient peak that is
 given back is an allocator at work, not growth; judging every sample against ±``tolerance`` failed on both.
 Idle workers (``IDLE``) are Ray's pool, started and ended on demand: listed, not judged.
@@ -255,9 +255,9 @@ def markdown(run: Run, a: dict[str, Any]) -> str:
                      + (", ".join(f"{n} {lab}" for lab, n in sorted(f["errors_by_outcome"].items())) or "0") + " |")
     lines += ["", "## Memory (RSS)", "", f"Each server process (time of first sample; ended = its last sample, a "
               f"killed replica or lost node); judged after warm-up and {lim['settle_s']:g} s after it appeared, "
-              f"against the median of its first three judged samples: growth = the median of its last three over it, "
-              f"peak = its highest judged sample over it; flat = growth ≤ {lim['rss_tolerance']:.0%} and "
-              f"peak ≤ {2 * lim['rss_tolerance']:.0%}.", "",
+              f"against the median of its first three judged samples: growth = the median of its last three "
+              f"over it, peak = its highest judged sample over it; flat = growth ≤ {lim['rss_tolerance']:.0%} "
+              f"and peak ≤ {2 * lim['rss_tolerance']:.0%}.", "",
               "| process | pid | seen at (s) | ended (s) | baseline MB | min MB | max MB | last MB | growth | peak "
               "| flat |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]

@@ -5,8 +5,9 @@ WAV transcription, fill-mask, demo-chat, the on-demand demo-chat-s1, demo-vlm wi
 165 s; at 60 s a replica of the real chat model is ray.kill-ed. Asserted as the full soak does: no request
 hangs, is cut (a stream without [DONE]) or ends in anything but a clean OpenAI error; the RSS of every
 process of the server (ingress, replicas, HAProxy, controller, raylet, GCS...) does not grow after warm-up
-(its level at the end at most 20 % above its baseline, no peak over 40 %; the full soak: 10 % and 20 %); p99 latency is back to its pre-fault baseline (≤ 1.5x) within RECOVERY_S
-of the kill (the full soak's 30 s is out of reach here: see the assertion).
+(its level at the end at most 20 % above its baseline, no peak over 40 %; the full soak: 10 % and 20 %);
+p99 latency is back to its pre-fault baseline (≤ 1.5x) within RECOVERY_S of the kill (the full soak's 30 s
+is out of reach here: see the assertion).
 
 Runs last (file name): it kills a replica of the shared server, and waits until the model answers again.
 """
