@@ -319,7 +319,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scrape-every", type=float, default=2.0, help="seconds between scrapes")
     p.add_argument("--window-seconds", type=float, default=10.0, help="rate/quantile window of the figure")
     p.add_argument("--out-dir", default=str(RESULTS_DIR))
-    p.add_argument("--from-json", metavar="PATH", help="redraw metrics.png/.md from a saved metrics.json")
+    p.add_argument("--from-json", metavar="PATH", help="redo metrics.png/.md/.json from a saved metrics.json")
     return p.parse_args(argv)
 
 
@@ -334,11 +334,11 @@ def main(argv: list[str] | None = None) -> int:
         saved = run(args)
         saved["command"] = saved["command"].strip()
     a = analyse(saved)
-    saved.pop("table", None)
     (out / "metrics.json").write_text(json.dumps({**saved, "table": a["table"]}, separators=(",", ":")))
     plot(saved, a, out / "metrics.png")
-    (out / "metrics.md").write_text(markdown(saved, a))
-    print(markdown(saved, a))
+    report = markdown(saved, a)
+    (out / "metrics.md").write_text(report)
+    print(report)
     print(f"wrote {out / 'metrics.md'}, {out / 'metrics.png'}, {out / 'metrics.json'}")
     return 0
 

@@ -8,9 +8,10 @@ the local cluster's node processes) with a label from its title (``replica SmolL
 or ``settle_s`` after the process appeared, whichever is later) against its baseline, the median of its
 first three judged samples. Flat = no growth and no runaway peak: its settled level at the end (the
 median of its last three samples) is at most ``tolerance`` above the baseline, and no sample is more
-than ``2 x tolerance`` above it. A fall is not a leak (a process that served earlier traffic, e.g. the session
-server's ingress after other tests' large bodies, returns memory to the OS), and a transient peak that is
-given back is an allocator at work, not growth; judging every sample against ±``tolerance`` failed on both.
+than ``2 x tolerance`` above it. A fall is not a leak (a process that served earlier traffic, e.g. the
+session server's ingress after other tests' large bodies, returns memory to the OS), and a transient
+peak that is given back is an allocator at work, not growth; judging every sample against
+±``tolerance`` failed on both.
 Idle workers (``IDLE``) are Ray's pool, started and ended on demand: listed, not judged.
 
 Recovery after a fault: baseline = p99 latency of the ok requests that started in the ``baseline_s``

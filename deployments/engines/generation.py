@@ -229,8 +229,7 @@ class GenerationEngine:
             self._admitted += admitted
             try:
                 if admitted:
-                    self._prefill(admitted)
-                    self._publish()
+                    self._prefill(admitted)  # publishes each prefill group's first tokens
                 if self._running is not None:
                     self._decode()
             except Exception:  # a bug or a device failure: fail what is in flight, keep serving
